@@ -1,0 +1,115 @@
+"""Dense HF Llama-family model ↔ DSMoE: conversion, save and load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, logging
+
+from dsmoe.config import DSMoEConfig
+from dsmoe.layer import DSMoEMLP
+
+
+def _is_swiglu(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) and (
+        hasattr(module, "act_fn")
+    )
+
+
+def convert(model: PreTrainedModel, config: DSMoEConfig) -> PreTrainedModel:
+    """Replace every SwiGLU MLP (gate_proj/up_proj/down_proj) by a DSMoEMLP sharing its weights (eq. 6).
+
+    Routers are initialised N(0, std²) with std = config.router_init_std or the model's
+    initializer_range. Records the DSMoE config on ``model.config.dsmoe`` for save/load.
+    """
+    if any(isinstance(m, DSMoEMLP) for m in model.modules()):
+        raise ValueError("model is already converted to DSMoE")
+    targets = [(name, m) for name, m in model.named_modules() if _is_swiglu(m)]
+    if not targets:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"no SwiGLU FFN (a module with gate_proj, up_proj, down_proj and act_fn) found in a {kind!r} model; "
+            "DSMoE supports Llama-family gated FFNs (Llama, Qwen2, Mistral, ...)"
+        )
+    std = config.router_init_std or getattr(model.config, "initializer_range", 0.02)
+    for name, mlp in targets:
+        new = DSMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, config)
+        nn.init.normal_(new.router.weight, mean=0.0, std=std)
+        new.train(mlp.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    model.config.dsmoe = config.to_dict()
+    return model
+
+
+def set_tau(model: nn.Module, tau: float) -> None:
+    """Change the threshold τ of every DSMoE layer (Table 4, Fig. 2)."""
+    DSMoEConfig(tau=tau)  # validates
+    for m in model.modules():
+        if isinstance(m, DSMoEMLP):
+            m.tau = float(tau)
+    if hasattr(model, "config") and hasattr(model.config, "dsmoe"):
+        model.config.dsmoe = {**model.config.dsmoe, "tau": float(tau)}
+
+
+def dsmoe_config_of(model: nn.Module) -> DSMoEConfig:
+    return DSMoEConfig.from_dict(dict(model.config.dsmoe))
+
+
+def save(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
+    """Save a converted model (HF format: dense weights + routers, config.json with a "dsmoe" entry)."""
+    if not hasattr(model.config, "dsmoe"):
+        raise ValueError("save() expects a model converted with dsmoe.convert()")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _router_state(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(directory / f), framework="pt") as fh:
+            state.update({k: fh.get_tensor(k) for k in fh.keys() if k.endswith("router.weight")})
+    return state
+
+
+def load(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
+    """Load a model written by :func:`save` with its routers, n, τ and variant.
+
+    The dense weights load through ``from_pretrained`` (sharding, dtype, device_map); the routers
+    are then read from the same safetensors files.
+    """
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {directory}: not a saved model directory")
+    dsmoe_dict = getattr(AutoConfig.from_pretrained(directory), "dsmoe", None)
+    if dsmoe_dict is None:
+        raise ValueError(f"{directory} holds a dense model (no 'dsmoe' entry in config.json); use from_pretrained")
+    logging.set_verbosity_error()  # the router weights are "unexpected" for the dense class
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **from_pretrained_kwargs)
+    finally:
+        logging.set_verbosity_warning()
+    convert(model, DSMoEConfig.from_dict(dict(dsmoe_dict)))
+    routers = _router_state(directory)
+    params = dict(model.named_parameters())
+    expected = {k for k in params if k.endswith("router.weight")}
+    if set(routers) != expected:
+        raise ValueError(f"router weights in {directory} do not match the model: {sorted(set(routers) ^ expected)[:4]}")
+    with torch.no_grad():
+        for k, v in routers.items():
+            params[k].copy_(v)
+    model.eval()
+    return model

@@ -1,0 +1,121 @@
+"""DSMoEMLP: a SwiGLU FFN partitioned into n experts with thresholded sigmoid gates (paper §4).
+
+Expert i owns intermediate channels [i·m, (i+1)·m) of gate_proj (W), up_proj (U) and down_proj (V),
+m = D/n, so the three pre-trained matrices are kept as they are and the layer's state dict is the
+dense one plus ``router.weight`` (the paper's Y, stored transposed as an nn.Linear).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsmoe.config import DSMoEConfig
+
+
+class DSMoEMLP(nn.Module):
+    """h = n/#active · Σ_i o_i·G(σ(x·Y_i)) with o_i = (act(x·W_i) ⊙ x·U_i)·V_i (eqs. 6–8).
+
+    Training weights per variant: "dsmoe" uses S(g) = sg(G(g)) + g − sg(g) (eqs. 10–11), "no_ste"
+    uses G(g) (eq. 7), "no_gate" uses σ(xY) with no threshold and no rescale (eq. 20). In eval mode
+    every variant applies G and eq. 8 with the current τ and computes only the active experts.
+    """
+
+    def __init__(
+        self,
+        gate_proj: nn.Linear,
+        up_proj: nn.Linear,
+        down_proj: nn.Linear,
+        act_fn: nn.Module,
+        config: DSMoEConfig,
+    ) -> None:
+        super().__init__()
+        hidden_size, intermediate_size = gate_proj.in_features, gate_proj.out_features
+        if intermediate_size % config.num_experts:
+            raise ValueError(
+                f"intermediate size D={intermediate_size} is not divisible by num_experts="
+                f"{config.num_experts}; choose n among the divisors of {intermediate_size}"
+            )
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+        self.num_experts = config.num_experts
+        self.expert_size = intermediate_size // config.num_experts
+        self.tau = float(config.tau)
+        self.variant = config.variant
+        self.router = nn.Linear(hidden_size, config.num_experts, bias=False)
+        self.router.to(device=gate_proj.weight.device, dtype=gate_proj.weight.dtype)
+        # "sparse" computes only the active experts at eval; "masked" the dense reference path.
+        self.inference_impl = "sparse"
+        self.last_gates: torch.Tensor | None = None  # σ(xY) of the last forward, with its graph
+        self.last_active: torch.Tensor | None = None  # bool [tokens, n] of the last forward
+        self.register_buffer("active_sum", torch.zeros(config.num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("token_count", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def expert_slice(self, i: int) -> slice:
+        return slice(i * self.expert_size, (i + 1) * self.expert_size)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """g = σ(x·Y), computed in fp32 (eq. 7)."""
+        return torch.sigmoid(self.router(x).float())
+
+    def expert_weights(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert output weights and the activity mask for gates g [..., n] (eqs. 7, 8, 10, 11, 20)."""
+        active = g > self.tau
+        if self.training and self.variant == "no_gate":
+            return g, active
+        gated = g * active  # G(g)
+        if self.training and self.variant == "dsmoe":
+            gated = gated.detach() + g - g.detach()  # S(g)
+        count = active.sum(-1, keepdim=True)
+        scale = self.num_experts / count.clamp(min=1).to(g.dtype)  # a token with no expert outputs 0
+        return gated * scale, active
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        g = self.gates(x2)
+        weights, active = self.expert_weights(g)
+        self.last_gates, self.last_active = g, active
+        if not self.training:
+            with torch.no_grad():
+                self.active_sum += active.sum(0, dtype=torch.float64)
+                self.token_count += active.shape[0]
+        if self.training or self.inference_impl == "masked":
+            out = self.masked_forward(x2, weights)
+        else:
+            out = self.sparse_forward(x2, weights, active)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def masked_forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Dense reference: every expert computed, expert i's channels scaled by weights[:, i]."""
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        h = h.view(-1, self.num_experts, self.expert_size) * weights.to(h.dtype).unsqueeze(-1)
+        return self.down_proj(h.view(x.shape[0], -1))
+
+    def sparse_forward(self, x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Only the active experts: tokens grouped by expert, one GEMM chain each, scatter-added."""
+        out = x.new_zeros(x.shape[0], self.down_proj.out_features)
+        weights = weights.to(x.dtype)
+        for i in range(self.num_experts):
+            idx = active[:, i].nonzero().squeeze(-1)
+            if idx.numel() == 0:
+                continue
+            s = self.expert_slice(i)
+            xi = x if idx.numel() == x.shape[0] else x.index_select(0, idx)
+            gate_b = None if self.gate_proj.bias is None else self.gate_proj.bias[s]
+            up_b = None if self.up_proj.bias is None else self.up_proj.bias[s]
+            h = self.act_fn(nn.functional.linear(xi, self.gate_proj.weight[s], gate_b))
+            h = h * nn.functional.linear(xi, self.up_proj.weight[s], up_b)
+            oi = nn.functional.linear(h, self.down_proj.weight[:, s]) * weights[idx, i].unsqueeze(-1)
+            out.index_add_(0, idx, oi)
+        if self.down_proj.bias is not None:
+            out += self.down_proj.bias
+        return out
+
+    def reset_stats(self) -> None:
+        self.active_sum.zero_()
+        self.token_count.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, expert_size={self.expert_size}, tau={self.tau}, variant={self.variant!r}"
+        )

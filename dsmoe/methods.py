@@ -1,0 +1,78 @@
+"""One training path for every method: a model transformation plus a small hook interface.
+
+A :class:`Method` turns a dense pre-trained model into the model to train (DSMoE conversion, top-k
+MoE, pruning), names its auxiliary losses, optionally acts after each optimizer step (e.g. keeping
+pruning masks), and reports its activated parameters per token. The LightningModule only calls
+these hooks; it never branches on the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+Batches = Iterable[torch.Tensor]  # calibration input_ids batches, for methods that need data
+
+
+@dataclass(frozen=True)
+class Method:
+    """name; apply(model, options, calib_batches) -> model; aux_losses(model) -> {name: weighted loss};
+    after_optimizer_step(model); activated_params(model) -> params per token."""
+
+    name: str
+    apply: Callable[[PreTrainedModel, dict[str, Any], Batches | None], PreTrainedModel]
+    aux_losses: Callable[[nn.Module], dict[str, torch.Tensor]]
+    activated_params: Callable[[nn.Module], float]
+    after_optimizer_step: Callable[[nn.Module], None] | None = None
+    needs_calibration: bool = False
+
+
+def _no_aux(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _all_params(model: nn.Module) -> float:
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+def _dense_apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:
+    if options:
+        raise ValueError(f"method 'dense' takes no options, got {sorted(options)}")
+    return model
+
+
+def _dsmoe_apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:
+    from dsmoe.config import DSMoEConfig
+    from dsmoe.convert import convert
+
+    return convert(model, DSMoEConfig(**options))
+
+
+def _dsmoe_aux(model: nn.Module) -> dict[str, torch.Tensor]:
+    from dsmoe.convert import dsmoe_config_of
+    from dsmoe.losses import sparsity_loss
+
+    return {"sparsity": dsmoe_config_of(model).sparsity_weight * sparsity_loss(model)}
+
+
+def _dsmoe_activated(model: nn.Module) -> float:
+    from dsmoe.stats import activation_stats
+
+    return activation_stats(model).activated_params
+
+
+DENSE = Method("dense", _dense_apply, _no_aux, _all_params)
+DSMOE = Method("dsmoe", _dsmoe_apply, _dsmoe_aux, _dsmoe_activated)
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (DENSE, DSMOE)}
+
+
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(REGISTRY)}")
+    return REGISTRY[name]

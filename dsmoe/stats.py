@@ -1,0 +1,82 @@
+"""Activation statistics: active experts per layer and activated parameters (Table 1 accounting)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsmoe.losses import dsmoe_layers
+
+
+@dataclass
+class ActivationStats:
+    """Mean active experts per layer and the model's activated parameters per token.
+
+    ``mean_active_per_layer`` is accumulated over every eval-mode forward since the last
+    :func:`reset_activation_stats` (falling back to the last forward when nothing was accumulated);
+    ``last_active_per_layer`` is the last forward's. Activated params count every non-FFN parameter
+    plus each FFN's parameters times its active fraction, as Table 1 does.
+    """
+
+    num_experts: int
+    mean_active_per_layer: list[float]
+    last_active_per_layer: list[float]
+    expert_frequency: list[list[float]]  # [layer][expert]: fraction of tokens routed to the expert
+    tokens: int
+    total_params: int
+    activated_params: float
+
+    @property
+    def mean_active(self) -> float:
+        return sum(self.mean_active_per_layer) / max(len(self.mean_active_per_layer), 1)
+
+    @property
+    def activated_fraction(self) -> float:
+        return self.activated_params / self.total_params
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def ffn_params(layer: nn.Module) -> int:
+    return sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("router"))
+
+
+def activation_stats(model: nn.Module) -> ActivationStats:
+    """Per-layer mean number of active experts and the average activated parameter count."""
+    layers = dsmoe_layers(model)
+    if not layers:
+        raise ValueError("activation_stats needs a model converted with dsmoe.convert()")
+    last, mean, freq = [], [], []
+    for layer in layers:
+        last_f = layer.last_active.float().mean(0) if layer.last_active is not None else None
+        if layer.token_count.item() > 0:
+            f = (layer.active_sum / layer.token_count).float()
+        elif last_f is not None:
+            f = last_f
+        else:
+            f = torch.ones(layer.num_experts)
+        last.append(float(last_f.sum()) if last_f is not None else float("nan"))
+        mean.append(float(f.sum()))
+        freq.append([float(v) for v in f])
+    total = count_params(model)
+    inactive = sum(ffn_params(layer) * (1 - m / layer.num_experts) for layer, m in zip(layers, mean, strict=True))
+    return ActivationStats(
+        num_experts=layers[0].num_experts,
+        mean_active_per_layer=mean,
+        last_active_per_layer=last,
+        expert_frequency=freq,
+        tokens=int(layers[0].token_count.item()),
+        total_params=total,
+        activated_params=total - inactive,
+    )
+
+
+def reset_activation_stats(model: nn.Module) -> None:
+    """Zero the accumulated eval-mode activation counters of every DSMoE layer."""
+    for layer in dsmoe_layers(model):
+        layer.reset_stats()
