@@ -54,8 +54,9 @@ class DSMoEMLP(nn.Module):
         return slice(i * self.expert_size, (i + 1) * self.expert_size)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """g = σ(x·Y), computed in fp32 (eq. 7)."""
-        return torch.sigmoid(self.router(x).float())
+        """g = σ(x·Y), computed in at least fp32 (eq. 7)."""
+        logits = self.router(x)
+        return torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
 
     def expert_weights(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-expert output weights and the activity mask for gates g [..., n] (eqs. 7, 8, 10, 11, 20)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,12 +23,15 @@ Batches = Iterable[torch.Tensor]  # calibration input_ids batches, for methods t
 @dataclass(frozen=True)
 class Method:
     """name; apply(model, options, calib_batches) -> model; aux_losses(model) -> {name: weighted loss};
-    after_optimizer_step(model); activated_params(model) -> params per token."""
+    activated_params(model) -> params per token; save(model, dir, tokenizer) -> dir; load(dir) -> model;
+    after_optimizer_step(model)."""
 
     name: str
     apply: Callable[[PreTrainedModel, dict[str, Any], Batches | None], PreTrainedModel]
     aux_losses: Callable[[nn.Module], dict[str, torch.Tensor]]
     activated_params: Callable[[nn.Module], float]
+    save: Callable[[nn.Module, Path, Any], Path]
+    load: Callable[[Path], nn.Module]
     after_optimizer_step: Callable[[nn.Module], None] | None = None
     needs_calibration: bool = False
 
@@ -66,8 +70,35 @@ def _dsmoe_activated(model: nn.Module) -> float:
     return activation_stats(model).activated_params
 
 
-DENSE = Method("dense", _dense_apply, _no_aux, _all_params)
-DSMOE = Method("dsmoe", _dsmoe_apply, _dsmoe_aux, _dsmoe_activated)
+def save_pretrained(model: nn.Module, directory: Path, tokenizer: Any = None) -> Path:
+    """Plain HF save (for methods whose model transformers can rebuild from config.json)."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def from_pretrained(directory: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory)
+
+
+def _dsmoe_save(model: nn.Module, directory: Path, tokenizer: Any = None) -> Path:
+    from dsmoe.convert import save
+
+    return save(model, directory, tokenizer)
+
+
+def _dsmoe_load(directory: Path) -> nn.Module:
+    from dsmoe.convert import load
+
+    return load(directory)
+
+
+DENSE = Method("dense", _dense_apply, _no_aux, _all_params, save_pretrained, from_pretrained)
+DSMOE = Method("dsmoe", _dsmoe_apply, _dsmoe_aux, _dsmoe_activated, _dsmoe_save, _dsmoe_load)
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (DENSE, DSMOE)}
 

@@ -1,0 +1,135 @@
+"""The one LightningModule every method trains through: L = L_LM + Σ weighted auxiliary losses (eq. 17)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.text import Perplexity
+from transformers import get_scheduler
+
+from dsmoe.losses import dsmoe_layers
+from dsmoe.methods import Method
+from dsmoe.stats import activation_stats, reset_activation_stats
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and a decaying schedule (paper: lr 2e-5)."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # any transformers.get_scheduler name: cosine, linear, constant_with_warmup, ...
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class LitCausalLM(L.LightningModule):
+    """Wraps a transformed causal LM (DSMoE, a baseline, or dense) for continued pre-training.
+
+    Logs train/{lm_loss, <aux>_loss, loss, mean_active_experts, active_experts/layer_XX, activated_params_frac},
+    and per validation source val/ppl_<source> plus val/ppl (token-weighted) and val activation stats.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        optim: OptimConfig,
+        dense_params: int,
+        val_source_names: list[str] | None = None,
+        max_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model, self.method, self.optim = model, method, optim
+        self.dense_params = dense_params
+        self.max_steps = max_steps
+        self.val_source_names = list(val_source_names or ["val"])
+        self.val_ppl = nn.ModuleList(Perplexity() for _ in self.val_source_names)
+        self.val_ppl_all = Perplexity()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        return self.model(input_ids=input_ids, labels=labels)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        lm_loss = self(batch["input_ids"], labels=batch["labels"]).loss
+        aux = self.method.aux_losses(self.model)
+        loss = lm_loss + sum(aux.values(), torch.zeros((), device=lm_loss.device))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step} (lm={lm_loss.item()}, "
+                f"aux={ {k: v.item() for k, v in aux.items()} }); stopping. The last good checkpoint is kept"
+            )
+        self.log("train/lm_loss", lm_loss, prog_bar=True)
+        for name, value in aux.items():
+            self.log(f"train/{name}_loss", value)
+        self.log("train/loss", loss)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self._log_activation("train", last=True)
+        return loss
+
+    def _log_activation(self, stage: str, last: bool) -> None:
+        layers = dsmoe_layers(self.model)
+        if layers:
+            stats = activation_stats(self.model)
+            per_layer = stats.last_active_per_layer if last else stats.mean_active_per_layer
+            self.log(f"{stage}/mean_active_experts", sum(per_layer) / len(per_layer), prog_bar=stage == "train")
+            for i, value in enumerate(per_layer):
+                self.log(f"{stage}/active_experts/layer_{i:02d}", value)
+        if layers and last:  # activated params from the last forward's activity
+            n = layers[0].num_experts
+            inactive = sum(
+                sum(p.numel() for k, p in layer.named_parameters() if not k.startswith("router")) * (1 - a / n)
+                for layer, a in zip(layers, stats.last_active_per_layer, strict=True)
+            )
+            activated = sum(p.numel() for p in self.model.parameters()) - inactive
+        else:
+            activated = self.method.activated_params(self.model)
+        self.log(f"{stage}/activated_params_frac", activated / self.dense_params)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.method.after_optimizer_step is not None:
+            self.method.after_optimizer_step(self.model)
+
+    def on_validation_epoch_start(self) -> None:
+        if dsmoe_layers(self.model):
+            reset_activation_stats(self.model)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self(batch["input_ids"]).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        self.val_ppl[dataloader_idx].update(logits, target)
+        self.val_ppl_all.update(logits, target)
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in zip(self.val_source_names, self.val_ppl, strict=True):
+            if metric.count > 0:  # type: ignore[operator]
+                self.log(f"val/ppl_{name}", metric.compute(), add_dataloader_idx=False)
+            metric.reset()
+        if self.val_ppl_all.count > 0:  # type: ignore[operator]
+            self.log("val/ppl", self.val_ppl_all.compute(), prog_bar=True)
+        self.val_ppl_all.reset()
+        self._log_activation("val", last=False)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+        )
+        total = self.max_steps or self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("the LR schedule needs max_steps (derived from max_tokens in the train config)")
+        scheduler = get_scheduler(self.optim.schedule, optimizer, self.optim.warmup_steps, int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

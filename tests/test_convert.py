@@ -1,0 +1,94 @@
+"""convert / save / load / activation accounting on tiny Llama, Qwen2, Mistral and the embedded SmolLM2."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import dsmoe
+from dsmoe.models import load_model, tiny_model
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(0)
+    return torch.randint(0, 256, (2, 11))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_convert_keeps_weights_and_all_on_equals_dense(arch, ids, monkeypatch):
+    model = tiny_model(arch).eval()
+    dense = model(ids).logits
+    dsmoe.convert(model, dsmoe.DSMoEConfig(num_experts=4))
+    layers = dsmoe.dsmoe_layers(model)
+    assert len(layers) == model.config.num_hidden_layers
+    assert all(layer.router.weight.shape == (4, 64) for layer in layers)
+    # every expert on with unit weight: the partitioned model is the dense model (eq. 6)
+    monkeypatch.setattr(dsmoe.DSMoEMLP, "expert_weights", lambda self, g: (torch.ones_like(g), torch.ones_like(g, dtype=torch.bool)))
+    for impl in ("sparse", "masked"):
+        for layer in layers:
+            layer.inference_impl = impl
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_smollm2_layer_partition_equals_hf_mlp():
+    model, _ = load_model()
+    mlp = model.model.layers[3].mlp
+    x = torch.randn(6, model.config.hidden_size)
+    dense = mlp(x)
+    layer = dsmoe.DSMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, dsmoe.DSMoEConfig(num_experts=8))
+    assert layer.expert_size == 1536 // 8
+    torch.testing.assert_close(layer.masked_forward(x, torch.ones(6, 8)), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_errors():
+    with pytest.raises(ValueError, match="no SwiGLU FFN.*'gpt2'"):
+        dsmoe.convert(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)), dsmoe.DSMoEConfig())
+    with pytest.raises(ValueError, match="D=128 is not divisible by num_experts=3"):
+        dsmoe.convert(tiny_model(), dsmoe.DSMoEConfig(num_experts=3))
+    model = dsmoe.convert(tiny_model(), dsmoe.DSMoEConfig(num_experts=4))
+    with pytest.raises(ValueError, match="already converted"):
+        dsmoe.convert(model, dsmoe.DSMoEConfig(num_experts=4))
+
+
+def test_router_init_is_random_normal():
+    model = dsmoe.convert(tiny_model(), dsmoe.DSMoEConfig(num_experts=4, router_init_std=0.5))
+    w = torch.cat([layer.router.weight.flatten() for layer in dsmoe.dsmoe_layers(model)])
+    assert abs(w.std().item() - 0.5) < 0.05 and abs(w.mean().item()) < 0.05
+
+
+@pytest.mark.parametrize("variant", ["dsmoe", "no_gate"])
+def test_save_load_round_trip(tmp_path, ids, variant):
+    model = dsmoe.convert(tiny_model("qwen2"), dsmoe.DSMoEConfig(num_experts=4, tau=0.45, variant=variant)).eval()
+    logits = model(ids).logits
+    dsmoe.save(model, tmp_path / "m")
+    loaded = dsmoe.load(tmp_path / "m")
+    assert dsmoe.dsmoe_config_of(loaded) == dsmoe.DSMoEConfig(num_experts=4, tau=0.45, variant=variant)
+    for a, b in zip(dsmoe.dsmoe_layers(model), dsmoe.dsmoe_layers(loaded), strict=True):
+        assert torch.equal(a.router.weight, b.router.weight) and b.tau == 0.45 and b.variant == variant
+    torch.testing.assert_close(loaded(ids).logits, logits, rtol=0, atol=0)
+
+
+def test_load_rejects_dense_dir(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="dense model"):
+        dsmoe.load(tmp_path)
+
+
+def test_activated_params_table1_accounting(ids):
+    model = dsmoe.convert(tiny_model(), dsmoe.DSMoEConfig(num_experts=4)).eval()
+    total = sum(p.numel() for p in model.parameters())
+    model(ids)
+    stats = dsmoe.activation_stats(model)
+    ffn = 3 * 64 * 128  # gate, up, down of one layer
+    expected = total - sum(ffn * (1 - a / 4) for a in stats.mean_active_per_layer)
+    assert stats.total_params == total
+    assert stats.activated_params == pytest.approx(expected)
+    assert stats.tokens == ids.numel()
+    # mean active experts per layer = mean over tokens of #(g > τ)
+    x_counts = [(layer.last_active.sum(1).double().mean().item()) for layer in dsmoe.dsmoe_layers(model)]
+    assert stats.mean_active_per_layer == pytest.approx(x_counts)
+    dsmoe.set_tau(model, 0.9)
+    dsmoe.reset_activation_stats(model)
+    model(ids)
+    assert dsmoe.activation_stats(model).activated_params < stats.activated_params
+    assert model.config.dsmoe["tau"] == 0.9
