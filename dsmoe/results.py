@@ -1,0 +1,94 @@
+"""The one results writer: CSV tables with provenance columns, written atomically."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROVENANCE = ["model", "method", "tokens", "steps", "tau", "seed", "hardware", "git_commit", "date"]
+
+
+def hardware() -> str:
+    """GPU names if CUDA is used, else the CPU model and the threads torch uses."""
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"{len(names)}x {names[0]}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    """HEAD of the repository this package lives in, '+dirty' if tracked files changed; 'unknown' outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(**fields: Any) -> dict[str, Any]:
+    """Provenance columns for one row: the given fields plus hardware, git commit and date."""
+    unknown = set(fields) - set(PROVENANCE)
+    if unknown:
+        raise ValueError(f"unknown provenance fields {sorted(unknown)}; allowed: {PROVENANCE}")
+    row = {k: fields.get(k, "") for k in PROVENANCE}
+    row["hardware"] = fields.get("hardware") or hardware()
+    row["git_commit"] = fields.get("git_commit") or git_commit()
+    row["date"] = fields.get("date") or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return row
+
+
+def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> Path:
+    """Write rows (with every column in ``columns``, extra keys refused) to path atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    for row in rows:
+        extra = set(row) - set(columns)
+        if extra:
+            raise ValueError(f"row has columns {sorted(extra)} not in the table's columns {list(columns)}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,49 @@
+"""Our PPL (Table 1) against lm-eval's loglikelihood_rolling, on a DSMoE model with routing active."""
+
+import math
+
+import pytest
+import torch
+
+import dsmoe
+from dsmoe.evaluate import perplexity, perplexity_with_stats
+from dsmoe.models import load_tokenizer, tiny_model
+
+TEXT = (
+    "The straight-through estimator lets gradients flow through a thresholded gate as if the threshold "
+    "were the identity. In the forward pass the expert is switched off; in the backward pass its gate "
+    "still learns whether switching it on would have reduced the loss."
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def test_ppl_matches_lm_eval_loglikelihood_rolling(tokenizer):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model = dsmoe.convert(tiny_model("llama", vocab_size=len(tokenizer)), dsmoe.DSMoEConfig(num_experts=4)).eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=128)
+    (loglik,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (TEXT,), 0)], disable_tqdm=True)
+    tokens = lm.tok_encode(TEXT)
+    lm_eval_ppl = math.exp(-loglik / len(tokens))
+    window = torch.tensor([lm.prefix_token_id, *tokens])
+    ours = perplexity(model, [window])
+    assert ours.tokens == len(tokens)
+    assert ours.ppl == pytest.approx(lm_eval_ppl, rel=0.01)
+
+
+def test_ppl_is_exp_mean_nll_and_counts_activation(tokenizer):
+    model = dsmoe.convert(tiny_model("llama", vocab_size=len(tokenizer)), dsmoe.DSMoEConfig(num_experts=4)).eval()
+    ids = torch.tensor(tokenizer(TEXT + " " + TEXT).input_ids)
+    assert ids.numel() >= 60
+    windows = [ids[:20], ids[20:40], ids[40:60]]
+    result, stats = perplexity_with_stats(model, windows, batch_size=2)
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss.item() for w in windows]
+    assert result.tokens == 57
+    assert result.ppl == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
+    assert stats.tokens == 60 and 0 < stats.mean_active < 4
