@@ -116,6 +116,17 @@ def build_strategy(cfg: DictConfig, model: torch.nn.Module):
     )
 
 
+def calibration_batches(data_module, n: int) -> list[torch.Tensor]:
+    """The first n training batches' input_ids (pruning calibration data, as in LLM-Pruner / SparseGPT)."""
+    data_module.prepare_data()
+    batches = []
+    for batch in data_module.train_dataloader():
+        batches.append(batch["input_ids"])
+        if len(batches) == n:
+            return batches
+    raise ValueError(f"the training stream ended before {n} calibration batches")
+
+
 def prepare_model(cfg: DictConfig, data_module) -> tuple[torch.nn.Module, int]:
     """Load the dense model, apply the method once and keep that structure in run_dir/init_model.
 
@@ -129,7 +140,7 @@ def prepare_model(cfg: DictConfig, data_module) -> tuple[torch.nn.Module, int]:
         return method.load(init_dir), json.loads(info.read_text())["dense_params"]
     dense, tokenizer = load_model(cfg.model)
     dense_params = count_params(dense)
-    calib = data_module.calibration_batches(cfg.calibration_batches) if method.needs_calibration else None
+    calib = calibration_batches(data_module, cfg.calibration_batches) if method.needs_calibration else None
     model = method.apply(dense, dict(cfg.method_options), calib)
     method.save(model, init_dir, tokenizer)
     info.write_text(json.dumps({"dense_params": dense_params, "model": cfg.model}))  # written last: marks completion
@@ -155,10 +166,10 @@ def train(cfg: DictConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     max_steps, accumulate = schedule(cfg)
     data_cfg = DataConfig.from_dict(
-        {**OmegaConf.to_container(cfg.data), "batch_size": t.micro_batch_size, "seed": t.seed}
+        {**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size, "seed": t.seed}
     )
     tokenizer = load_tokenizer(cfg.model)
-    data = PretrainDataModule(tokenizer, data_cfg)
+    data = PretrainDataModule(data_cfg, tokenizer)
     model, dense_params = prepare_model(cfg, data)
     method = get_method(cfg.method)
     lit = LitCausalLM(model, method, OptimConfig(**cfg.optim), dense_params, data.val_source_names, max_steps)

