@@ -50,6 +50,7 @@ class LitCausalLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model, self.method, self.optim = model, method, optim
+        self.model.train()  # loaders return eval-mode models; Lightning keeps the modes it is given
         self.dense_params = dense_params
         self.max_steps = max_steps
         self.val_source_names = list(val_source_names or ["val"])

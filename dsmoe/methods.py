@@ -103,7 +103,28 @@ DSMOE = Method("dsmoe", _dsmoe_apply, _dsmoe_aux, _dsmoe_activated, _dsmoe_save,
 REGISTRY: dict[str, Method] = {m.name: m for m in (DENSE, DSMOE)}
 
 
+def _register_baselines() -> None:
+    """Baselines import this module, so they join the registry on first lookup."""
+    from dsmoe.baselines.llm_pruner import LLM_PRUNER_BLOCK, LLM_PRUNER_CHANNEL
+    from dsmoe.baselines.sparsegpt import SPARSEGPT
+    from dsmoe.baselines.topk_moe import TOPK_MOE
+
+    for method in (TOPK_MOE, SPARSEGPT, LLM_PRUNER_CHANNEL, LLM_PRUNER_BLOCK):
+        REGISTRY.setdefault(method.name, method)
+
+
 def get_method(name: str) -> Method:
+    _register_baselines()
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+def method_of_saved(config: dict[str, Any]) -> str:
+    """Name of the method that saved a model directory, from its config.json ("dense" if none)."""
+    if "llm_pruner" in config:
+        return f"llm_pruner_{config['llm_pruner']['mode']}"
+    for key in ("dsmoe", "llama_moe", "sparsegpt"):
+        if key in config:
+            return key
+    return "dense"

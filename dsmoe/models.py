@@ -19,6 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from dsmoe.methods import get_method, method_of_saved
 from dsmoe.packages import cache_dir, sha256
 
 EMBEDDED = "embedded:smollm2-135m"
@@ -80,12 +81,11 @@ def load_model(
 
     path = resolve(name_or_path)
     config_file = Path(path) / "config.json"
-    if config_file.exists() and "dsmoe" in json.loads(config_file.read_text()):
-        from dsmoe.convert import load
-
-        model = load(path, dtype=dtype, **kwargs)
-    else:
+    saved_by = method_of_saved(json.loads(config_file.read_text())) if config_file.exists() else "dense"
+    if saved_by == "dense":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    else:  # a transformed model: its method rebuilds the structure (routers, pruned shapes, masks)
+        model = get_method(saved_by).load(Path(path)).to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

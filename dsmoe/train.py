@@ -44,7 +44,7 @@ class TrainerConfig:
     max_steps: int = -1  # only when max_tokens is 0
     gradient_clip_val: float = 1.0
     val_check_interval: int = 100  # optimizer steps between validations
-    limit_val_batches: float = 1.0
+    limit_val_batches: Any = 1.0  # int: batches per source; float: fraction
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
     seed: int = 1234
@@ -140,8 +140,20 @@ def prepare_model(cfg: DictConfig, data_module) -> tuple[torch.nn.Module, int]:
         return method.load(init_dir), json.loads(info.read_text())["dense_params"]
     dense, tokenizer = load_model(cfg.model)
     dense_params = count_params(dense)
+    options = dict(cfg.method_options)
+    target = options.pop("match_activated", None)  # fraction of the dense params, or an absolute count
+    if target is not None:
+        from dsmoe.baselines.matching import match_options
+
+        match = match_options(cfg.method, dense, float(target), options)
+        print(
+            f"[dsmoe.train] {cfg.method} matched to {match.target:.4g} activated params: {match.options} "
+            f"→ {match.achieved:.4g} ({100 * match.rel_error:+.2f}%) {match.note}",
+            file=sys.stderr,
+        )
+        options = {**options, **match.options}
     calib = calibration_batches(data_module, cfg.calibration_batches) if method.needs_calibration else None
-    model = method.apply(dense, dict(cfg.method_options), calib)
+    model = method.apply(dense, options, calib)
     method.save(model, init_dir, tokenizer)
     info.write_text(json.dumps({"dense_params": dense_params, "model": cfg.model}))  # written last: marks completion
     return model, dense_params

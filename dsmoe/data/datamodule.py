@@ -31,6 +31,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
 
 from dsmoe.data.corpus import DOMAINS, build_corpus
 
@@ -367,6 +368,18 @@ class PretrainDataModule(L.LightningDataModule):
         self.val_source_names = [s.name for s in config.sources]
         self.val_windows: list[torch.Tensor] = []
         self.rank, self.world_size = 0, 1
+        self.skip_batches = 0  # set from a checkpoint: training batches this rank already consumed
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: how many training batches were consumed, so a resumed run continues
+        the stream exactly where it stopped (see :func:`skip_first`)."""
+        consumed = 0
+        if self.trainer is not None:
+            consumed = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        return {"train_batches_consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip_batches = int(state.get("train_batches_consumed", 0))
 
     def prepare_data(self) -> None:
         """Build the embedded corpus once per node, before any rank reads it."""
@@ -396,15 +409,16 @@ class PretrainDataModule(L.LightningDataModule):
                 )
             self.val_windows.append(windows)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | Iterator[dict[str, torch.Tensor]]:
         cfg = self.config
-        return DataLoader(
+        loader = DataLoader(
             MixtureStream(cfg, self.tokenizer, self.rank, self.world_size),
             batch_size=cfg.micro_batch_size,
             num_workers=cfg.num_workers,
             collate_fn=collate,
             persistent_workers=cfg.num_workers > 0,
         )
+        return skip_first(loader, self.skip_batches) if self.skip_batches else loader
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_windows:
@@ -417,3 +431,15 @@ class PretrainDataModule(L.LightningDataModule):
 
 def _is_embedded(source: SourceConfig) -> bool:
     return source.path is not None and source.path.startswith(EMBEDDED_PREFIX)
+
+
+def skip_first(loader: Iterable, n: int) -> Iterator:
+    """The loader's batches after the first n: exact stream resumption for any number of workers.
+
+    The skipped batches are regenerated (read and tokenised, not trained on), so resuming costs time in
+    proportion to the tokens already seen.
+    """
+    iterator = iter(loader)
+    for _ in tqdm(range(n), desc="resume: fast-forwarding the training stream", disable=n < 100):
+        next(iterator)
+    yield from iterator

@@ -1,0 +1,333 @@
+"""LLaMA-MoE baseline (Zhu et al., 2024): the dense SwiGLU FFN split into n experts with a noisy top-k gate.
+
+Expert i owns intermediate channels [i·m, (i+1)·m), m = D/n, of gate_proj, up_proj and down_proj — the
+same partition as DSMoE (paper eq. 5) and LLaMA-MoE's "Independent" construction with contiguous
+indices — so the layer keeps the three dense matrices and only adds the gate. Following LLaMA-MoE's
+``TopKBalancedNoisyGate`` and ``UniversalCalculator`` (pjlab-sys4nlp/llama-moe, smoe/modules/moe):
+
+    H(x) = x·W_g + ε ⊙ (softplus(x·W_noise) + noise_epsilon),  ε ~ N(0, 1)   (noise in training only)
+    G(x) = softmax over the top-k entries of H(x), 0 elsewhere
+    y    = score_scale_factor · Σ_{i ∈ topk} G(x)_i · E_i(x)
+
+Exactly k experts per token; only they are computed (training and evaluation). The balance loss is
+Shazeer et al. (2017)'s w·(cv²(Importance) + cv²(Load)), summed over layers as LLaMA-MoE does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, logging
+
+from dsmoe.convert import _is_swiglu
+from dsmoe.methods import Batches, Method
+from dsmoe.stats import count_params
+
+GATE_NETWORKS = ("linear", "mlp")
+
+
+@dataclass
+class TopKMoEConfig:
+    """How a dense SwiGLU FFN becomes a LLaMA-MoE layer.
+
+    num_experts: n equal slices of the intermediate dimension. top_k: k experts per token (paper: 3 of 8).
+    balance_weight: w of the balance loss (LLaMA-MoE's gate_balance_loss_weight, 1e-2).
+    noisy_gating: add the learned Gaussian noise to the gate logits in training (Shazeer et al., eq. 4).
+    noise_epsilon: floor of the noise std (LLaMA-MoE: 1e-2).
+    score_scale_factor: constant multiplying the weighted expert outputs; None means n/k, the value of
+        LLaMA-MoE's released configurations (e.g. 4.0 for 4 of 16 experts).
+    gate_network: "linear" x·W_g, zero-initialised (the LLaMA-MoE paper's gate); "mlp"
+        Linear(d, n) → tanh → Linear(n, n) (the default of LLaMA-MoE's code and released models).
+    """
+
+    num_experts: int = 8
+    top_k: int = 3
+    balance_weight: float = 1e-2
+    noisy_gating: bool = True
+    noise_epsilon: float = 1e-2
+    score_scale_factor: float | None = None
+    gate_network: str = "linear"
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; choose 1 <= k <= n")
+        if float(self.balance_weight) < 0:
+            raise ValueError(f"balance_weight must be >= 0, got {self.balance_weight!r}")
+        if float(self.noise_epsilon) < 0:
+            raise ValueError(f"noise_epsilon must be >= 0, got {self.noise_epsilon!r}")
+        if self.score_scale_factor is not None and float(self.score_scale_factor) <= 0:
+            raise ValueError(f"score_scale_factor must be > 0 or None (meaning n/k), got {self.score_scale_factor!r}")
+        if self.gate_network not in GATE_NETWORKS:
+            raise ValueError(f"gate_network must be one of {GATE_NETWORKS}, got {self.gate_network!r}")
+
+    @property
+    def scale(self) -> float:
+        if self.score_scale_factor is None:
+            return self.num_experts / self.top_k
+        return float(self.score_scale_factor)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TopKMoEConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown TopKMoEConfig keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**d)
+
+
+def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation var(x)/mean(x)² (unbiased var, as LLaMA-MoE); 0 for one expert."""
+    if x.numel() == 1:
+        return x.new_zeros(())
+    x = x.float()
+    return x.var() / (x.mean() ** 2 + eps)
+
+
+def smooth_load(
+    clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_values: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Load_i = Σ_x P(x, i), P(x, i) = Φ((clean_i − kth_excluding(noisy, k, i)) / std_i) (Shazeer et al., eqs. 8–10).
+
+    ``top_values`` are the k+1 largest noisy logits per token. kth_excluding is the (k+1)-th largest
+    for an expert now in the top k and the k-th largest otherwise. (LLaMA-MoE's code decides "in the
+    top k" from the noise term alone; this follows the paper's definition.)
+    """
+    threshold_in, threshold_out = top_values[:, k : k + 1], top_values[:, k - 1 : k]
+    is_in = noisy > threshold_in
+    p_in = torch.special.ndtr((clean - threshold_in) / noise_std)
+    p_out = torch.special.ndtr((clean - threshold_out) / noise_std)
+    return torch.where(is_in, p_in, p_out).sum(0)
+
+
+class TopKMoEMLP(nn.Module):
+    """y = s · Σ_{i ∈ topk(H(x))} softmax(H(x)_topk)_i · (act(x·W_i) ⊙ x·U_i)·V_i, exactly k experts per token."""
+
+    def __init__(
+        self,
+        gate_proj: nn.Linear,
+        up_proj: nn.Linear,
+        down_proj: nn.Linear,
+        act_fn: nn.Module,
+        config: TopKMoEConfig,
+    ) -> None:
+        super().__init__()
+        hidden_size, intermediate_size = gate_proj.in_features, gate_proj.out_features
+        n = config.num_experts
+        if intermediate_size % n:
+            raise ValueError(
+                f"intermediate size D={intermediate_size} is not divisible by num_experts={n}; "
+                f"choose n among the divisors of {intermediate_size}"
+            )
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+        self.num_experts, self.top_k = n, config.top_k
+        self.expert_size = intermediate_size // n
+        self.scale = config.scale
+        self.noisy_gating, self.noise_epsilon = config.noisy_gating, float(config.noise_epsilon)
+        if config.gate_network == "linear":
+            self.router = nn.Linear(hidden_size, n, bias=False)
+            nn.init.zeros_(self.router.weight)  # LLaMA-MoE's linear gate starts at zero
+        else:
+            self.router = nn.Sequential(nn.Linear(hidden_size, n, bias=False), nn.Tanh(), nn.Linear(n, n, bias=False))
+        self.router.to(device=gate_proj.weight.device, dtype=gate_proj.weight.dtype)
+        self.noise: nn.Linear | None = None  # W_noise, zero-initialised as in LLaMA-MoE; absent without noise
+        if self.noisy_gating:
+            self.noise = nn.Linear(hidden_size, n, bias=False)
+            nn.init.zeros_(self.noise.weight)
+            self.noise.to(device=gate_proj.weight.device, dtype=gate_proj.weight.dtype)
+        self.last_balance_loss: torch.Tensor | None = None  # unweighted cv²(I) + cv²(L), with its graph
+        self.last_indices: torch.Tensor | None = None  # [tokens, k] experts of the last forward
+
+    def expert_slice(self, i: int) -> slice:
+        return slice(i * self.expert_size, (i + 1) * self.expert_size)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k expert indices [T, k], their softmax scores [T, k], Importance [n] and Load [n]."""
+        clean = self.router(x).float()
+        noisy_training = self.training and self.noisy_gating
+        if noisy_training:
+            noise_std = F.softplus(self.noise(x).float()) + self.noise_epsilon
+            logits = clean + torch.randn_like(clean) * noise_std
+        else:
+            logits = clean
+        k, n = self.top_k, self.num_experts
+        top_values, top_indices = logits.topk(min(k + 1, n), dim=-1)
+        indices, scores = top_indices[:, :k], top_values[:, :k].softmax(-1)
+        importance = torch.zeros_like(logits).scatter(1, indices, scores).sum(0)
+        if noisy_training and k < n:
+            load = smooth_load(clean, logits, noise_std, top_values, k)
+        else:  # not differentiable: LLaMA-MoE's fallback without noise
+            load = torch.bincount(indices.flatten(), minlength=n).float()
+        return indices, scores, importance, load
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        indices, scores, importance, load = self.route(x2)
+        self.last_indices = indices
+        self.last_balance_loss = cv_squared(importance) + cv_squared(load)
+        out = self.experts_forward(x2, indices, scores * self.scale)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def experts_forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Only the selected experts: tokens grouped by expert, one GEMM chain each, scatter-added."""
+        out = x.new_zeros(x.shape[0], self.down_proj.out_features)
+        weights = weights.to(x.dtype)
+        for i in range(self.num_experts):
+            token, slot = (indices == i).nonzero(as_tuple=True)
+            if token.numel() == 0:
+                continue
+            s = self.expert_slice(i)
+            xi = x.index_select(0, token)
+            gate_b = None if self.gate_proj.bias is None else self.gate_proj.bias[s]
+            up_b = None if self.up_proj.bias is None else self.up_proj.bias[s]
+            h = self.act_fn(F.linear(xi, self.gate_proj.weight[s], gate_b)) * F.linear(xi, self.up_proj.weight[s], up_b)
+            oi = F.linear(h, self.down_proj.weight[:, s]) * weights[token, slot].unsqueeze(-1)
+            out.index_add_(0, token, oi.to(out.dtype))  # under autocast oi may be bf16
+        if self.down_proj.bias is not None:
+            out += self.down_proj.bias
+        return out
+
+    def ffn_params(self) -> int:
+        return sum(p.numel() for m in (self.gate_proj, self.up_proj, self.down_proj) for p in m.parameters())
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, expert_size={self.expert_size}, scale={self.scale}"
+
+
+def topk_moe_layers(model: nn.Module) -> list[TopKMoEMLP]:
+    return [m for m in model.modules() if isinstance(m, TopKMoEMLP)]
+
+
+def convert_to_topk_moe(model: PreTrainedModel, config: TopKMoEConfig) -> PreTrainedModel:
+    """Replace every SwiGLU MLP by a TopKMoEMLP sharing its weights; records ``model.config.llama_moe``."""
+    if topk_moe_layers(model):
+        raise ValueError("model is already converted to a top-k MoE")
+    targets = [(name, m) for name, m in model.named_modules() if _is_swiglu(m)]
+    if not targets:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(f"no SwiGLU FFN (gate_proj, up_proj, down_proj, act_fn) found in a {kind!r} model")
+    for name, mlp in targets:
+        new = TopKMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, config)
+        new.train(mlp.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.config.llama_moe = config.to_dict()
+    return model
+
+
+def topk_moe_config_of(model: nn.Module) -> TopKMoEConfig:
+    return TopKMoEConfig.from_dict(dict(model.config.llama_moe))
+
+
+def balance_loss(model: nn.Module) -> torch.Tensor:
+    """w · Σ_layers (cv²(Importance) + cv²(Load)) of the last forward, as LLaMA-MoE adds it to the LM loss."""
+    layers = topk_moe_layers(model)
+    if not layers:
+        raise ValueError("balance_loss needs a model converted with convert_to_topk_moe(); none found")
+    if any(layer.last_balance_loss is None for layer in layers):
+        raise RuntimeError("balance_loss needs a forward pass of the model first")
+    weight = topk_moe_config_of(model).balance_weight
+    return weight * torch.stack([layer.last_balance_loss for layer in layers]).sum()
+
+
+def activated_params(model: nn.Module) -> float:
+    """Params used per token at inference: everything but the noise network, FFNs counted at k/n."""
+    layers = topk_moe_layers(model)
+    if not layers:
+        raise ValueError("activated_params needs a model converted with convert_to_topk_moe(); none found")
+    inactive = sum(
+        layer.ffn_params() * (1 - layer.top_k / layer.num_experts) + (layer.noise.weight.numel() if layer.noise else 0)
+        for layer in layers
+    )
+    return float(count_params(model) - inactive)
+
+
+def predicted_activated_params(model: nn.Module, config: TopKMoEConfig) -> float:
+    """activated_params() the dense ``model`` would have after convert_to_topk_moe(model, config)."""
+    mlps = [m for m in model.modules() if _is_swiglu(m)]
+    if not mlps:
+        raise ValueError("no SwiGLU FFN found in the model")
+    n, k = config.num_experts, config.top_k
+    router = n * n if config.gate_network == "mlp" else 0
+    total = count_params(model)
+    for mlp in mlps:
+        ffn = sum(p.numel() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj) for p in m.parameters())
+        total += mlp.gate_proj.in_features * n + router - ffn * (1 - k / n)
+    return float(total)
+
+
+def save_topk_moe(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
+    """HF format: the dense weights plus router/noise tensors; config.json carries the "llama_moe" entry."""
+    if not hasattr(model.config, "llama_moe"):
+        raise ValueError("save_topk_moe() expects a model converted with convert_to_topk_moe()")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _gate_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(directory / f), framework="pt") as fh:
+            state.update({k: fh.get_tensor(k) for k in fh.keys() if ".mlp.router." in k or ".mlp.noise." in k})
+    return state
+
+
+def load_topk_moe(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
+    """Load a model written by :func:`save_topk_moe`: dense weights via from_pretrained, then the gates."""
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {directory}: not a saved model directory")
+    moe = getattr(AutoConfig.from_pretrained(directory), "llama_moe", None)
+    if moe is None:
+        raise ValueError(f"{directory} holds no top-k MoE (no 'llama_moe' entry in config.json)")
+    logging.set_verbosity_error()  # the gate tensors are "unexpected" for the dense class
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **from_pretrained_kwargs)
+    finally:
+        logging.set_verbosity_warning()
+    convert_to_topk_moe(model, TopKMoEConfig.from_dict(dict(moe)))
+    gates = _gate_tensors(directory)
+    params = dict(model.named_parameters())
+    expected = {k for k in params if ".mlp.router." in k or ".mlp.noise." in k}
+    if set(gates) != expected:
+        raise ValueError(f"gate tensors in {directory} do not match the model: {sorted(set(gates) ^ expected)[:4]}")
+    with torch.no_grad():
+        for k, v in gates.items():
+            params[k].copy_(v)
+    model.eval()
+    return model
+
+
+def _apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:
+    return convert_to_topk_moe(model, TopKMoEConfig(**options))
+
+
+def _aux(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {"balance": balance_loss(model)}
+
+
+TOPK_MOE = Method("llama_moe", _apply, _aux, activated_params, save_topk_moe, load_topk_moe)

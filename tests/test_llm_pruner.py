@@ -1,0 +1,312 @@
+"""LLM-Pruner baseline: Taylor importance vs autograd, lossless pruning of dead structures, target matching,
+training through the Method interface, save/load, and the paper's Table 1 shapes for LLaMA-1B."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from dsmoe.baselines import llm_pruner as lp
+from dsmoe.models import tiny_model
+
+ARCHS = [("llama", False), ("qwen2", True)]  # qwen2: q/k/v biases; tied embeddings; both GQA (4 heads, 2 KV)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def calib(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (2, 12), generator=g) for _ in range(n)]
+
+
+def reference_saliences(model, batches) -> dict[str, torch.Tensor]:
+    """|w · ∂L/∂w| by torch.autograd.grad on a copy, L the LM loss averaged over the batches."""
+    model = copy.deepcopy(model).eval()
+    named = dict(model.named_parameters())
+    loss = sum(model(input_ids=b, labels=b).loss for b in batches) / len(batches)
+    grads = torch.autograd.grad(loss, list(named.values()))
+    return {k: (p.detach() * g).abs() for (k, p), g in zip(named.items(), grads, strict=True)}
+
+
+@pytest.mark.parametrize("arch,tied", ARCHS)
+def test_importance_equals_autograd_taylor(arch, tied):
+    model = tiny_model(arch, tie_word_embeddings=tied)
+    with torch.no_grad():  # HF initialises biases to zero: give them a salience to count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    batches = calib()
+    s = reference_saliences(model, batches)
+    hidden = s["model.embed_tokens.weight"].sum(0) + s["model.norm.weight"]
+    if not tied:
+        hidden = hidden + s["lm_head.weight"].sum(0)
+    assert ("lm_head.weight" in s) != tied
+    with lp.taylor_gradients(model, batches):
+        got_hidden = lp.hidden_importance(model)
+        got = [(lp.ffn_importance(layer), lp.kv_group_importance(layer)) for layer in model.model.layers]
+    for i, (ffn, kv) in enumerate(got):
+        p = f"model.layers.{i}."
+        hidden = hidden + s[p + "input_layernorm.weight"] + s[p + "post_attention_layernorm.weight"]
+        hidden = hidden + sum(s[p + n].sum(0) for n in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+        hidden = hidden + sum(s[p + n].sum(0) for n in ("self_attn.v_proj.weight", "mlp.gate_proj.weight"))
+        hidden = hidden + s[p + "mlp.up_proj.weight"].sum(0)
+        hidden = hidden + s[p + "self_attn.o_proj.weight"].sum(1) + s[p + "mlp.down_proj.weight"].sum(1)
+        expected_ffn = (
+            s[p + "mlp.gate_proj.weight"].sum(1)
+            + s[p + "mlp.up_proj.weight"].sum(1)
+            + s[p + "mlp.down_proj.weight"].sum(0)
+        )
+        torch.testing.assert_close(ffn, expected_ffn, rtol=1e-5, atol=1e-9)
+        # KV group g: k/v head g, query heads h with h // (heads / kv_heads) == g (HF repeat_kv), their o columns
+        hd, heads, groups = 16, 4, 2
+        expected_kv = torch.zeros(groups)
+        for h in range(heads):
+            g, rows = h // (heads // groups), slice(h * hd, (h + 1) * hd)
+            expected_kv[g] += (
+                s[p + "self_attn.q_proj.weight"][rows].sum() + s[p + "self_attn.o_proj.weight"][:, rows].sum()
+            )
+            expected_kv[g] += s[p + "self_attn.q_proj.bias"][rows].sum() if arch == "qwen2" else 0
+        for g in range(groups):
+            rows = slice(g * hd, (g + 1) * hd)
+            for n in ("k_proj", "v_proj"):
+                expected_kv[g] += s[p + f"self_attn.{n}.weight"][rows].sum()
+                expected_kv[g] += s[p + f"self_attn.{n}.bias"][rows].sum() if arch == "qwen2" else 0
+        torch.testing.assert_close(kv, expected_kv, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(got_hidden, hidden, rtol=1e-5, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())  # gradients cleared afterwards
+
+
+@pytest.mark.parametrize("arch,tied", ARCHS)
+def test_block_pruning_of_dead_channels_and_heads_is_lossless(arch, tied):
+    model = tiny_model(arch, num_hidden_layers=3, tie_word_embeddings=tied).eval()
+    dead = {0: torch.tensor([3, 7, 50, 127]), 1: torch.randperm(128, generator=torch.Generator().manual_seed(0))[:40]}
+    with torch.no_grad():
+        for i, channels in dead.items():
+            model.model.layers[i].mlp.down_proj.weight[:, channels] = 0  # these FFN channels never reach the output
+        model.model.layers[1].self_attn.o_proj.weight[:, 32:64] = 0  # query heads 2, 3 = KV group 1: dead
+    ids = calib(1, seed=5)[0]
+    before = model(ids).logits
+    down_before = model.model.layers[1].mlp.down_proj.weight.clone()
+    lp.prune_block(model, [124, 88, 128], [2, 1, 2], calib())
+    layers = model.model.layers
+    assert [m.mlp.down_proj.in_features for m in layers] == [124, 88, 128]
+    assert [m.self_attn.k_proj.out_features for m in layers] == [32, 16, 32]
+    assert [m.self_attn.q_proj.out_features for m in layers] == [64, 32, 64]
+    assert layers[1].self_attn.o_proj.weight.shape == (64, 32)
+    alive = torch.tensor(sorted(set(range(128)) - set(dead[1].tolist())))
+    torch.testing.assert_close(layers[1].mlp.down_proj.weight, down_before[:, alive], rtol=0, atol=0)
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+    assert model.config.llm_pruner["intermediate_sizes"] == [124, 88, 128]
+    assert model.config.llm_pruner["num_key_value_heads"] == [2, 1, 2]
+
+
+@pytest.mark.parametrize("arch,tied", ARCHS)
+def test_channel_pruning_of_dead_dims_is_lossless_up_to_rmsnorm_scale(arch, tied):
+    """Hidden dims that are zero everywhere carry nothing, but RMSNorm over d' < d channels divides by
+    sqrt(Σx²/d') instead of sqrt(Σx²/d): every norm output grows by sqrt(d/d'). Undoing that factor
+    (eps = 0) must give back the dense logits exactly."""
+    model = tiny_model(arch, tie_word_embeddings=tied, rms_norm_eps=0.0).eval()
+    dead = torch.tensor([0, 5, 9, 10, 33, 40, 41, 63, 20, 21, 22, 2])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, dead] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[dead] = 0
+            layer.mlp.down_proj.weight[dead] = 0
+    ids = calib(1, seed=5)[0]
+    before = model(ids).logits
+    lp.prune_channel(model, 64 - len(dead), calib())
+    assert model.config.hidden_size == 52 and model.model.embed_tokens.weight.shape == (256, 52)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 52)  # heads and head_dim unchanged
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (32, 52)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert not torch.allclose(model(ids).logits, before, atol=1e-3)  # the RMSNorm rescaling is real
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight *= math.sqrt(64 / 52)
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,tied", ARCHS)
+@pytest.mark.parametrize("mode,fraction", [("channel", 0.63), ("block", 0.8), ("block", 0.7)])
+def test_prune_to_target_meets_the_budget(arch, tied, mode, fraction):
+    model = tiny_model(arch, num_hidden_layers=4, tie_word_embeddings=tied)
+    dense = lp.num_params(model)
+    target = fraction * dense
+    predicted = lp.plan(model, mode, target_params=target, keep_first=1, keep_last=1)["params"]
+    lp.prune_to_target(model, target, mode, calib(), keep_first=1, keep_last=1)
+    achieved = lp.num_params(model)
+    assert achieved == predicted == model.config.llm_pruner["params"]
+    if mode == "channel":  # one hidden channel of this tiny model is ~1.6% of its params: nearest d'
+        per_channel = lp.channel_param_count(model, 2) - lp.channel_param_count(model, 1)
+        assert abs(achieved - target) <= per_channel / 2 and abs(achieved / target - 1) <= 0.01
+        assert lp.intermediate_sizes(model) == [128] * 4
+    else:
+        assert abs(achieved / target - 1) <= 0.01
+        sizes, heads = lp.intermediate_sizes(model), lp.kv_heads(model)
+        assert sizes[0] == sizes[3] == 128 and heads[0] == heads[3] == 2  # first/last layers kept whole
+        assert sizes[1] == sizes[2] < 128 and heads[1] == heads[2] == 1  # r > 1/2 drops one of two KV groups
+    ids = calib(1)[0]
+    assert torch.isfinite(model(ids, labels=ids).loss)
+    assert model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.parametrize("method", [lp.LLM_PRUNER_CHANNEL, lp.LLM_PRUNER_BLOCK])
+def test_method_trains_and_round_trips(method, tmp_path):
+    model = tiny_model("llama", num_hidden_layers=4)
+    dense = lp.num_params(model)
+    options = {"target_fraction": 0.75, "num_calib_batches": 1}
+    if method is lp.LLM_PRUNER_BLOCK:
+        options |= {"keep_first": 1, "keep_last": 1}
+    assert method.needs_calibration and method.aux_losses(model) == {} and method.after_optimizer_step is None
+    model = method.apply(model, options, iter(calib(3)))
+    assert method.activated_params(model) == lp.num_params(model)
+    assert abs(method.activated_params(model) / (0.75 * dense) - 1) <= 0.01
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = calib(1, seed=9)[0]
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    model.eval()
+    method.save(model, tmp_path / "pruned", None)
+    loaded = method.load(tmp_path / "pruned")
+    assert loaded.config.llm_pruner == model.config.llm_pruner
+    assert [tuple(p.shape) for p in loaded.parameters()] == [tuple(p.shape) for p in model.parameters()]
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_tied_channel_model_round_trips(tmp_path):
+    model = tiny_model("qwen2", tie_word_embeddings=True)
+    model = lp.prune_to_target(model, 0.6 * lp.num_params(model), "channel", calib())
+    lp.save_pruned(model, tmp_path / "m")
+    loaded = lp.load_pruned(tmp_path / "m")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = calib(1)[0]
+    torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+
+
+def test_block_model_needs_load_pruned(tmp_path):
+    model = lp.prune_block(tiny_model("llama"), [100, 128], [1, 2], calib())
+    lp.save_pruned(model, tmp_path / "m")
+    with pytest.raises(Exception, match="size|shape"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert lp.intermediate_sizes(lp.load_pruned(tmp_path / "m")) == [100, 128]
+
+
+def meta_llama(**overrides):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**overrides))
+
+
+def test_paper_table1_llama_1b_shapes():
+    """LLaMA-1B = Llama-3.2-1B (d=2048, D=8192, 16 layers, 32 heads / 8 KV, tied vocab 128256) at DSMoE's 735M."""
+    model = meta_llama(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    assert round(lp.num_params(model) / 1e6) == 1236  # Table 1: 1.24B
+    block = lp.plan(model, "block", target_params=735e6)  # layers 4..13 pruned (keep_first=4, keep_last=2)
+    assert block["intermediate_sizes"][4:14] == [1321] * 10 and block["num_key_value_heads"][4:14] == [2] * 10
+    assert abs(block["params"] / 735e6 - 1) < 1e-3
+    # Table 1's D = 3896.4 (average) is LLM-Pruner's rule at the ratio keeping 1319 of 8192 channels: 735M
+    at_ratio = lp.plan(model, "block", pruning_ratio=1 - 1319.5 / 8192)
+    assert at_ratio["intermediate_sizes"] == [8192] * 4 + [1319] * 10 + [8192] * 2
+    assert at_ratio["num_key_value_heads"] == [8] * 4 + [2] * 10 + [8] * 2
+    assert round(sum(at_ratio["intermediate_sizes"]) / 16, 1) == 3896.4 and round(at_ratio["params"] / 1e6) == 735
+    channel = lp.plan(model, "channel", target_params=735e6)
+    assert abs(channel["hidden_size"] - 1215) <= 5  # Table 1: d = 1215
+    # Table 1 lists 889M for d=1215: the lm_head counted apart from the (tied) embedding
+    assert round((lp.channel_param_count(model, 1215) + 128256 * 1215) / 1e6) == 889
+
+
+def test_paper_table1_llama_7b_shapes():
+    """LLaMA-7B (d=4096, D=11008, 32 layers, 32 heads, untied vocab 32000): D = 6256.5 (average), 3.94B;
+    d = 2401, 3.95B. LLM-Pruner's own script prunes layers 4..29, as keep_first=4, keep_last=2 does."""
+    model = meta_llama(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
+    )  # fmt: skip
+    block = lp.plan(model, "block", pruning_ratio=1 - 5160.5 / 11008)
+    assert block["pruned_layers"] == [4, 30] and block["num_key_value_heads"][4:30] == [15] * 26
+    assert sum(block["intermediate_sizes"]) / 32 == 6256.5 and round(block["params"] / 1e7) == 394
+    assert round(lp.channel_param_count(model, 2401) / 1e7) == 395
+    assert abs(lp.plan(model, "channel", target_params=3.95e9)["hidden_size"] - 2401) <= 3
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model("llama")
+    apply = lp.LLM_PRUNER_BLOCK.apply
+    with pytest.raises(ValueError, match="unknown option.*'ratio'"):
+        apply(model, {"target_fraction": 0.5, "ratio": 0.2}, calib())
+    with pytest.raises(ValueError, match="exactly one of target_fraction"):
+        apply(model, {"keep_first": 0}, calib())
+    with pytest.raises(ValueError, match="exactly one of target_fraction"):
+        apply(model, {"target_fraction": 0.5, "pruning_ratio": 0.2}, calib())
+    with pytest.raises(ValueError, match="pruning_ratio must be in"):
+        apply(model, {"pruning_ratio": 1.0, "keep_first": 0, "keep_last": 0}, calib())
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        apply(model, {"target_fraction": 0.9}, None)
+    with pytest.raises(ValueError, match="keep_first=4 and keep_last=2 leave no layer of 2"):
+        apply(model, {"target_fraction": 0.9}, calib())
+    with pytest.raises(ValueError, match="target_fraction must be in"):
+        lp.LLM_PRUNER_CHANNEL.apply(model, {"target_fraction": 1.5}, calib())
+    with pytest.raises(ValueError, match="outside"):
+        lp.prune_to_target(model, 10, "block", calib(), keep_first=0, keep_last=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        lp.plan(model, "layer", target_params=1e5)
+    with pytest.raises(TypeError, match="input_ids"):
+        lp.prune_channel(model, 32, [torch.randn(2, 5)])
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        lp.prune_channel(model, 32, [])
+    with pytest.raises(ValueError, match="one size in"):
+        lp.prune_block(model, [200, 128], [2, 2], calib())
+
+
+@pytest.mark.parametrize("mode", lp.MODES)
+def test_full_budget_prunes_nothing(mode):
+    model = tiny_model("llama", num_hidden_layers=4)
+    shapes = lp.plan(model, mode, target_params=lp.num_params(model), keep_first=1, keep_last=1)
+    assert shapes["params"] == lp.num_params(model) and shapes["intermediate_sizes"] == [128] * 4
+
+
+def test_native_pruning_ratio_option():
+    block = lp.LLM_PRUNER_BLOCK.apply(
+        tiny_model("llama", num_hidden_layers=4), {"pruning_ratio": 0.5, "keep_first": 1, "keep_last": 1}, calib()
+    )
+    assert lp.intermediate_sizes(block) == [128, 64, 64, 128] and lp.kv_heads(block) == [2, 1, 1, 2]
+    assert block.config.llm_pruner["pruning_ratio"] == 0.5
+    channel = lp.LLM_PRUNER_CHANNEL.apply(tiny_model("qwen2"), {"pruning_ratio": 0.3, "round_to": 8}, calib())
+    assert channel.config.hidden_size == 64 - 16  # removes 64 - int(64·0.7) = 20, rounded down to 8s
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_block_prune_and_round_trip(tmp_path):
+    from dsmoe.models import load_model
+
+    try:
+        model, tokenizer = load_model()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids[:, :64]
+    dense = lp.num_params(model)
+    model = lp.LLM_PRUNER_BLOCK.apply(model, {"target_fraction": 0.6}, [ids])
+    assert abs(lp.num_params(model) / (0.6 * dense) - 1) <= 0.01
+    assert lp.intermediate_sizes(model)[:4] == [1536] * 4 and lp.intermediate_sizes(model)[-2:] == [1536] * 2
+    lp.save_pruned(model, tmp_path / "m", tokenizer)
+    loaded = lp.load_pruned(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
