@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsmoe import fast
 from dsmoe.config import DSMoEConfig
 
 
@@ -45,6 +46,7 @@ class DSMoEMLP(nn.Module):
         self.router.to(device=gate_proj.weight.device, dtype=gate_proj.weight.dtype)
         # "sparse" computes only the active experts at eval; "masked" the dense reference path.
         self.inference_impl = "sparse"
+        self.fast_cache: fast.ExpertBlocks | None = None  # expert-major down_proj copy and run views, see dsmoe.fast
         self.last_gates: torch.Tensor | None = None  # σ(xY) of the last forward, with its graph
         self.last_active: torch.Tensor | None = None  # bool [tokens, n] of the last forward
         self.register_buffer("active_sum", torch.zeros(config.num_experts, dtype=torch.float64), persistent=False)
@@ -93,24 +95,9 @@ class DSMoEMLP(nn.Module):
         return self.down_proj(h.view(x.shape[0], -1))
 
     def sparse_forward(self, x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """Only the active experts: tokens grouped by expert, one GEMM chain each, scatter-added."""
-        out = x.new_zeros(x.shape[0], self.down_proj.out_features)
-        weights = weights.to(x.dtype)
-        for i in range(self.num_experts):
-            idx = active[:, i].nonzero().squeeze(-1)
-            if idx.numel() == 0:
-                continue
-            s = self.expert_slice(i)
-            xi = x if idx.numel() == x.shape[0] else x.index_select(0, idx)
-            gate_b = None if self.gate_proj.bias is None else self.gate_proj.bias[s]
-            up_b = None if self.up_proj.bias is None else self.up_proj.bias[s]
-            h = self.act_fn(nn.functional.linear(xi, self.gate_proj.weight[s], gate_b))
-            h = h * nn.functional.linear(xi, self.up_proj.weight[s], up_b)
-            oi = nn.functional.linear(h, self.down_proj.weight[:, s]) * weights[idx, i].unsqueeze(-1)
-            out.index_add_(0, idx, oi)
-        if self.down_proj.bias is not None:
-            out += self.down_proj.bias
-        return out
+        """Only the active experts: runs of adjacent experts over all tokens (decode), tokens grouped by
+        expert with one GEMM chain each, scatter-added (prefill); see dsmoe.fast."""
+        return fast.sparse_forward(self, x, weights, active)
 
     def reset_stats(self) -> None:
         self.active_sum.zero_()

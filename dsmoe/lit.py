@@ -96,8 +96,9 @@ class LitCausalLM(L.LightningModule):
             activated = self.method.activated_params(self.model)
         self.log(f"{stage}/activated_params_frac", activated / self.dense_params)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.method.after_optimizer_step is not None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.method.after_optimizer_step is not None:  # e.g. SparseGPT re-zeroes pruned weights
             self.method.after_optimizer_step(self.model)
 
     def on_validation_epoch_start(self) -> None:

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
     return train(cfg)
 
 
-def train(cfg: DictConfig) -> Path:
+def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     """Run continued pre-training; returns the HF-format directory of the final model."""
     from dsmoe.data import DataConfig, PretrainDataModule
 
@@ -198,6 +198,7 @@ def train(cfg: DictConfig) -> Path:
         ),
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel()),
+        *(callbacks or []),
     ]
     trainer = L.Trainer(
         accelerator=t.accelerator,

@@ -527,6 +527,10 @@ def save_pruned(model: PreTrainedModel, directory: str | Path, tokenizer: Any = 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    hidden = model.config.hidden_size
+    if model.config.llm_pruner["mode"] == "channel":  # HF validates d % heads on save: config.json keeps the
+        # dense-shaped d, config.llm_pruner["hidden_size"] the pruned one (load_pruned shrinks to it)
+        model.config.hidden_size = model.config.num_attention_heads * model.config.head_dim
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -534,6 +538,7 @@ def save_pruned(model: PreTrainedModel, directory: str | Path, tokenizer: Any = 
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     finally:
+        model.config.hidden_size = hidden
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
@@ -558,15 +563,18 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> PreT
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {directory}: not a saved model directory")
-    config = AutoConfig.from_pretrained(directory)
-    spec = getattr(config, "llm_pruner", None)
+    raw = json.loads((directory / "config.json").read_text())
+    spec = raw.get("llm_pruner")
     if spec is None:
         raise ValueError(f"{directory} holds no LLM-Pruner model (no 'llm_pruner' entry in config.json)")
+    config = AutoConfig.from_pretrained(directory)  # channel mode: built at the dense width, then shrunk
     saved = getattr(config, "dtype", None) or torch.float32
     dtype = dtype or (getattr(torch, saved) if isinstance(saved, str) else saved)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # skipped under no_init_weights; a no-op unless config.tie_word_embeddings
+    if spec["mode"] == "channel":
+        prune_hidden_channels(model, torch.arange(spec["hidden_size"]))
     for layer, f, g in zip(_layers(model), spec["intermediate_sizes"], spec["num_key_value_heads"], strict=True):
         prune_layer(layer, torch.arange(f), torch.arange(g))
     missing, unexpected = model.load_state_dict(_state_dict(directory), strict=False)

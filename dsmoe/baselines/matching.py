@@ -113,7 +113,10 @@ def match_options(method: str, model: nn.Module, target: float, options: dict[st
     if method == "llama_moe":
         return match_topk_moe(model, target, options.get("num_experts", 8), options.get("gate_network", "linear"))
     if method in ("llm_pruner_channel", "llm_pruner_block"):
-        return match_llm_pruner(model, target, method.removeprefix("llm_pruner_"))
+        plan_keys = ("keep_first", "keep_last", "prune_attention", "round_to")
+        return match_llm_pruner(
+            model, target, method.removeprefix("llm_pruner_"), **{k: v for k, v in options.items() if k in plan_keys}
+        )
     raise ValueError(
         f"method {method!r} cannot be matched to a target: choose sparsegpt, llama_moe, llm_pruner_channel or "
         "llm_pruner_block (DSMoE's activation is learned, not set)"

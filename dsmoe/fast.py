@@ -1,0 +1,156 @@
+"""Eval-mode execution of a DSMoE FFN that reads and computes only the active experts (paper §4, eq. 8).
+
+``sparse_forward`` gives the masked reference h = Σ_i w_i·o_i, w_i = G(σ(x·Y_i))·n/#active and
+o_i = (act(x·W_i) ⊙ x·U_i)·V_i, expert i owning channels [i·m, (i+1)·m), reading and computing only the
+experts in use:
+
+- decode (a few tokens, e.g. batch-1 generation): the union of the tokens' active experts, split into
+  runs of adjacent experts; a run [a, b) is one contiguous block of W, of U and of an expert-major copy
+  of Vᵀ, so each run is one GEMV chain over exactly the weights it needs.
+- prefill (more tokens): each expert's tokens are gathered, pass one GEMM chain, and are scatter-added
+  back; experts that (nearly) every token uses are computed as runs over all tokens instead.
+
+The rows of W and U of an expert are contiguous in the dense layout, its columns of V (down_proj) are
+not: :class:`ExpertBlocks` keeps a contiguous [n, m, d] copy of Vᵀ (one third of the FFN's weights) and
+the per-run weight views, and is rebuilt when any of the three weights is replaced, moved or modified
+in place. It lives in the plain attribute ``layer.fast_cache``, not a buffer, so the state dict,
+save/load and training are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from dsmoe.layer import DSMoEMLP
+
+DECODE_MAX_TOKENS = 4  # up to this many tokens every used expert is computed for all of them: fewest ops
+DENSE_EXPERT_FRACTION = 0.9  # in larger batches, experts used by this share of tokens skip the gather/scatter
+
+RunWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
+
+
+def _weights(layer: DSMoEMLP) -> tuple[torch.Tensor, ...]:
+    return layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight
+
+
+def _version(w: torch.Tensor) -> int:
+    return -1 if w.is_inference() else w._version  # inference tensors have no version counter
+
+
+class ExpertBlocks:
+    """Weights of runs of adjacent experts [a, b): (W_sᵀ, U_sᵀ, Vᵀ_s, gate bias_s, up bias_s), s = [a·m, b·m).
+
+    With ``cached`` the Vᵀ blocks come from one contiguous expert-major copy and the views are kept;
+    otherwise (gradients wanted in eval mode) they are strided views of the live parameters.
+    """
+
+    def __init__(self, layer: DSMoEMLP, cached: bool) -> None:
+        self.cached = cached
+        self.sources = [(w, w.data_ptr(), _version(w)) for w in _weights(layer)]
+        down = layer.down_proj.weight.t()
+        if cached:
+            down = down.detach().contiguous()
+        self.down = down.view(layer.num_experts, layer.expert_size, -1)  # [n, m, d_out]
+        self.runs: dict[tuple[int, int], RunWeights] = {}
+
+    def is_current(self, layer: DSMoEMLP) -> bool:
+        for (old, ptr, version), w in zip(self.sources, _weights(layer), strict=True):
+            if old is not w or ptr != w.data_ptr() or version != _version(w):
+                return False
+        return True
+
+    def run(self, layer: DSMoEMLP, a: int, b: int) -> RunWeights:
+        weights = self.runs.get((a, b))
+        if weights is None:
+            m = layer.expert_size
+            s = slice(a * m, b * m)
+            biases = [None if p.bias is None else p.bias[s] for p in (layer.gate_proj, layer.up_proj)]
+            weights = (
+                layer.gate_proj.weight[s].t(),
+                layer.up_proj.weight[s].t(),
+                self.down[a:b].flatten(0, 1),
+                *biases,
+            )
+            if self.cached:
+                weights = tuple(None if w is None else w.detach() for w in weights)
+                self.runs[(a, b)] = weights
+        return weights
+
+
+def expert_blocks(layer: DSMoEMLP) -> ExpertBlocks:
+    """The layer's cached :class:`ExpertBlocks`, rebuilt if stale; uncached views when autograd needs them.
+
+    Staleness is seen through each weight's identity, storage and version counter (replacing a parameter,
+    ``.to()``, ``load_state_dict``, optimizer steps). Writes through ``.data``, and in-place writes to
+    inference tensors, are not seen: set ``layer.fast_cache = None`` after those.
+    """
+    if torch.is_grad_enabled() and any(w.requires_grad for w in _weights(layer)):
+        return ExpertBlocks(layer, cached=False)
+    if layer.fast_cache is None or not layer.fast_cache.is_current(layer):
+        layer.fast_cache = None  # free the old copy before building the new one
+        with torch.inference_mode(False), torch.no_grad():  # usable later outside inference mode too
+            layer.fast_cache = ExpertBlocks(layer, cached=True)
+    return layer.fast_cache
+
+
+def expert_runs(used: list[bool]) -> list[tuple[int, int]]:
+    """Per-expert flags → half-open runs of adjacent used experts, e.g. [1, 1, 0, 0, 1] → [(0, 2), (4, 5)]."""
+    runs: list[tuple[int, int]] = []
+    for i, flag in enumerate(used):
+        if not flag:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _expert_chain(layer: DSMoEMLP, x: torch.Tensor, run: RunWeights, scale: torch.Tensor) -> torch.Tensor:
+    """act(x·W_s) ⊙ (x·U_s) ⊙ scale for a run's channels s; scale [T, b−a, 1] holds each expert's weight."""
+    gate_t, up_t, _, gate_b, up_b = run
+    up = torch.mm(x, up_t) if up_b is None else torch.addmm(up_b, x, up_t)
+    up.view(x.shape[0], scale.shape[1], -1).mul_(scale)
+    gate = torch.mm(x, gate_t) if gate_b is None else torch.addmm(gate_b, x, gate_t)
+    return layer.act_fn(gate).mul_(up)
+
+
+def _finish(layer: DSMoEMLP, out: torch.Tensor) -> torch.Tensor:
+    return out if layer.down_proj.bias is None else out.add_(layer.down_proj.bias)
+
+
+def sparse_forward(
+    layer: DSMoEMLP, x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor, dense_fraction: float | None = None
+) -> torch.Tensor:
+    """h for x [T, d] from the active experts only; equal to the masked reference.
+
+    An expert used by at least ``dense_fraction`` of the tokens is computed for every token (its weight is
+    0 where it is inactive), adjacent such experts in one run [a, b) with one GEMM chain over their
+    contiguous weight blocks. Every other used expert is computed on its gathered tokens and scatter-added.
+    The default, 0 for at most DECODE_MAX_TOKENS tokens (decode: the union of the tokens' experts) and
+    DENSE_EXPERT_FRACTION otherwise (prefill), spares the gather/scatter where it would cost more than it saves.
+    """
+    tokens = x.shape[0]
+    if dense_fraction is None:
+        dense_fraction = 0.0 if tokens <= DECODE_MAX_TOKENS else DENSE_EXPERT_FRACTION
+    counts = (active[0] if tokens == 1 else active.sum(0)).tolist()
+    whole = [c > 0 and c >= dense_fraction * tokens for c in counts]
+    scale = weights.to(x.dtype).unsqueeze(-1)  # [T, n, 1]
+    blocks = expert_blocks(layer) if any(counts) else None
+    out = None
+    for a, b in expert_runs(whole):
+        run = blocks.run(layer, a, b)
+        h = _expert_chain(layer, x, run, scale[:, a:b])
+        out = torch.mm(h, run[2]) if out is None else out.addmm_(h, run[2])
+    if out is None:
+        out = x.new_zeros(tokens, layer.down_proj.out_features)
+    for i, count in enumerate(counts):
+        if count and not whole[i]:
+            idx = active[:, i].nonzero().flatten()
+            run = blocks.run(layer, i, i + 1)
+            h = _expert_chain(layer, x.index_select(0, idx), run, scale[idx, i : i + 1])
+            out.index_add_(0, idx, torch.mm(h, run[2]))
+    return _finish(layer, out)

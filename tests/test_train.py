@@ -1,0 +1,208 @@
+"""The one training path: config handling, loss goes down, aux losses reach routers, resume after SIGKILL,
+every method trains through the same entry point, export."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import dsmoe
+from dsmoe.models import tiny_model
+from dsmoe.train import export, load_config, schedule, train
+
+WORDS = [f"w{i}" for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Llama with a word-level tokenizer, and a patterned local corpus (two sources)."""
+    root = tmp_path_factory.mktemp("assets")
+    vocab = {tok: i for i, tok in enumerate(["<eos>", "<unk>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    model = tiny_model("llama", vocab_size=256)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    for name, stride in (("a", 1), ("b", 3)):
+        docs = []
+        for _ in range(120):  # arithmetic word sequences: learnable in a few steps
+            start = rng.randrange(150)
+            docs.append(" ".join(WORDS[(start + stride * k) % 200] for k in range(rng.randrange(20, 60))))
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return root
+
+
+def make_cfg(assets, out_dir, **overrides):
+    base = {
+        "run_name": "run",
+        "out_dir": str(out_dir),
+        "model": str(assets / "model"),
+        "method": "dsmoe",
+        "method_options": {"num_experts": 4, "tau": 0.5},
+        "calibration_batches": 2,
+        "data": {
+            "sources": [
+                {"name": "a", "data_files": str(assets / "a.jsonl"), "weight": 0.5},
+                {"name": "b", "data_files": str(assets / "b.jsonl"), "weight": 0.5},
+            ],
+            "seq_len": 32,
+            "val_docs_per_source": 8,
+            "shuffle_buffer": 16,
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"},
+        "trainer": {
+            "accelerator": "cpu",
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "max_steps": 6,
+            "val_check_interval": 3,
+            "limit_val_batches": 2,
+            "checkpoint_every_n_steps": 2,
+            "log_every_n_steps": 1,
+        },
+    }
+    cfg = OmegaConf.merge(load_config(None), base)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+
+
+class LossRecorder(L.Callback):
+    def __init__(self, path=None):
+        self.losses, self.path = {}, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[(trainer.global_step, batch_idx % trainer.accumulate_grad_batches)] = outputs["loss"].item()
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(
+                    json.dumps(
+                        [trainer.global_step, batch_idx % trainer.accumulate_grad_batches, outputs["loss"].item()]
+                    )
+                    + "\n"
+                )
+
+
+def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
+    with pytest.raises(Exception, match="learning_rate"):
+        load_config(None, ["optim.learning_rate=1"])
+    cfg = make_cfg(assets, tmp_path, **{"trainer.global_batch_size": 5})
+    with pytest.raises(ValueError, match="global_batch_size=5 is not divisible by micro_batch_size × devices = 2"):
+        schedule(cfg)
+    cfg = make_cfg(assets, tmp_path, **{"trainer.max_tokens": 12800, "data.seq_len": 100})
+    assert schedule(cfg) == (32, 2)  # 12800 tokens / (4 seqs × 100 tokens)
+    with pytest.raises(ValueError, match="unknown method 'moe'"):
+        train(make_cfg(assets, tmp_path, method="moe"))
+
+
+def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets):
+    cfg = make_cfg(assets, tmp_path, **{"trainer.max_steps": 12, "trainer.val_check_interval": 12})
+    recorder = LossRecorder()
+    final = train(cfg, callbacks=[recorder])
+    losses = list(recorder.losses.values())
+    assert sum(losses[-4:]) < 0.9 * sum(losses[:4])
+    init, trained = dsmoe.load(tmp_path / "run" / "init_model"), dsmoe.load(final)
+    for a, b in zip(dsmoe.dsmoe_layers(init), dsmoe.dsmoe_layers(trained), strict=True):
+        assert not torch.equal(a.router.weight, b.router.weight)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "TensorBoard logs are written"
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["global_step"] == 12 and summary["tokens"] == 12 * 4 * 32
+
+
+def test_sparsity_loss_alone_pushes_gates_down(tmp_path, assets):
+    from dsmoe.lit import LitCausalLM, OptimConfig
+    from dsmoe.methods import get_method
+
+    model = dsmoe.convert(tiny_model("llama", vocab_size=256), dsmoe.DSMoEConfig(num_experts=4, sparsity_weight=1.0))
+    lit = LitCausalLM(model, get_method("dsmoe"), OptimConfig(), dense_params=1)
+    ids = torch.randint(0, 256, (2, 16))
+    model(input_ids=ids)
+    aux = get_method("dsmoe").aux_losses(model)["sparsity"]
+    aux.backward()
+    for layer in dsmoe.dsmoe_layers(model):
+        g = layer.router.weight.grad
+        assert g is not None and g.abs().sum() > 0
+    assert lit.model.training
+
+
+def test_resume_after_sigkill_continues_with_the_same_losses(tmp_path, assets):
+    """An uninterrupted run and a run killed (SIGKILL) after step 3 then resumed from its step-2 checkpoint
+    produce the same per-micro-batch losses."""
+    cfg_a = make_cfg(assets, tmp_path / "a")
+    rec = LossRecorder()
+    train(cfg_a, callbacks=[rec])
+    cfg_b = make_cfg(assets, tmp_path / "b")
+    OmegaConf.save(cfg_b, tmp_path / "b.yaml")
+    log = tmp_path / "b_losses.jsonl"
+    child = textwrap.dedent(f"""
+        import os, signal, sys, lightning as L
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_train import LossRecorder
+        from dsmoe.train import load_config, train
+
+        class Kill(L.Callback):
+            def on_train_batch_start(self, trainer, *args):
+                if trainer.global_step == 3:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        train(load_config({str(tmp_path / "b.yaml")!r}), callbacks=[LossRecorder({str(log)!r}), Kill()])
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "b" / "run" / "checkpoints" / "last.ckpt").exists()
+    resumed = LossRecorder()
+    train(make_cfg(assets, tmp_path / "b", resume="last"), callbacks=[resumed])
+    assert min(step for step, _ in resumed.losses) == 2  # continued from the step-2 checkpoint
+    for key, loss in resumed.losses.items():
+        assert loss == pytest.approx(rec.losses[key], rel=1e-5, abs=1e-6), key
+    killed = {tuple(r[:2]): r[2] for r in map(json.loads, log.read_text().splitlines())}
+    assert len(killed) >= 4 and all(rec.losses[k] == pytest.approx(v, rel=1e-5) for k, v in killed.items())
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("dsmoe", {"num_experts": 4, "variant": "no_ste"}),
+        ("dsmoe", {"num_experts": 4, "variant": "no_gate"}),
+        ("llama_moe", {"num_experts": 4, "top_k": 2}),
+        ("sparsegpt", {"match_activated": 0.8}),
+        ("llm_pruner_block", {"match_activated": 0.9, "keep_first": 0, "keep_last": 0}),
+        ("llm_pruner_channel", {"match_activated": 0.8}),
+        ("dense", {}),
+    ],
+)
+def test_every_method_trains_through_the_entry_point_and_exports(tmp_path, assets, method, options):
+    from dsmoe.models import load_model
+
+    cfg = make_cfg(assets, tmp_path, method=method, **{"trainer.max_steps": 2, "trainer.val_check_interval": 2})
+    cfg.method_options = options
+    final = train(cfg)
+    model, _ = load_model(str(final))
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        logits = model(ids).logits
+    exported = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "run", tmp_path / "exported")
+    again, _ = load_model(str(exported))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, logits)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, assets):
+    cfg = make_cfg(assets, tmp_path, **{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 2})
+    OmegaConf.save(cfg, tmp_path / "ddp.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsmoe.train", "--config", str(tmp_path / "ddp.yaml")], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["global_step"] == 2
