@@ -26,6 +26,12 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# target → script (Tables 5 and 6 are the same experiment at the 1B and 7B scales)
+declare -A SCRIPTS=(
+  [table1]=table1.py [table2]=table2.py [table3]=ablation_ste.py [table4]=tau_sweep.py
+  [table5]=token_curve.py [table6]=token_curve.py [fig2]=ablation_no_gate.py [fig3]=heatmap.py
+)
+
 target=${1:-help}
 shift || true
 case "$target" in
@@ -36,11 +42,16 @@ case "$target" in
   demo)
     setup
     exec "$VENV/bin/python" experiments/demo.py "$@" ;;
-  table1|table2|table3|table4|table5|table6|fig2|fig3|all)
+  table1|table2|table3|table4|table5|table6|fig2|fig3)
     setup
-    exec "$VENV/bin/python" -m dsmoe.reproduce "$target" "$@" ;;
+    exec "$VENV/bin/python" "experiments/${SCRIPTS[$target]}" "$@" ;;
+  all)
+    setup
+    for t in table1 table2 table3 table4 table5 fig2 fig3; do
+      "$VENV/bin/python" "experiments/${SCRIPTS[$t]}" "$@"
+    done ;;
   help|-h|--help)
-    sed -n '2,9p' "$0" ;;
+    sed -n '2,8p' "$0" ;;
   *)
     echo "unknown target '$target'; choose one of: setup test demo table1 table2 table3 table4 table5 table6 fig2 fig3 all" >&2
     exit 2 ;;

@@ -1,20 +1,27 @@
 """Shared plumbing of the experiment scripts: scale configs, train-if-missing runs, cached evaluations.
 
-A *scale* (experiments/configs/scales/<scale>.yaml) holds one base training config and one override
-block per method. ``ensure_run`` trains a method at a scale unless its final model already exists,
-so re-running a target skips finished runs; ``evaluate_run`` caches its JSON next to the run.
+A *scale* (experiments/configs/scales/<scale>.yaml) holds one base training config, one override block
+per method and the evaluation sizes. ``ensure_run`` trains a method at a scale unless its final model
+exists (an interrupted run resumes from its last checkpoint), so re-running a target skips finished
+work; evaluations are cached as JSON next to the run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dsmoe.train import load_config, train
+from dsmoe.evaluate import perplexity
+from dsmoe.losses import dsmoe_layers
+from dsmoe.results import provenance
+from dsmoe.stats import activation_stats, count_params, reset_activation_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALES_DIR = ROOT / "experiments" / "configs" / "scales"
@@ -30,15 +37,19 @@ def scale_config(scale: str) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def run_config(scale: str, run: str, extra: dict[str, Any] | None = None) -> DictConfig:
-    """Train config of one run: scale base ← the run's method block ← extra overrides."""
+def runs_root(scale: str) -> Path:
+    return Path(os.environ.get("DSMOE_RUNS", ROOT / "runs")) / scale
+
+
+def run_config(scale: str, run: str) -> DictConfig:
+    """Train config of one run: structured defaults ← scale base ← the run's method block."""
+    from dsmoe.train import load_config
+
     sc = scale_config(scale)
     if run not in sc.methods:
         raise ValueError(f"scale {scale!r} has no run {run!r}; available: {sorted(sc.methods)}")
-    cfg = load_config(None)
-    cfg = OmegaConf.merge(cfg, sc.base, sc.methods[run], extra or {})
-    cfg.run_name = run
-    cfg.out_dir = str(Path(os.environ.get("DSMOE_RUNS", ROOT / "runs")) / scale)
+    cfg = OmegaConf.merge(load_config(None), sc.base, sc.methods[run])
+    cfg.run_name, cfg.out_dir = run, str(runs_root(scale))
     return cfg
 
 
@@ -46,18 +57,20 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out_dir) / cfg.run_name
 
 
-def is_finished(cfg: DictConfig) -> bool:
-    return (run_dir(cfg) / "train_summary.json").exists() and (run_dir(cfg) / "final" / "config.json").exists()
-
-
-def ensure_run(cfg: DictConfig) -> Path:
-    """Train unless finished; an interrupted run resumes from its last checkpoint. Returns the run dir."""
-    if is_finished(cfg):
-        print(f"[experiment] {cfg.run_name}: finished run found in {run_dir(cfg)}, skipping training")
-        return run_dir(cfg)
+def ensure_run(scale: str, run: str) -> Path:
+    """The run's final model directory, training it first unless a finished run exists."""
+    cfg = run_config(scale, run)
+    final = run_dir(cfg) / "final"
+    if (run_dir(cfg) / "train_summary.json").exists() and (final / "config.json").exists():
+        print(f"[experiment] {scale}/{run}: finished run found, skipping training")
+        return final
+    target = cfg.method_options.get("match_activated")
+    if target == "dsmoe":  # baselines match the activated params DSMoE learned (paper §5.2)
+        cfg.method_options.match_activated = evaluate(scale, "dsmoe")["activated_fraction"]
     cfg.resume = "last"
-    train(cfg)
-    return run_dir(cfg)
+    from dsmoe.train import train
+
+    return train(cfg)
 
 
 def cached(path: Path, compute) -> Any:
@@ -65,11 +78,139 @@ def cached(path: Path, compute) -> Any:
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)
     return value
 
 
-def train_summary(rd: Path) -> dict[str, Any]:
-    return json.loads((rd / "train_summary.json").read_text())
+def validation_windows(scale: str, tokenizer) -> dict[str, torch.Tensor]:
+    """The scale's held-out windows per source (the same split training holds out), first ``val_windows``."""
+    from dsmoe.data import DataConfig, PretrainDataModule
+
+    sc = scale_config(scale)
+    data = PretrainDataModule(DataConfig.from_dict(OmegaConf.to_container(sc.base.data)), tokenizer)
+    data.prepare_data()
+    data.setup("validate")
+    n = sc.eval.val_windows
+    return {name: w[:n] for name, w in zip(data.val_source_names, data.val_windows, strict=True)}
+
+
+def configuration(model: torch.nn.Module) -> str:
+    """Table 1's Configuration column: d, D (mean over layers) and the expert layout."""
+    cfg = model.config
+    layers = model.model.layers
+    d = cfg.llm_pruner["hidden_size"] if hasattr(cfg, "llm_pruner") else cfg.hidden_size
+    sizes = [layer.mlp.down_proj.in_features for layer in layers]
+    mean_d = sum(sizes) / len(sizes)
+    if hasattr(cfg, "dsmoe"):
+        n = cfg.dsmoe["num_experts"]
+        return f"d={d}, D={sizes[0] // n}x{n}"
+    if hasattr(cfg, "llama_moe"):
+        n = cfg.llama_moe["num_experts"]
+        return f"d={d}, D={sizes[0] // n}x{n}, topK={cfg.llama_moe['top_k']}"
+    return f"d={d}, D={mean_d:g}"
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, windows: dict[str, torch.Tensor], batch_size: int) -> dict[str, Any]:
+    """PPL per source and overall (token-weighted); params; activated params (DSMoE: measured here);
+    DSMoE mean active experts per layer per source (Fig. 3)."""
+    from dsmoe.methods import get_method, method_of_saved
+
+    method = get_method(method_of_saved(model.config.to_dict()))
+    is_dsmoe = bool(dsmoe_layers(model))
+    out: dict[str, Any] = {"ppl_per_source": {}, "active_per_layer": {}}
+    nll, tokens = 0.0, 0
+    for name, w in windows.items():
+        if is_dsmoe:
+            reset_activation_stats(model)
+        result = perplexity(model, list(w), batch_size, desc=name)
+        nll, tokens = nll + result.nll_sum, tokens + result.tokens
+        out["ppl_per_source"][name] = result.ppl
+        if is_dsmoe:
+            out["active_per_layer"][name] = activation_stats(model).mean_active_per_layer
+    out["ppl"] = math.exp(nll / tokens)
+    out["eval_tokens"] = tokens
+    out["params"] = count_params(model)
+    if is_dsmoe:  # token-weighted over sources (every source has the same number of windows × length)
+        per_layer = [sum(v) / len(v) for v in zip(*out["active_per_layer"].values(), strict=True)]
+        n, total = dsmoe_layers(model)[0].num_experts, out["params"]
+        ffn = [
+            sum(p.numel() for k, p in layer.named_parameters() if not k.startswith("router"))
+            for layer in dsmoe_layers(model)
+        ]
+        out["activated_params"] = total - sum(f * (1 - a / n) for f, a in zip(ffn, per_layer, strict=True))
+        out["mean_active_per_layer"] = per_layer
+        out["mean_active"] = sum(per_layer) / len(per_layer)
+    else:
+        out["activated_params"] = method.activated_params(model)
+    out["configuration"] = configuration(model)
+    return out
+
+
+def evaluate(
+    scale: str, run: str, tau: float | None = None, model_dir: Path | None = None, tag: str = ""
+) -> dict[str, Any]:
+    """Cached evaluation of a run's final model ("dense": the original model, untrained) at the scale's
+    validation windows; ``tau`` re-thresholds a DSMoE model first (Table 4, Fig. 2)."""
+    from dsmoe.convert import set_tau
+    from dsmoe.models import load_model, load_tokenizer
+
+    sc = scale_config(scale)
+    if run == "dense":
+        source, cfg_model, summary = sc.base.model, sc.base.model, {"tokens": 0, "global_step": 0}
+        method, seed = "dense", ""
+    else:
+        final = model_dir or ensure_run(scale, run)
+        source, cfg = str(final), run_config(scale, run)
+        cfg_model, method, seed = cfg.model, cfg.method, cfg.trainer.seed
+        summary = json.loads((run_dir(cfg) / "train_summary.json").read_text()) if model_dir is None else {}
+    name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ".json"
+
+    def compute() -> dict[str, Any]:
+        model, _ = load_model(source)
+        if tau is not None:
+            set_tau(model, tau)
+        info = runs_root(scale) / run / "init_model" / "dense_params.json"
+        dense_total = json.loads(info.read_text())["dense_params"] if run != "dense" else count_params(model)
+        result = evaluate_model(model, validation_windows(scale, load_tokenizer(source)), sc.eval.batch_size)
+        result["activated_fraction"] = result["activated_params"] / dense_total
+        result["dense_params"] = dense_total
+        result["tau"] = (
+            tau if tau is not None else (model.config.dsmoe["tau"] if hasattr(model.config, "dsmoe") else "")
+        )
+        result["provenance"] = provenance(
+            model=cfg_model,
+            method=method,
+            tokens=summary.get("tokens", ""),
+            steps=summary.get("global_step", ""),
+            tau=result["tau"],
+            seed=seed,
+        )
+        return result
+
+    return cached(runs_root(scale) / run / name, compute)
+
+
+def parse_scale(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--scale", default="demo", choices=SCALES, help="demo: embedded model on CPU (default)")
+    parser.add_argument("--limit", type=int, default=None, help="benchmark items per task (default: the scale's)")
+    return parser.parse_args()
+
+
+def table_row(result: dict[str, Any], label: str) -> dict[str, Any]:
+    """Table 1's columns plus per-source PPL and the provenance columns."""
+    row = {
+        "Model": label,
+        "Configuration": result["configuration"],
+        "Params": result["params"],
+        "Activated Params": round(result["activated_params"]),
+        "Activated %": 100 * result["activated_fraction"],
+        "PPL": result["ppl"],
+    }
+    row.update({f"PPL {k}": v for k, v in result["ppl_per_source"].items()})
+    row.update(result["provenance"])
+    return row
