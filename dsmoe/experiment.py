@@ -26,14 +26,22 @@ from dsmoe.stats import activation_stats, count_params, reset_activation_stats
 ROOT = Path(__file__).resolve().parent.parent
 SCALES_DIR = ROOT / "experiments" / "configs" / "scales"
 SCALES = ("demo", "smollm2", "llama1b", "llama7b")
-RESULTS = ROOT / "results"
+
+
+def results_dir(scale: str) -> Path:
+    """results/<scale>/ ($DSMOE_RESULTS moves results/)."""
+    return Path(os.environ.get("DSMOE_RESULTS", ROOT / "results")) / scale
 
 
 def scale_config(scale: str) -> DictConfig:
-    """The scale's YAML: {base: <train config>, methods: {run: overrides}, eval: {...}}."""
-    path = SCALES_DIR / f"{scale}.yaml"
-    if scale not in SCALES or not path.exists():
-        raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
+    """The scale's YAML: {base: <train config>, methods: {run: overrides}, eval: {...}}.
+
+    Scales live in experiments/configs/scales/ ($DSMOE_SCALES_DIR adds your own)."""
+    folder = Path(os.environ.get("DSMOE_SCALES_DIR", SCALES_DIR))
+    path = folder / f"{scale}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ValueError(f"unknown scale {scale!r}; choose one of {known} (YAML files in {folder})")
     return OmegaConf.load(path)
 
 
@@ -194,11 +202,13 @@ def evaluate(
     return cached(runs_root(scale) / run / name, compute)
 
 
-def parse_scale(description: str) -> argparse.Namespace:
+def parse_scale(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--scale", default="demo", choices=SCALES, help="demo: embedded model on CPU (default)")
+    parser.add_argument("--scale", default="demo", help=f"one of {SCALES} (demo: embedded model on CPU, the default)")
     parser.add_argument("--limit", type=int, default=None, help="benchmark items per task (default: the scale's)")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    scale_config(args.scale)  # fail early on an unknown scale
+    return args
 
 
 def table_row(result: dict[str, Any], label: str) -> dict[str, Any]:

@@ -4,15 +4,15 @@ inference with τ swept on the validation set in steps of 0.05, against the DSMo
     python experiments/ablation_no_gate.py [--scale demo]   → results/<scale>/fig2_no_gate.csv, .png
 """
 
-from dsmoe.experiment import RESULTS, evaluate, parse_scale, run_config
+from dsmoe.experiment import evaluate, parse_scale, results_dir, run_config
 from dsmoe.plots import fig2_curve
 from dsmoe.results import PROVENANCE, write_csv
 
 TAUS = [round(0.05 * k, 2) for k in range(1, 20)]
 
 
-def main() -> None:
-    args = parse_scale(__doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_scale(__doc__, argv)
     rows = []
     for tau in TAUS:
         r = evaluate(args.scale, "dsmoe_no_gate", tau=tau)
@@ -25,12 +25,12 @@ def main() -> None:
         {"run": "DSMoE", "tau": d["tau"], "mean active experts": d["mean_active"], "PPL": d["ppl"], **d["provenance"]}
     )
     columns = ["run", "tau", "mean active experts", "PPL", *[c for c in PROVENANCE if c != "tau"]]
-    print(f"wrote {write_csv(RESULTS / args.scale / 'fig2_no_gate.csv', rows, columns)}")
+    print(f"wrote {write_csv(results_dir(args.scale) / 'fig2_no_gate.csv', rows, columns)}")
     model = run_config(args.scale, "dsmoe").model
     points = [(r["tau"], r["mean active experts"], r["PPL"]) for r in rows[:-1]]
     caption = f"{model}, {args.scale} scale: trained w/o G(x), thresholded at inference"
     print(
-        f"wrote {fig2_curve(points, (d['mean_active'], d['ppl']), caption, RESULTS / args.scale / 'fig2_no_gate.png')}"
+        f"wrote {fig2_curve(points, (d['mean_active'], d['ppl']), caption, results_dir(args.scale) / 'fig2_no_gate.png')}"
     )
 
 

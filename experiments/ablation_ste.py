@@ -8,14 +8,14 @@ Both runs use identical data, steps and settings; rows are the benchmarks of Tab
 from table2 import benchmark
 
 from dsmoe.benchmarks import PAPER_TASKS
-from dsmoe.experiment import RESULTS, evaluate, parse_scale, scale_config
+from dsmoe.experiment import evaluate, parse_scale, results_dir, scale_config
 from dsmoe.results import PROVENANCE, write_csv
 
 RUNS = (("dsmoe", "DSMoE"), ("dsmoe_no_ste", "w/o S(x)"))
 
 
-def main() -> None:
-    args = parse_scale(__doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_scale(__doc__, argv)
     sc = scale_config(args.scale)
     limit = args.limit if args.limit is not None else sc.eval.benchmark_limit
     evals = {run: evaluate(args.scale, run) for run, _ in RUNS}
@@ -41,7 +41,7 @@ def main() -> None:
         )
         print({k: r[k] for k in ("Model", "DSMoE", "w/o S(x)")})
     columns = ["Model", "DSMoE", "w/o S(x)", "limit", *PROVENANCE]
-    print(f"wrote {write_csv(RESULTS / args.scale / 'table3_ablation_ste.csv', rows, columns)}")
+    print(f"wrote {write_csv(results_dir(args.scale) / 'table3_ablation_ste.csv', rows, columns)}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@
 python experiments/heatmap.py [--scale demo]   → results/<scale>/fig3_heatmap.csv, .png
 """
 
-from dsmoe.experiment import RESULTS, evaluate, parse_scale, run_config
+from dsmoe.experiment import evaluate, parse_scale, results_dir, run_config
 from dsmoe.plots import fig3_heatmap
 from dsmoe.results import PROVENANCE, write_csv
 
 
-def main() -> None:
-    args = parse_scale(__doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_scale(__doc__, argv)
     r = evaluate(args.scale, "dsmoe")
     active = r["active_per_layer"]
     rows = [
@@ -18,12 +18,12 @@ def main() -> None:
     ]
     layers = [f"layer_{i:02d}" for i in range(len(next(iter(active.values()))))]
     print(
-        f"wrote {write_csv(RESULTS / args.scale / 'fig3_heatmap.csv', rows, ['source', *layers, 'mean', *PROVENANCE])}"
+        f"wrote {write_csv(results_dir(args.scale) / 'fig3_heatmap.csv', rows, ['source', *layers, 'mean', *PROVENANCE])}"
     )
     cfg = run_config(args.scale, "dsmoe")
     n = cfg.method_options.num_experts
     caption = f"DSMoE {cfg.model}, {args.scale} scale: mean active experts (of {n}) per layer and source"
-    print(f"wrote {fig3_heatmap(active, n, caption, RESULTS / args.scale / 'fig3_heatmap.png')}")
+    print(f"wrote {fig3_heatmap(active, n, caption, results_dir(args.scale) / 'fig3_heatmap.png')}")
 
 
 if __name__ == "__main__":

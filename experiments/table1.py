@@ -7,7 +7,7 @@ every baseline matches (SparseGPT sparsity, LLaMA-MoE k, LLM-Pruner widths). All
 data, steps and optimizer settings.
 """
 
-from dsmoe.experiment import RESULTS, evaluate, parse_scale, scale_config, table_row
+from dsmoe.experiment import evaluate, parse_scale, results_dir, scale_config, table_row
 from dsmoe.results import PROVENANCE, write_csv
 
 RUNS = [
@@ -20,13 +20,13 @@ RUNS = [
 ]
 
 
-def main() -> None:
-    args = parse_scale(__doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_scale(__doc__, argv)
     sc = scale_config(args.scale)
     evaluate(args.scale, "dsmoe")  # first: it sets the baselines' target
     rows = [table_row(evaluate(args.scale, run), label) for run, label in RUNS if run == "dense" or run in sc.methods]
     columns = list(dict.fromkeys(k for row in rows for k in row if k not in PROVENANCE)) + PROVENANCE
-    path = write_csv(RESULTS / args.scale / "table1_ppl.csv", rows, columns)
+    path = write_csv(results_dir(args.scale) / "table1_ppl.csv", rows, columns)
     for row in rows:
         print(f"{row['Model']:22s} {row['Configuration']:24s} act {row['Activated %']:5.1f}%  PPL {row['PPL']:.2f}")
     print(f"wrote {path}")

@@ -10,7 +10,7 @@ Scores are percentages; StoryCloze is "unavailable offline" where its licence-ga
 from table1 import RUNS
 
 from dsmoe.benchmarks import PAPER_TASKS, run_benchmarks
-from dsmoe.experiment import RESULTS, cached, ensure_run, evaluate, parse_scale, runs_root, scale_config
+from dsmoe.experiment import cached, ensure_run, evaluate, parse_scale, results_dir, runs_root, scale_config
 from dsmoe.models import load_model
 from dsmoe.results import PROVENANCE, write_csv
 
@@ -35,8 +35,8 @@ def row(label: str, results: dict, limit: int | None, provenance: dict) -> dict:
     return out
 
 
-def main() -> None:
-    args = parse_scale(__doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_scale(__doc__, argv)
     sc = scale_config(args.scale)
     limit = args.limit if args.limit is not None else sc.eval.benchmark_limit
     rows = []
@@ -47,7 +47,7 @@ def main() -> None:
         rows.append(row(label, results, limit, evaluate(args.scale, run)["provenance"]))
         print(label, {t.column: rows[-1][t.column] for t in PAPER_TASKS})
     columns = ["Model", *[t.column for t in PAPER_TASKS], "limit", "data", *PROVENANCE]
-    print(f"wrote {write_csv(RESULTS / args.scale / 'table2_benchmarks.csv', rows, columns)}")
+    print(f"wrote {write_csv(results_dir(args.scale) / 'table2_benchmarks.csv', rows, columns)}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@
 activated-parameter percentage are measured on the validation windows.
 """
 
-from dsmoe.experiment import RESULTS, evaluate, parse_scale
+from dsmoe.experiment import evaluate, parse_scale, results_dir
 from dsmoe.results import PROVENANCE, write_csv
 
 TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
-def main() -> None:
-    args = parse_scale(__doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_scale(__doc__, argv)
     rows = []
     for tau in TAUS:
         r = evaluate(args.scale, "dsmoe", tau=tau)
@@ -22,7 +22,7 @@ def main() -> None:
         )
         print(f"τ={tau:.1f}  PPL {r['ppl']:.3f}  activated {100 * r['activated_fraction']:.2f}%")
     columns = ["tau", "PPL", "activated params %", *[c for c in PROVENANCE if c != "tau"]]
-    print(f"wrote {write_csv(RESULTS / args.scale / 'table4_tau.csv', rows, columns)}")
+    print(f"wrote {write_csv(results_dir(args.scale) / 'table4_tau.csv', rows, columns)}")
 
 
 if __name__ == "__main__":

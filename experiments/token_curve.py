@@ -8,14 +8,14 @@ directory and evaluated like the final model.
 
 import re
 
-from dsmoe.experiment import RESULTS, ensure_run, evaluate, parse_scale, run_config, run_dir
+from dsmoe.experiment import ensure_run, evaluate, parse_scale, results_dir, run_config, run_dir
 from dsmoe.plots import token_curve
 from dsmoe.results import PROVENANCE, write_csv
 from dsmoe.train import export
 
 
-def main() -> None:
-    args = parse_scale(__doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_scale(__doc__, argv)
     ensure_run(args.scale, "dsmoe")
     cfg = run_config(args.scale, "dsmoe")
     rd = run_dir(cfg)
@@ -42,10 +42,10 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"no step checkpoints in {rd / 'checkpoints'}")
     columns = ["Tokens", "PPL", "activated params %", *PROVENANCE]
-    print(f"wrote {write_csv(RESULTS / args.scale / 'tables5_6_tokens.csv', rows, columns)}")
+    print(f"wrote {write_csv(results_dir(args.scale) / 'tables5_6_tokens.csv', rows, columns)}")
     caption = f"DSMoE ({cfg.model}), PPL by continued pre-training tokens"
     print(
-        f"wrote {token_curve([r['Tokens'] for r in rows], [r['PPL'] for r in rows], caption, RESULTS / args.scale / 'tables5_6_tokens.png')}"
+        f"wrote {token_curve([r['Tokens'] for r in rows], [r['PPL'] for r in rows], caption, results_dir(args.scale) / 'tables5_6_tokens.png')}"
     )
 
 

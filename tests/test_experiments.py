@@ -1,0 +1,131 @@
+"""Experiment scripts end to end on a tiny scale: every target writes its CSV/PNG with the paper's columns
+and provenance; an interrupted target re-run completes without redoing finished runs."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train import assets  # noqa: F401  (fixture: tiny model + local corpus)
+
+from dsmoe.results import PROVENANCE, read_csv
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def write_scale(tmp_path, assets, monkeypatch, methods):  # noqa: F811
+    data = {
+        "sources": [
+            {"name": "a", "data_files": str(assets / "a.jsonl")},
+            {"name": "b", "data_files": str(assets / "b.jsonl")},
+        ],
+        "seq_len": 32,
+        "val_docs_per_source": 8,
+        "shuffle_buffer": 16,
+    }
+    dsmoe_opts = {"num_experts": 4, "tau": 0.5, "sparsity_weight": 1.0}
+    scale = {
+        "base": {
+            "model": str(assets / "model"),
+            "data": data,
+            "calibration_batches": 2,
+            "optim": {"lr": 3e-3, "schedule": "constant"},
+            "trainer": {
+                "accelerator": "cpu",
+                "global_batch_size": 4,
+                "micro_batch_size": 2,
+                "max_steps": 4,
+                "val_check_interval": 4,
+                "limit_val_batches": 1,
+                "checkpoint_every_n_steps": 2,
+            },
+        },
+        "methods": {
+            "dsmoe": {"method": "dsmoe", "method_options": {**dsmoe_opts, "variant": "dsmoe"}},
+            "dsmoe_no_ste": {"method": "dsmoe", "method_options": {**dsmoe_opts, "variant": "no_ste"}},
+            "dsmoe_no_gate": {"method": "dsmoe", "method_options": {**dsmoe_opts, "variant": "no_gate"}},
+            "llama_moe": {"method": "llama_moe", "method_options": {"num_experts": 4, "match_activated": "dsmoe"}},
+            "sparsegpt": {"method": "sparsegpt", "method_options": {"match_activated": "dsmoe"}},
+            "llm_pruner_block": {
+                "method": "llm_pruner_block",
+                "method_options": {"match_activated": "dsmoe", "keep_first": 0, "keep_last": 0},
+            },
+        },
+        "eval": {"val_windows": 2, "batch_size": 2, "benchmark_limit": 2, "max_gen_toks": 4},
+    }
+    scale["methods"] = {k: v for k, v in scale["methods"].items() if k in methods}
+    (tmp_path / "scales").mkdir()
+    (tmp_path / "scales" / "tiny.yaml").write_text(yaml.safe_dump(scale))
+    monkeypatch.setenv("DSMOE_SCALES_DIR", str(tmp_path / "scales"))
+    monkeypatch.setenv("DSMOE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("DSMOE_RESULTS", str(tmp_path / "results"))
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_scale(tmp_path, assets, monkeypatch):  # noqa: F811
+    return write_scale(tmp_path, assets, monkeypatch, ["dsmoe", "sparsegpt", "llama_moe"])
+
+
+@pytest.fixture
+def tiny_scale_all(tmp_path, assets, monkeypatch):  # noqa: F811
+    methods = ["dsmoe", "dsmoe_no_ste", "dsmoe_no_gate", "llama_moe", "sparsegpt", "llm_pruner_block"]
+    return write_scale(tmp_path, assets, monkeypatch, methods)
+
+
+def run_script(name, *argv):
+    module = importlib.import_module(name)
+    module.main(["--scale", "tiny", *argv])
+
+
+def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeypatch):
+    import dsmoe.train
+
+    trained = []
+    real_train = dsmoe.train.train
+
+    def counting_train(cfg, callbacks=None):
+        trained.append(cfg.run_name)
+        if cfg.run_name == "sparsegpt" and trained.count("sparsegpt") == 1:
+            raise KeyboardInterrupt  # the target is interrupted half-way
+        return real_train(cfg, callbacks)
+
+    monkeypatch.setattr(dsmoe.train, "train", counting_train)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("table1")
+    assert trained == ["dsmoe", "sparsegpt"]
+    run_script("table1")  # re-run: only the interrupted and the missing runs train
+    assert trained[2:] == ["sparsegpt", "llama_moe"]
+    rows = read_csv(tiny_scale / "results" / "tiny" / "table1_ppl.csv")
+    assert [r["Model"] for r in rows] == ["dense (no training)", "SparseGPT", "LLaMA-MoE", "DSMoE"]
+    for col in ["Configuration", "Params", "Activated Params", "PPL", "PPL a", "PPL b", *PROVENANCE]:
+        assert all(r[col] != "" for r in rows[1:] if col != "tau" or r["Model"] == "DSMoE"), col
+    by_model = {r["Model"]: r for r in rows}
+    assert abs(float(by_model["SparseGPT"]["Activated %"]) - float(by_model["DSMoE"]["Activated %"])) < 1.0
+    assert by_model["DSMoE"]["Configuration"] == "d=64, D=32x4"
+    assert by_model["LLaMA-MoE"]["Configuration"].startswith("d=64, D=32x4, topK=")
+    assert by_model["dense (no training)"]["tokens"] == "0" and by_model["DSMoE"]["tokens"] == "512"
+
+
+@pytest.mark.slow
+def test_every_figure_and_table_target(tiny_scale_all):
+    run_script("table1")
+    assert len(read_csv(tiny_scale_all / "results" / "tiny" / "table1_ppl.csv")) == 5
+    run_script("tau_sweep")
+    taus = read_csv(tiny_scale_all / "results" / "tiny" / "table4_tau.csv")
+    acts = [float(r["activated params %"]) for r in taus]
+    assert [float(r["tau"]) for r in taus] == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8] and acts == sorted(acts, reverse=True)
+    run_script("ablation_no_gate")
+    fig2 = read_csv(tiny_scale_all / "results" / "tiny" / "fig2_no_gate.csv")
+    assert fig2[-1]["run"] == "DSMoE" and len(fig2) == 20
+    assert (tiny_scale_all / "results" / "tiny" / "fig2_no_gate.png").stat().st_size > 0
+    run_script("heatmap")
+    assert [r["source"] for r in read_csv(tiny_scale_all / "results" / "tiny" / "fig3_heatmap.csv")] == ["a", "b"]
+    run_script("token_curve")
+    curve = read_csv(tiny_scale_all / "results" / "tiny" / "tables5_6_tokens.csv")
+    assert [int(r["steps"]) for r in curve] == [2, 4] and [int(r["Tokens"]) for r in curve] == [256, 512]
+    run_script("ablation_ste")
+    rows = read_csv(tiny_scale_all / "results" / "tiny" / "table3_ablation_ste.csv")
+    assert [r["Model"] for r in rows][-2:] == ["PPL", "Activated %"] and rows[0]["limit"] == "2"
+    assert {r["Model"] for r in rows} >= {"Hellaswag", "WebQs", "StoryCloze"}
