@@ -68,12 +68,9 @@ class ExpertBlocks:
             m = layer.expert_size
             s = slice(a * m, b * m)
             biases = [None if p.bias is None else p.bias[s] for p in (layer.gate_proj, layer.up_proj)]
-            weights = (
-                layer.gate_proj.weight[s].t(),
-                layer.up_proj.weight[s].t(),
-                self.down[a:b].flatten(0, 1),
-                *biases,
-            )
+            # a run of every expert reads V in its dense layout: MKL's GEMV is faster on it than on the whole Vᵀ
+            down = layer.down_proj.weight.t() if b - a == layer.num_experts else self.down[a:b].flatten(0, 1)
+            weights = (layer.gate_proj.weight[s].t(), layer.up_proj.weight[s].t(), down, *biases)
             if self.cached:
                 weights = tuple(None if w is None else w.detach() for w in weights)
                 self.runs[(a, b)] = weights

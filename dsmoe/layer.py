@@ -77,11 +77,11 @@ class DSMoEMLP(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         g = self.gates(x2)
         weights, active = self.expert_weights(g)
-        self.last_gates, self.last_active = g, active
+        # plain attributes, not through nn.Module.__setattr__: this runs per layer per decoded token
+        self.__dict__["last_gates"], self.__dict__["last_active"] = g, active
         if not self.training:
-            with torch.no_grad():
-                self.active_sum += active.sum(0, dtype=torch.float64)
-                self.token_count += active.shape[0]
+            self.active_sum.add_(active.sum(0))  # no autograd: active is a bool mask
+            self.token_count.add_(active.shape[0])
         if self.training or self.inference_impl == "masked":
             out = self.masked_forward(x2, weights)
         else:

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class TrainerConfig:
     limit_val_batches: Any = 1.0  # int: batches per source; float: fraction
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
+    keep_checkpoints: bool = True  # False: delete checkpoints/ once final/ is written (saves disk)
     seed: int = 1234
     deterministic: bool = False
 
@@ -193,7 +195,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             every_n_train_steps=t.checkpoint_every_n_steps,
-            save_last=True,
+            save_last="link",
             save_top_k=-1,
         ),
         LearningRateMonitor(logging_interval="step"),
@@ -241,6 +243,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         tmp = run_dir / "train_summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, run_dir / "train_summary.json")
+        if not t.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return final
 
 

@@ -23,7 +23,9 @@ def test_convert_keeps_weights_and_all_on_equals_dense(arch, ids, monkeypatch):
     assert len(layers) == model.config.num_hidden_layers
     assert all(layer.router.weight.shape == (4, 64) for layer in layers)
     # every expert on with unit weight: the partitioned model is the dense model (eq. 6)
-    monkeypatch.setattr(dsmoe.DSMoEMLP, "expert_weights", lambda self, g: (torch.ones_like(g), torch.ones_like(g, dtype=torch.bool)))
+    monkeypatch.setattr(
+        dsmoe.DSMoEMLP, "expert_weights", lambda self, g: (torch.ones_like(g), torch.ones_like(g, dtype=torch.bool))
+    )
     for impl in ("sparse", "masked"):
         for layer in layers:
             layer.inference_impl = impl

@@ -15,7 +15,11 @@ D_MODEL, D_FF, N = 16, 32, 4
 
 def make_layer(variant="dsmoe", tau=0.5, seed=0, router_std=1.0):
     torch.manual_seed(seed)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=D_MODEL, intermediate_size=D_FF, hidden_act="silu", num_attention_heads=4, num_key_value_heads=2))
+    mlp = LlamaMLP(
+        LlamaConfig(
+            hidden_size=D_MODEL, intermediate_size=D_FF, hidden_act="silu", num_attention_heads=4, num_key_value_heads=2
+        )
+    )
     layer = DSMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, DSMoEConfig(N, tau, variant))
     nn.init.normal_(layer.router.weight, std=router_std)
     return layer.double()
@@ -28,7 +32,10 @@ def reference_forward(layer, x, training):
     out = []
     for t in range(x.shape[0]):
         g = [torch.sigmoid(x[t] @ Y[i]) for i in range(N)]
-        o = [(F.silu(W[i * m : (i + 1) * m] @ x[t]) * (U[i * m : (i + 1) * m] @ x[t])) @ V[:, i * m : (i + 1) * m].T for i in range(N)]
+        o = [
+            (F.silu(W[i * m : (i + 1) * m] @ x[t]) * (U[i * m : (i + 1) * m] @ x[t])) @ V[:, i * m : (i + 1) * m].T
+            for i in range(N)
+        ]
         if training and layer.variant == "no_gate":  # eq. 20
             out.append(sum(o[i] * g[i] for i in range(N)))
             continue
@@ -40,7 +47,9 @@ def reference_forward(layer, x, training):
 
 def hand_gradients(layer, x, c, training):
     """∂(Σ_t c_t·h_t)/∂{Y, V, W, U} from eqs. 13-16 (and eq. 7 / eq. 20 for the ablations)."""
-    W, U, V, Y = (p.detach() for p in (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight, layer.router.weight))
+    W, U, V, Y = (
+        p.detach() for p in (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight, layer.router.weight)
+    )
     m = D_FF // N
     grads = {k: torch.zeros_like(p) for k, p in dict(Y=Y, V=V, W=W, U=U).items()}
     for t in range(x.shape[0]):
@@ -92,7 +101,12 @@ def test_forward_and_gradients_match_reference(variant, tau, training):
     c = torch.randn_like(h)
     (h * c).sum().backward()
     expected = hand_gradients(layer, x, c, training)
-    got = dict(Y=layer.router.weight.grad, V=layer.down_proj.weight.grad, W=layer.gate_proj.weight.grad, U=layer.up_proj.weight.grad)
+    got = dict(
+        Y=layer.router.weight.grad,
+        V=layer.down_proj.weight.grad,
+        W=layer.gate_proj.weight.grad,
+        U=layer.up_proj.weight.grad,
+    )
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], msg=f"gradient of {k}")
 
@@ -136,7 +150,11 @@ def test_sparsity_loss_no_gate_uses_soft_gates():
 def test_partition_with_unit_weights_equals_hf_mlp(mlp_cls, cfg_cls):
     """Eq. 6: summing all experts' outputs reproduces the dense FFN."""
     torch.manual_seed(0)
-    mlp = mlp_cls(cfg_cls(hidden_size=D_MODEL, intermediate_size=D_FF, hidden_act="silu", num_attention_heads=4, num_key_value_heads=2))
+    mlp = mlp_cls(
+        cfg_cls(
+            hidden_size=D_MODEL, intermediate_size=D_FF, hidden_act="silu", num_attention_heads=4, num_key_value_heads=2
+        )
+    )
     x = torch.randn(3, 5, D_MODEL)
     dense = mlp(x)
     layer = DSMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, DSMoEConfig(num_experts=N))

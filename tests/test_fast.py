@@ -1,0 +1,198 @@
+"""The fast eval paths (dsmoe.fast) against the masked dense reference DSMoEMLP.masked_forward."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from dsmoe import DSMoEConfig, DSMoEMLP, convert, dsmoe_layers
+from dsmoe.fast import DECODE_MAX_TOKENS, expert_runs, sparse_forward
+from dsmoe.models import tiny_model
+
+D_MODEL, D_FF, N = 32, 64, 8
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def make_layer(bias=False, seed=0, router_std=0.5):
+    torch.manual_seed(seed)
+    gate, up = nn.Linear(D_MODEL, D_FF, bias=bias), nn.Linear(D_MODEL, D_FF, bias=bias)
+    down = nn.Linear(D_FF, D_MODEL, bias=bias)
+    layer = DSMoEMLP(gate, up, down, ACT2FN["silu"], DSMoEConfig(num_experts=N, tau=0.5))
+    nn.init.normal_(layer.router.weight, std=router_std)
+    return layer.eval()
+
+
+def pattern_weights(active):
+    """Eq. 8 weights for a given activity mask: random gates above τ, times n/#active."""
+    gates = 0.5 + 0.5 * torch.rand(active.shape)
+    return gates * active * N / active.sum(-1, keepdim=True).clamp(min=1)
+
+
+def patterns(tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    random = torch.rand(tokens, N, generator=g) < 0.4
+    holes = random.clone()
+    holes[:, [1, 5]] = False  # experts without tokens
+    holes[0] = False  # a token without experts
+    return {
+        "random": random,
+        "holes": holes,
+        "all": torch.ones(tokens, N, dtype=torch.bool),
+        "none": torch.zeros(tokens, N, dtype=torch.bool),
+        "one_run": torch.zeros(tokens, N, dtype=torch.bool).index_fill_(1, torch.tensor([2, 3, 4]), True),
+    }
+
+
+# dense_fraction 0: every used expert over all tokens (decode); 0.5: mixed; 1.0: only experts every token
+# uses; 2.0: every expert on its gathered tokens (prefill grouping).
+FRACTIONS = [None, 0.0, 0.5, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("dense_fraction", FRACTIONS)
+@pytest.mark.parametrize("tokens", [1, 3, 37])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_paths_equal_masked_reference(dense_fraction, tokens, bias):
+    layer = make_layer(bias=bias)
+    x = torch.randn(tokens, D_MODEL)
+    with torch.no_grad():
+        for name, active in patterns(tokens, seed=tokens).items():
+            weights = pattern_weights(active)
+            out = sparse_forward(layer, x, weights, active, dense_fraction)
+            torch.testing.assert_close(out, layer.masked_forward(x, weights), **TOL, msg=name)
+
+
+@pytest.mark.parametrize("dense_fraction", FRACTIONS)
+def test_token_without_experts_outputs_exact_zero(dense_fraction):
+    layer = make_layer()
+    x = torch.randn(6, D_MODEL)
+    active = torch.rand(6, N) < 0.5
+    active[2] = False
+    active[4] = True
+    with torch.no_grad():
+        out = sparse_forward(layer, x, pattern_weights(active), active, dense_fraction)
+    assert torch.equal(out[2], torch.zeros(D_MODEL))
+    assert out[4].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, D_MODEL), (1, 1, D_MODEL), (3, D_MODEL), (2, 1, D_MODEL), (5, D_MODEL), (4, 9, D_MODEL)]
+)
+def test_layer_eval_sparse_equals_masked_for_2d_and_3d_inputs(shape):
+    layer = make_layer()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer.inference_impl = "masked"
+        ref = layer(x)
+        layer.inference_impl = "sparse"
+        out = layer(x)
+    assert out.shape == x.shape
+    assert 0 < layer.last_active.float().mean() < 1  # a genuinely sparse pattern
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_layer_eval_uses_the_fast_path(monkeypatch):
+    layer, calls = make_layer(), []
+    import dsmoe.fast as fast
+
+    monkeypatch.setattr(fast, "sparse_forward", lambda *a: calls.append(len(a[1])) or a[0].masked_forward(a[1], a[2]))
+    with torch.no_grad():
+        layer(torch.randn(DECODE_MAX_TOKENS + 1, D_MODEL))
+        layer.inference_impl = "masked"
+        layer(torch.randn(2, D_MODEL))
+        layer.train()
+        layer(torch.randn(3, D_MODEL))
+    assert calls == [DECODE_MAX_TOKENS + 1]
+
+
+def test_expert_runs():
+    assert expert_runs([False] * N) == []
+    assert expert_runs([1, 1, 0, 0, 1, 0, 1, 1]) == [(0, 2), (4, 5), (6, 8)]
+    assert expert_runs([True] * N) == [(0, N)]
+
+
+def test_cache_follows_weight_changes_and_stays_out_of_state_dict():
+    layer = make_layer()
+    keys = set(layer.state_dict())
+    x = torch.randn(7, D_MODEL)
+    with torch.no_grad():
+        layer(x)
+        assert layer.fast_cache is not None and set(layer.state_dict()) == keys
+        layer.down_proj.weight.mul_(-2.0)  # in-place: version counter moves
+        layer.inference_impl = "masked"
+        ref = layer(x)
+        layer.inference_impl = "sparse"
+        torch.testing.assert_close(layer(x), ref, **TOL)
+        other = make_layer(seed=1)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other(x), **TOL)
+        layer.down_proj.weight = nn.Parameter(torch.randn(D_MODEL, D_FF))  # replaced parameter
+        layer.inference_impl = "masked"
+        ref = layer(x)
+        layer.inference_impl = "sparse"
+        torch.testing.assert_close(layer(x), ref, **TOL)
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_eval_mode_gradients_equal_masked_path(tokens):
+    layer = make_layer()
+    x = torch.randn(tokens, D_MODEL)
+    grads = {}
+    for impl in ("masked", "sparse"):
+        layer.zero_grad()
+        layer.inference_impl = impl
+        layer(x).square().sum().backward()
+        grads[impl] = {k: p.grad.clone() for k, p in layer.named_parameters()}
+    for k in grads["masked"]:
+        torch.testing.assert_close(grads["sparse"][k], grads["masked"][k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_cache_built_in_inference_mode_serves_input_gradients_later():
+    layer = make_layer().requires_grad_(False)
+    x = torch.randn(7, D_MODEL)
+    with torch.inference_mode():
+        layer(x)  # builds the cache
+    grads = []
+    for impl in ("masked", "sparse"):
+        layer.inference_impl = impl
+        xg = x.clone().requires_grad_()
+        layer(xg).square().sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_greedy_generate_same_tokens_fast_and_masked(batch):
+    model = convert(tiny_model("llama", seed=0), DSMoEConfig(num_experts=4, tau=0.5, router_init_std=0.2)).eval()
+    prompt = torch.randint(0, 256, (batch, 7), generator=torch.Generator().manual_seed(0))
+    outputs, fractions = {}, []
+    for impl in ("masked", "sparse"):
+        for layer in dsmoe_layers(model):
+            layer.inference_impl = impl
+            layer.reset_stats()
+        outputs[impl] = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, use_cache=True
+        )
+        fractions.append(sum(float(m.active_sum.sum() / (m.token_count * m.num_experts)) for m in dsmoe_layers(model)))
+    assert 0 < fractions[0] < len(dsmoe_layers(model))  # neither all nor no experts active
+    assert outputs["sparse"].shape == (batch, 7 + 12)
+    assert torch.equal(outputs["sparse"], outputs["masked"])
+
+
+def test_benchmark_forced_router_activates_exactly_k_experts():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    layer = make_layer()
+    (router,) = bench.force_routers([layer], max_tokens=16)
+    gen = torch.Generator().manual_seed(0)
+    for k in bench.ACTIVE:
+        for pattern in (bench.random_pattern(16, k, gen), bench.spread_pattern(16, k)):
+            router.set_pattern(pattern)
+            with torch.no_grad():
+                layer(torch.randn(16, D_MODEL))
+            assert torch.equal(layer.last_active, pattern)
+            assert (layer.last_active.sum(-1) == k).all()
