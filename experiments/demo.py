@@ -1,11 +1,11 @@
 """The README's first command: DSMoE on the embedded SmolLM2-135M, offline, on a laptop CPU.
 
-    ./reproduce.sh demo            # or: python experiments/demo.py [--train-tokens 20480]
+    ./reproduce.sh demo            # or: python experiments/demo.py
 
 1. dense perplexity of SmolLM2-135M on held-out text of the four embedded corpus domains;
 2. conversion to DSMoE (n=8, τ=0.5): perplexity, mean active experts per layer, activated params;
 3. a few minutes of continued pre-training (L_LM + L_sparse, eq. 19) through the suite's training entry
-   point, then the same numbers again (TensorBoard logs under runs/demo/);
+   point, then the same numbers again (TensorBoard logs under runs/demo/dsmoe/);
 4. a greedy continuation of a prompt with the trained DSMoE model.
 The random router init activates ~half the experts, so the converted model starts far worse than the
 dense one; the paper trains 10B tokens, this demo a few ten thousand.
@@ -18,16 +18,12 @@ import math
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 import dsmoe
-from dsmoe.data import DataConfig, PretrainDataModule
 from dsmoe.evaluate import perplexity
-from dsmoe.experiment import ROOT
+from dsmoe.experiment import ensure_run, run_config, validation_windows
 from dsmoe.models import load_model
-from dsmoe.train import load_config, train
 
-CONFIG = ROOT / "experiments" / "configs" / "demo_smollm2_cpu.yaml"
 PROMPT = "def fibonacci(n):\n    "
 
 
@@ -54,32 +50,20 @@ def report(title: str, model: torch.nn.Module, val: dict[str, torch.Tensor]) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--train-tokens", type=float, default=None, help="override trainer.max_tokens of the demo config"
-    )
-    parser.add_argument("--val-windows", type=int, default=6, help="held-out windows per source to evaluate")
-    parser.add_argument("--out-dir", default=str(ROOT / "runs" / "demo"))
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.manual_seed(0)
     start = time.time()
-
-    cfg = load_config(CONFIG, [f"out_dir={args.out_dir}"])
-    if args.train_tokens:
-        cfg.trainer.max_tokens = args.train_tokens
+    cfg = run_config("demo", "dsmoe")  # experiments/configs/scales/demo.yaml: the same run table1 --scale demo uses
     dense, tokenizer = load_model(cfg.model)
-    data = PretrainDataModule(DataConfig.from_dict(OmegaConf.to_container(cfg.data)), tokenizer)
-    data.prepare_data()
-    data.setup("validate")
-    val = {name: w[: args.val_windows] for name, w in zip(data.val_source_names, data.val_windows, strict=True)}
-    print(f"SmolLM2-135M (embedded, dequantised Q4_1) — {sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M params")
+    val = validation_windows("demo", tokenizer)
+    print(f"SmolLM2-135M (embedded, dequantised Q4_1): {sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M params")
     report("dense model", dense, val)
 
     converted = dsmoe.convert(dense, dsmoe.DSMoEConfig(**cfg.method_options)).eval()
     report("converted to DSMoE (n=8, τ=0.5), before training", converted, val)
 
-    print(f"\n== continued pre-training: {cfg.trainer.max_tokens:.0f} tokens ({cfg.method}) ...")
-    final = train(cfg)
+    print(f"\n== continued pre-training: {cfg.trainer.max_tokens:.0f} tokens, L = L_LM + L_sparse (eq. 19) ...")
+    final = ensure_run("demo", "dsmoe")
     trained, _ = load_model(str(final))
     report("DSMoE after continued pre-training", trained, val)
 

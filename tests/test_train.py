@@ -206,3 +206,18 @@ def test_ddp_two_cpu_processes(tmp_path, assets):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["global_step"] == 2
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, assets):
+    from dsmoe.lit import NonFiniteLossError
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.model.model.embed_tokens.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+        train(make_cfg(assets, tmp_path), callbacks=[Poison()])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
