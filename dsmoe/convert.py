@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, logging
+from transformers import AutoConfig, PreTrainedModel
 
 from dsmoe.config import DSMoEConfig
 from dsmoe.layer import DSMoEMLP
+from dsmoe.saving import load_with_extra_params, save_hf
 
 
-def _is_swiglu(module: nn.Module) -> bool:
+def is_swiglu(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) and (
         hasattr(module, "act_fn")
     )
@@ -27,7 +27,7 @@ def convert(model: PreTrainedModel, config: DSMoEConfig) -> PreTrainedModel:
     """
     if any(isinstance(m, DSMoEMLP) for m in model.modules()):
         raise ValueError("model is already converted to DSMoE")
-    targets = [(name, m) for name, m in model.named_modules() if _is_swiglu(m)]
+    targets = [(name, m) for name, m in model.named_modules() if is_swiglu(m)]
     if not targets:
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(
@@ -63,26 +63,7 @@ def save(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
     """Save a converted model (HF format: dense weights + routers, config.json with a "dsmoe" entry)."""
     if not hasattr(model.config, "dsmoe"):
         raise ValueError("save() expects a model converted with dsmoe.convert()")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return directory
-
-
-def _router_state(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    index = directory / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    )
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(directory / f), framework="pt") as fh:
-            state.update({k: fh.get_tensor(k) for k in fh.keys() if k.endswith("router.weight")})
-    return state
+    return save_hf(model, directory, tokenizer)
 
 
 def load(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
@@ -97,19 +78,7 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrai
     dsmoe_dict = getattr(AutoConfig.from_pretrained(directory), "dsmoe", None)
     if dsmoe_dict is None:
         raise ValueError(f"{directory} holds a dense model (no 'dsmoe' entry in config.json); use from_pretrained")
-    logging.set_verbosity_error()  # the router weights are "unexpected" for the dense class
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **from_pretrained_kwargs)
-    finally:
-        logging.set_verbosity_warning()
-    convert(model, DSMoEConfig.from_dict(dict(dsmoe_dict)))
-    routers = _router_state(directory)
-    params = dict(model.named_parameters())
-    expected = {k for k in params if k.endswith("router.weight")}
-    if set(routers) != expected:
-        raise ValueError(f"router weights in {directory} do not match the model: {sorted(set(routers) ^ expected)[:4]}")
-    with torch.no_grad():
-        for k, v in routers.items():
-            params[k].copy_(v)
-    model.eval()
-    return model
+    config = DSMoEConfig.from_dict(dict(dsmoe_dict))
+    return load_with_extra_params(
+        directory, lambda m: convert(m, config), lambda k: k.endswith("router.weight"), dtype, **from_pretrained_kwargs
+    )

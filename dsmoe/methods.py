@@ -72,11 +72,9 @@ def _dsmoe_activated(model: nn.Module) -> float:
 
 def save_pretrained(model: nn.Module, directory: Path, tokenizer: Any = None) -> Path:
     """Plain HF save (for methods whose model transformers can rebuild from config.json)."""
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return directory
+    from dsmoe.saving import save_hf
+
+    return save_hf(model, directory, tokenizer)
 
 
 def from_pretrained(directory: Path) -> nn.Module:

@@ -42,6 +42,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from dsmoe.methods import Method
+from dsmoe.saving import read_tensors
 
 MODES = ("channel", "block")
 
@@ -543,19 +544,6 @@ def save_pruned(model: PreTrainedModel, directory: str | Path, tokenizer: Any = 
     return directory
 
 
-def _state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = directory / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    )
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(directory / f)))
-    return state
-
-
 def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Rebuild a pruned model: build from config.json, shrink each layer to config.llm_pruner, load weights."""
     from transformers.initialization import no_init_weights
@@ -577,7 +565,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> PreT
         prune_hidden_channels(model, torch.arange(spec["hidden_size"]))
     for layer, f, g in zip(_layers(model), spec["intermediate_sizes"], spec["num_key_value_heads"], strict=True):
         prune_layer(layer, torch.arange(f), torch.arange(g))
-    missing, unexpected = model.load_state_dict(_state_dict(directory), strict=False)
+    missing, unexpected = model.load_state_dict(read_tensors(directory), strict=False)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
         raise ValueError(

@@ -15,7 +15,6 @@ Shazeer et al. (2017)'s w·(cv²(Importance) + cv²(Load)), summed over layers a
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, logging
+from transformers import AutoConfig, PreTrainedModel
 
-from dsmoe.convert import _is_swiglu
+from dsmoe.convert import is_swiglu
 from dsmoe.methods import Batches, Method
+from dsmoe.saving import load_with_extra_params, save_hf
 from dsmoe.stats import count_params
 
 GATE_NETWORKS = ("linear", "mlp")
@@ -216,7 +216,7 @@ def convert_to_topk_moe(model: PreTrainedModel, config: TopKMoEConfig) -> PreTra
     """Replace every SwiGLU MLP by a TopKMoEMLP sharing its weights; records ``model.config.llama_moe``."""
     if topk_moe_layers(model):
         raise ValueError("model is already converted to a top-k MoE")
-    targets = [(name, m) for name, m in model.named_modules() if _is_swiglu(m)]
+    targets = [(name, m) for name, m in model.named_modules() if is_swiglu(m)]
     if not targets:
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(f"no SwiGLU FFN (gate_proj, up_proj, down_proj, act_fn) found in a {kind!r} model")
@@ -258,7 +258,7 @@ def activated_params(model: nn.Module) -> float:
 
 def predicted_activated_params(model: nn.Module, config: TopKMoEConfig) -> float:
     """activated_params() the dense ``model`` would have after convert_to_topk_moe(model, config)."""
-    mlps = [m for m in model.modules() if _is_swiglu(m)]
+    mlps = [m for m in model.modules() if is_swiglu(m)]
     if not mlps:
         raise ValueError("no SwiGLU FFN found in the model")
     n, k = config.num_experts, config.top_k
@@ -274,26 +274,11 @@ def save_topk_moe(model: PreTrainedModel, directory: str | Path, tokenizer=None)
     """HF format: the dense weights plus router/noise tensors; config.json carries the "llama_moe" entry."""
     if not hasattr(model.config, "llama_moe"):
         raise ValueError("save_topk_moe() expects a model converted with convert_to_topk_moe()")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return directory
+    return save_hf(model, directory, tokenizer)
 
 
-def _gate_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    index = directory / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    )
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(directory / f), framework="pt") as fh:
-            state.update({k: fh.get_tensor(k) for k in fh.keys() if ".mlp.router." in k or ".mlp.noise." in k})
-    return state
+def _is_gate(name: str) -> bool:
+    return ".mlp.router." in name or ".mlp.noise." in name
 
 
 def load_topk_moe(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
@@ -304,22 +289,10 @@ def load_topk_moe(directory: str | Path, dtype: torch.dtype | None = None, **fro
     moe = getattr(AutoConfig.from_pretrained(directory), "llama_moe", None)
     if moe is None:
         raise ValueError(f"{directory} holds no top-k MoE (no 'llama_moe' entry in config.json)")
-    logging.set_verbosity_error()  # the gate tensors are "unexpected" for the dense class
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **from_pretrained_kwargs)
-    finally:
-        logging.set_verbosity_warning()
-    convert_to_topk_moe(model, TopKMoEConfig.from_dict(dict(moe)))
-    gates = _gate_tensors(directory)
-    params = dict(model.named_parameters())
-    expected = {k for k in params if ".mlp.router." in k or ".mlp.noise." in k}
-    if set(gates) != expected:
-        raise ValueError(f"gate tensors in {directory} do not match the model: {sorted(set(gates) ^ expected)[:4]}")
-    with torch.no_grad():
-        for k, v in gates.items():
-            params[k].copy_(v)
-    model.eval()
-    return model
+    config = TopKMoEConfig.from_dict(dict(moe))
+    return load_with_extra_params(
+        directory, lambda m: convert_to_topk_moe(m, config), _is_gate, dtype, **from_pretrained_kwargs
+    )
 
 
 def _apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:

@@ -1,0 +1,65 @@
+"""HF-format save/load shared by every transformed model: dense weights through save_pretrained /
+from_pretrained, extra tensors (routers, gates) read back from the same safetensors files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, logging
+
+
+def save_hf(model: PreTrainedModel, directory: str | Path, tokenizer: Any = None) -> Path:
+    """save_pretrained the model (and tokenizer) into directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def read_tensors(directory: str | Path, keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
+    """The tensors whose names pass ``keep`` from a (possibly sharded) safetensors checkpoint."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(directory / f), framework="pt") as fh:
+            state.update({k: fh.get_tensor(k) for k in fh.keys() if keep(k)})
+    return state
+
+
+def load_with_extra_params(
+    directory: str | Path,
+    transform: Callable[[PreTrainedModel], PreTrainedModel],
+    is_extra: Callable[[str], bool],
+    dtype: torch.dtype | None = None,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """from_pretrained (sharding, dtype, device_map), then ``transform`` (which adds the extra parameters),
+    then copy the extra tensors from the checkpoint; a mismatch in their names is an error."""
+    directory = Path(directory)
+    logging.set_verbosity_error()  # the extra tensors are "unexpected" for the dense class
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **from_pretrained_kwargs)
+    finally:
+        logging.set_verbosity_warning()
+    model = transform(model)
+    saved = read_tensors(directory, is_extra)
+    params = dict(model.named_parameters())
+    expected = {k for k in params if is_extra(k)}
+    if set(saved) != expected:
+        raise ValueError(f"extra tensors in {directory} do not match the model: {sorted(set(saved) ^ expected)[:4]}")
+    with torch.no_grad():
+        for k, v in saved.items():
+            params[k].copy_(v)
+    return model.eval()
