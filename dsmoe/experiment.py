@@ -137,19 +137,21 @@ def evaluate_model(model: torch.nn.Module, windows: dict[str, torch.Tensor], bat
         result = perplexity(model, list(w), batch_size, desc=name)
         nll, tokens = nll + result.nll_sum, tokens + result.tokens
         out["ppl_per_source"][name] = result.ppl
+        out.setdefault("tokens_per_source", {})[name] = result.tokens
         if is_dsmoe:
-            out["active_per_layer"][name] = activation_stats(model).mean_active_per_layer
+            stats = activation_stats(model)
+            out["active_per_layer"][name] = stats.mean_active_per_layer
+            out.setdefault("activated_per_source", {})[name] = stats.activated_params
     out["ppl"] = math.exp(nll / tokens)
     out["eval_tokens"] = tokens
     out["params"] = count_params(model)
-    if is_dsmoe:  # token-weighted over sources (every source has the same number of windows × length)
-        per_layer = [sum(v) / len(v) for v in zip(*out["active_per_layer"].values(), strict=True)]
-        n, total = dsmoe_layers(model)[0].num_experts, out["params"]
-        ffn = [
-            sum(p.numel() for k, p in layer.named_parameters() if not k.startswith("router"))
-            for layer in dsmoe_layers(model)
+    if is_dsmoe:  # token-weighted means over the sources
+        share = {name: t / tokens for name, t in out["tokens_per_source"].items()}
+        out["activated_params"] = sum(share[k] * v for k, v in out.pop("activated_per_source").items())
+        per_layer = [
+            sum(share[k] * v[i] for k, v in out["active_per_layer"].items())
+            for i in range(len(next(iter(out["active_per_layer"].values()))))
         ]
-        out["activated_params"] = total - sum(f * (1 - a / n) for f, a in zip(ffn, per_layer, strict=True))
         out["mean_active_per_layer"] = per_layer
         out["mean_active"] = sum(per_layer) / len(per_layer)
     else:

@@ -73,25 +73,17 @@ class LitCausalLM(L.LightningModule):
         for name, value in aux.items():
             self.log(f"train/{name}_loss", value)
         self.log("train/loss", loss)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self._log_activation("train", last=True)
         return loss
 
     def _log_activation(self, stage: str, last: bool) -> None:
-        layers = dsmoe_layers(self.model)
-        if layers:
-            stats = activation_stats(self.model)
-            per_layer = stats.last_active_per_layer if last else stats.mean_active_per_layer
-            self.log(f"{stage}/mean_active_experts", sum(per_layer) / len(per_layer), prog_bar=stage == "train")
-            for i, value in enumerate(per_layer):
+        """Mean active experts (overall, per layer) and activated params / dense params."""
+        if dsmoe_layers(self.model):
+            stats = activation_stats(self.model, last=last)
+            self.log(f"{stage}/mean_active_experts", stats.mean_active, prog_bar=stage == "train")
+            for i, value in enumerate(stats.mean_active_per_layer):
                 self.log(f"{stage}/active_experts/layer_{i:02d}", value)
-        if layers and last:  # activated params from the last forward's activity
-            n = layers[0].num_experts
-            inactive = sum(
-                sum(p.numel() for k, p in layer.named_parameters() if not k.startswith("router")) * (1 - a / n)
-                for layer, a in zip(layers, stats.last_active_per_layer, strict=True)
-            )
-            activated = sum(p.numel() for p in self.model.parameters()) - inactive
+            activated = stats.activated_params
         else:
             activated = self.method.activated_params(self.model)
         self.log(f"{stage}/activated_params_frac", activated / self.dense_params)

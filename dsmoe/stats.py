@@ -46,15 +46,18 @@ def ffn_params(layer: nn.Module) -> int:
     return sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("router"))
 
 
-def activation_stats(model: nn.Module) -> ActivationStats:
-    """Per-layer mean number of active experts and the average activated parameter count."""
+def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
+    """Per-layer mean number of active experts and the average activated parameter count.
+
+    By default over everything accumulated in eval mode since the last reset (the last forward if
+    nothing was); ``last=True`` uses the last forward only (training)."""
     layers = dsmoe_layers(model)
     if not layers:
         raise ValueError("activation_stats needs a model converted with dsmoe.convert()")
     last, mean, freq = [], [], []
     for layer in layers:
         last_f = layer.last_active.float().mean(0) if layer.last_active is not None else None
-        if layer.token_count.item() > 0:
+        if not last and layer.token_count.item() > 0:
             f = (layer.active_sum / layer.token_count).float()
         elif last_f is not None:
             f = last_f
