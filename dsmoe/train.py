@@ -199,7 +199,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
             save_top_k=-1,
         ),
         LearningRateMonitor(logging_interval="step"),
-        ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel()),
+        # train/items_per_sec = tokens/s, a rolling mean over 10 batches
+        ThroughputMonitor(
+            batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(), window_size=10
+        ),
         *(callbacks or []),
     ]
     trainer = L.Trainer(
