@@ -199,7 +199,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
             save_top_k=-1,
         ),
         LearningRateMonitor(logging_interval="step"),
-        # train/items_per_sec = tokens/s, a rolling mean over 10 batches
+        # train/device/items_per_sec = tokens/s per device, a rolling mean over 10 batches
         ThroughputMonitor(
             batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(), window_size=10
         ),

@@ -113,8 +113,14 @@ def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets
     init, trained = dsmoe.load(tmp_path / "run" / "init_model"), dsmoe.load(final)
     for a, b in zip(dsmoe.dsmoe_layers(init), dsmoe.dsmoe_layers(trained), strict=True):
         assert not torch.equal(a.router.weight, b.router.weight)
-    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert events, "TensorBoard logs are written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    expected = {"train/lm_loss", "train/sparsity_loss", "train/loss", "train/mean_active_experts"}
+    expected |= {"train/active_experts/layer_01", "train/activated_params_frac", "train/device/items_per_sec"}
+    expected |= {"val/ppl", "val/ppl_a", "val/ppl_b", "val/mean_active_experts", "lr-AdamW/pg1"}
+    assert expected <= tags, expected - tags
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["global_step"] == 12 and summary["tokens"] == 12 * 4 * 32
 
