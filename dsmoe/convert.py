@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from dsmoe.config import DSMoEConfig
 from dsmoe.layer import DSMoEMLP
-from dsmoe.saving import load_with_extra_params, save_hf
+from dsmoe.saving import load_with_extra_params, save_hf, saved_entry
 
 
 def is_swiglu(module: nn.Module) -> bool:
@@ -72,13 +72,7 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrai
     The dense weights load through ``from_pretrained`` (sharding, dtype, device_map); the routers
     are then read from the same safetensors files.
     """
-    directory = Path(directory)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"no config.json in {directory}: not a saved model directory")
-    dsmoe_dict = getattr(AutoConfig.from_pretrained(directory), "dsmoe", None)
-    if dsmoe_dict is None:
-        raise ValueError(f"{directory} holds a dense model (no 'dsmoe' entry in config.json); use from_pretrained")
-    config = DSMoEConfig.from_dict(dict(dsmoe_dict))
+    config = DSMoEConfig.from_dict(dict(saved_entry(directory, "dsmoe")))
     return load_with_extra_params(
         directory, lambda m: convert(m, config), lambda k: k.endswith("router.weight"), dtype, **from_pretrained_kwargs
     )

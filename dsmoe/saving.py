@@ -38,6 +38,17 @@ def read_tensors(directory: str | Path, keep: Callable[[str], bool] = lambda nam
     return state
 
 
+def saved_entry(directory: str | Path, key: str) -> dict[str, Any]:
+    """The method entry ``key`` of a saved model's config.json; a clear error if the directory lacks it."""
+    config_file = Path(directory) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {directory}: not a saved model directory")
+    entry = json.loads(config_file.read_text()).get(key)
+    if entry is None:
+        raise ValueError(f"{directory} holds no {key!r} model (no {key!r} entry in config.json)")
+    return entry
+
+
 def load_with_extra_params(
     directory: str | Path,
     transform: Callable[[PreTrainedModel], PreTrainedModel],

@@ -72,7 +72,7 @@ def test_save_load_round_trip(tmp_path, ids, variant):
 
 def test_load_rejects_dense_dir(tmp_path):
     tiny_model().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="dense model"):
+    with pytest.raises(ValueError, match="no 'dsmoe' entry"):
         dsmoe.load(tmp_path)
 
 

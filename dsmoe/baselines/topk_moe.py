@@ -22,11 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from dsmoe.convert import is_swiglu
 from dsmoe.methods import Batches, Method
-from dsmoe.saving import load_with_extra_params, save_hf
+from dsmoe.saving import load_with_extra_params, save_hf, saved_entry
 from dsmoe.stats import count_params
 
 GATE_NETWORKS = ("linear", "mlp")
@@ -283,13 +283,7 @@ def _is_gate(name: str) -> bool:
 
 def load_topk_moe(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
     """Load a model written by :func:`save_topk_moe`: dense weights via from_pretrained, then the gates."""
-    directory = Path(directory)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"no config.json in {directory}: not a saved model directory")
-    moe = getattr(AutoConfig.from_pretrained(directory), "llama_moe", None)
-    if moe is None:
-        raise ValueError(f"{directory} holds no top-k MoE (no 'llama_moe' entry in config.json)")
-    config = TopKMoEConfig.from_dict(dict(moe))
+    config = TopKMoEConfig.from_dict(dict(saved_entry(directory, "llama_moe")))
     return load_with_extra_params(
         directory, lambda m: convert_to_topk_moe(m, config), _is_gate, dtype, **from_pretrained_kwargs
     )
