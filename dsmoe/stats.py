@@ -54,7 +54,7 @@ def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
     layers = dsmoe_layers(model)
     if not layers:
         raise ValueError("activation_stats needs a model converted with dsmoe.convert()")
-    last, mean, freq = [], [], []
+    last_counts, mean, freq = [], [], []
     for layer in layers:
         last_f = layer.last_active.float().mean(0) if layer.last_active is not None else None
         if not last and layer.token_count.item() > 0:
@@ -63,7 +63,7 @@ def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
             f = last_f
         else:
             f = torch.ones(layer.num_experts)
-        last.append(float(last_f.sum()) if last_f is not None else float("nan"))
+        last_counts.append(float(last_f.sum()) if last_f is not None else float("nan"))
         mean.append(float(f.sum()))
         freq.append([float(v) for v in f])
     total = count_params(model)
@@ -71,7 +71,7 @@ def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
     return ActivationStats(
         num_experts=layers[0].num_experts,
         mean_active_per_layer=mean,
-        last_active_per_layer=last,
+        last_active_per_layer=last_counts,
         expert_frequency=freq,
         tokens=int(layers[0].token_count.item()),
         total_params=total,

@@ -94,3 +94,21 @@ def test_activated_params_table1_accounting(ids):
     model(ids)
     assert dsmoe.activation_stats(model).activated_params < stats.activated_params
     assert model.config.dsmoe["tau"] == 0.9
+
+
+def test_activation_stats_accumulate_every_layer_and_last_uses_the_last_forward():
+    model = dsmoe.convert(tiny_model(num_hidden_layers=3), dsmoe.DSMoEConfig(num_experts=4)).eval()
+    counts = {i: [] for i in range(3)}
+    for i, layer in enumerate(dsmoe.dsmoe_layers(model)):
+        layer.register_forward_hook(lambda m, args, out, i=i: counts[i].append(m.last_active.sum(1).double()))
+    torch.manual_seed(1)
+    a, b = torch.randint(0, 256, (2, 9)), torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        model(a)
+        model(b)
+    accumulated = dsmoe.activation_stats(model).mean_active_per_layer
+    last = dsmoe.activation_stats(model, last=True).mean_active_per_layer
+    for i in range(3):
+        assert accumulated[i] == pytest.approx(torch.cat(counts[i]).mean().item())
+        assert last[i] == pytest.approx(counts[i][1].mean().item())
+    assert accumulated != last
