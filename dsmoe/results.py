@@ -34,14 +34,18 @@ def hardware() -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the repository this package lives in, '+dirty' if tracked files changed; 'unknown' outside git."""
+    """HEAD of the repository this package lives in, '+dirty' if tracked files other than the outputs in
+    results/ changed; 'unknown' outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+            cwd=root,
+            capture_output=True,
+            text=True,
         )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
@@ -76,6 +80,7 @@ def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], columns: Sequenc
             writer.writeheader()
             for row in rows:
                 writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

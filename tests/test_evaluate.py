@@ -47,3 +47,16 @@ def test_ppl_is_exp_mean_nll_and_counts_activation(tokenizer):
     assert result.tokens == 57
     assert result.ppl == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
     assert stats.tokens == 60 and 0 < stats.mean_active < 4
+
+
+def test_provenance_names_commit_and_ignores_results_outputs(tmp_path):
+    from dsmoe.results import PROVENANCE, provenance, read_csv, write_csv
+
+    row = provenance(model="m", method="dsmoe", tokens=10, steps=1, tau=0.5, seed=0)
+    assert list(row) == PROVENANCE and row["hardware"] and row["date"].endswith("Z")
+    assert row["git_commit"] == "unknown" or len(row["git_commit"].split("+")[0]) == 12
+    path = write_csv(tmp_path / "t.csv", [{"a": 1.5, **row}], ["a", *PROVENANCE])
+    assert read_csv(path)[0]["a"] == "1.5" and (path.stat().st_mode & 0o777) == 0o644
+    with pytest.raises(ValueError, match="not in the table's columns"):
+        write_csv(tmp_path / "u.csv", [{"b": 1}], ["a"])
+    assert not (tmp_path / "u.csv").exists()
