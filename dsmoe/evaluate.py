@@ -10,9 +10,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsmoe.losses import dsmoe_layers
-from dsmoe.stats import ActivationStats, activation_stats, reset_activation_stats
-
 
 @dataclass
 class PerplexityResult:
@@ -50,14 +47,3 @@ def perplexity(
         nll -= logp[valid].double().sum().item()
         count += int(valid.sum())
     return PerplexityResult(nll, count)
-
-
-def perplexity_with_stats(
-    model: nn.Module, windows: Iterable[torch.Tensor], batch_size: int = 4, desc: str = "ppl"
-) -> tuple[PerplexityResult, ActivationStats | None]:
-    """PPL plus the activation statistics accumulated over exactly this evaluation (DSMoE models)."""
-    has_dsmoe = bool(dsmoe_layers(model))
-    if has_dsmoe:
-        reset_activation_stats(model)
-    result = perplexity(model, windows, batch_size, desc)
-    return result, activation_stats(model) if has_dsmoe else None

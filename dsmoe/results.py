@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import os
 import platform
 import subprocess
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dsmoe.packages import write_atomic
 
 PROVENANCE = ["model", "method", "tokens", "steps", "tau", "seed", "hardware", "git_commit", "date"]
 
@@ -67,24 +67,20 @@ def provenance(**fields: Any) -> dict[str, Any]:
 def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> Path:
     """Write rows (with every column in ``columns``, extra keys refused) to path atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
     for row in rows:
         extra = set(row) - set(columns)
         if extra:
             raise ValueError(f"row has columns {sorted(extra)} not in the table's columns {list(columns)}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(columns))
             writer.writeheader()
             for row in rows:
                 writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from dsmoe.lit import LitCausalLM, OptimConfig
 from dsmoe.methods import get_method
 from dsmoe.models import EMBEDDED, load_model, load_tokenizer
+from dsmoe.packages import write_json
 from dsmoe.stats import count_params
 
 
@@ -243,9 +243,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
             "global_step": trainer.global_step,
             "tokens": trainer.global_step * t.global_batch_size * seq_len,
         }
-        tmp = run_dir / "train_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, run_dir / "train_summary.json")
+        write_json(run_dir / "train_summary.json", summary)
         if not t.keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return final

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dsmoe
-from dsmoe.evaluate import perplexity, perplexity_with_stats
+from dsmoe.evaluate import perplexity
 from dsmoe.models import load_tokenizer, tiny_model
 
 TEXT = (
@@ -41,7 +41,8 @@ def test_ppl_is_exp_mean_nll_and_counts_activation(tokenizer):
     ids = torch.tensor(tokenizer(TEXT + " " + TEXT).input_ids)
     assert ids.numel() >= 60
     windows = [ids[:20], ids[20:40], ids[40:60]]
-    result, stats = perplexity_with_stats(model, windows, batch_size=2)
+    result = perplexity(model, windows, batch_size=2)
+    stats = dsmoe.activation_stats(model)
     with torch.no_grad():
         losses = [model(w[None], labels=w[None]).loss.item() for w in windows]
     assert result.tokens == 57

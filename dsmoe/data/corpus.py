@@ -23,16 +23,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import random
 import sys
 import sysconfig
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from dsmoe.packages import cache_dir, fetch_deb, fetch_wheel, sha256
+from dsmoe.packages import cache_dir, fetch_deb, fetch_wheel, sha256, write_atomic, write_json
 
 DOMAINS = ("general", "math", "code", "textbook")
 STANDS_IN_FOR = {"general": "Fineweb-edu", "math": "OpenWebMath", "code": "StarCoder", "textbook": "Cosmopedia"}
@@ -234,18 +232,6 @@ BUILDERS: dict[str, Callable[[], tuple[Documents, Provenance]]] = {
 # ---------------------------------------------------------------- cache
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _prepare(docs: Documents, max_docs: int | None) -> Documents:
     """Strip, drop empties, deduplicate (first occurrence wins), shuffle with a fixed seed, truncate."""
     unique = list(dict.fromkeys(d.strip() for d in docs if d and d.strip()))
@@ -297,7 +283,7 @@ def build_corpus(
                 for doc in docs:
                     f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
 
-        _write_atomic(path, write_jsonl)
+        write_atomic(path, write_jsonl)
         manifest["domains"][domain] = {
             "stands_in_for": STANDS_IN_FOR[domain],
             "file": path.name,
@@ -310,7 +296,7 @@ def build_corpus(
             "format": FORMAT_VERSION,
             "sources": sources,
         }
-        _write_atomic(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+        write_json(manifest_path, manifest)
         _log(f"{domain}: {len(docs)} documents, {manifest['domains'][domain]['chars']:,} characters -> {path}")
     return paths
 
