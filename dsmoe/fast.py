@@ -68,8 +68,7 @@ class ExpertBlocks:
             m = layer.expert_size
             s = slice(a * m, b * m)
             biases = [None if p.bias is None else p.bias[s] for p in (layer.gate_proj, layer.up_proj)]
-            # a run of every expert reads V in its dense layout: MKL's GEMV is faster on it than on the whole Vᵀ
-            down = layer.down_proj.weight.t() if b - a == layer.num_experts else self.down[a:b].flatten(0, 1)
+            down = self.down[a:b].flatten(0, 1)
             weights = (layer.gate_proj.weight[s].t(), layer.up_proj.weight[s].t(), down, *biases)
             if self.cached:
                 weights = tuple(None if w is None else w.detach() for w in weights)
@@ -117,6 +116,28 @@ def _expert_chain(layer: DSMoEMLP, x: torch.Tensor, run: RunWeights, scale: torc
 
 def _finish(layer: DSMoEMLP, out: torch.Tensor) -> torch.Tensor:
     return out if layer.down_proj.bias is None else out.add_(layer.down_proj.bias)
+
+
+def decode_token(layer: DSMoEMLP, x: torch.Tensor) -> torch.Tensor:
+    """h for one token x [1, d] (batch-1 decode), gates to output, equal to the masked reference.
+
+    The gate logic of eqs. 7–8 runs on the n gate values as Python floats (one host read), the weight of an
+    active expert, g_i·n/k, is applied as g_i on its channels and n/k as the GEMM's alpha: a decode step costs
+    the router and the active experts' runs, and few small ops besides.
+    """
+    g = layer.gates(x)
+    used = [v > layer.tau for v in g[0].tolist()]
+    layer.__dict__["last_gates"] = g
+    layer.count_active(used)
+    k = sum(used)
+    out = x.new_zeros(1, layer.down_proj.out_features)
+    if k:
+        gates = g.view(1, -1, 1)
+        blocks = expert_blocks(layer)
+        for a, b in expert_runs(used):
+            run = blocks.run(layer, a, b)
+            out.addmm_(_expert_chain(layer, x, run, gates[:, a:b]), run[2], alpha=layer.num_experts / k)
+    return _finish(layer, out)
 
 
 def sparse_forward(

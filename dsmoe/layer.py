@@ -47,10 +47,16 @@ class DSMoEMLP(nn.Module):
         # "sparse" computes only the active experts at eval; "masked" the dense reference path.
         self.inference_impl = "sparse"
         self.fast_cache: fast.ExpertBlocks | None = None  # expert-major down_proj copy and run views, see dsmoe.fast
-        self.last_gates: torch.Tensor | None = None  # σ(xY) of the last forward, with its graph
-        self.last_active: torch.Tensor | None = None  # bool [tokens, n] of the last forward
+        self.last_gates: torch.Tensor | None = None  # σ(xY) [tokens, n] of the last forward, with its graph
+        # eval-mode counts: tokens per expert and tokens, read through activation_counts()
         self.register_buffer("active_sum", torch.zeros(config.num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("token_count", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.pending_counts = [0] * (config.num_experts + 1)  # decode steps' counts kept on the host, then tokens
+
+    @property
+    def last_active(self) -> torch.Tensor | None:
+        """bool [tokens, n]: the experts active in the last forward (σ(xY) > τ)."""
+        return None if self.last_gates is None else self.last_gates.detach() > self.tau
 
     def expert_slice(self, i: int) -> slice:
         return slice(i * self.expert_size, (i + 1) * self.expert_size)
@@ -58,7 +64,7 @@ class DSMoEMLP(nn.Module):
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """g = σ(x·Y), computed in at least fp32 (eq. 7)."""
         logits = self.router(x)
-        return torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+        return torch.sigmoid(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
 
     def expert_weights(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-expert output weights and the activity mask for gates g [..., n] (eqs. 7, 8, 10, 11, 20)."""
@@ -75,10 +81,12 @@ class DSMoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 1 and not self.training and self.inference_impl == "sparse":
+            out = fast.decode_token(self, x2)
+            return out.reshape(*shape[:-1], out.shape[-1])
         g = self.gates(x2)
         weights, active = self.expert_weights(g)
-        # plain attributes, not through nn.Module.__setattr__: this runs per layer per decoded token
-        self.__dict__["last_gates"], self.__dict__["last_active"] = g, active
+        self.__dict__["last_gates"] = g  # a plain attribute, not through nn.Module.__setattr__: runs per layer
         if not self.training:
             self.active_sum.add_(active.sum(0))  # no autograd: active is a bool mask
             self.token_count.add_(active.shape[0])
@@ -99,9 +107,26 @@ class DSMoEMLP(nn.Module):
         expert with one GEMM chain each, scatter-added (prefill); see dsmoe.fast."""
         return fast.sparse_forward(self, x, weights, active)
 
+    def count_active(self, used: list[bool]) -> None:
+        """Add one token's active experts to the eval-mode counts, on the host (no device op per step)."""
+        counts = self.pending_counts
+        for i, flag in enumerate(used):
+            counts[i] += flag
+        counts[-1] += 1
+
+    def activation_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens that activated each expert [n], tokens) over the eval-mode forwards since reset_stats()."""
+        if self.pending_counts[-1]:
+            pending = torch.tensor(self.pending_counts, dtype=torch.float64, device=self.active_sum.device)
+            self.active_sum.add_(pending[:-1])
+            self.token_count.add_(pending[-1])
+            self.pending_counts = [0] * (self.num_experts + 1)
+        return self.active_sum, self.token_count
+
     def reset_stats(self) -> None:
         self.active_sum.zero_()
         self.token_count.zero_()
+        self.pending_counts = [0] * (self.num_experts + 1)
 
     def extra_repr(self) -> str:
         return (

@@ -56,9 +56,11 @@ def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
         raise ValueError("activation_stats needs a model converted with dsmoe.convert()")
     last_counts, mean, freq = [], [], []
     for layer in layers:
-        last_f = layer.last_active.float().mean(0) if layer.last_active is not None else None
-        if not last and layer.token_count.item() > 0:
-            f = (layer.active_sum / layer.token_count).float()
+        last_active = layer.last_active
+        last_f = last_active.float().mean(0) if last_active is not None else None
+        active_sum, token_count = layer.activation_counts()
+        if not last and token_count.item() > 0:
+            f = (active_sum / token_count).float()
         elif last_f is not None:
             f = last_f
         else:
@@ -73,7 +75,7 @@ def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
         mean_active_per_layer=mean,
         last_active_per_layer=last_counts,
         expert_frequency=freq,
-        tokens=int(layers[0].token_count.item()),
+        tokens=int(layers[0].activation_counts()[1].item()),
         total_params=total,
         activated_params=total - inactive,
     )

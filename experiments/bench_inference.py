@@ -5,12 +5,16 @@ end-to-end (the embedded SmolLM2-135M, 30 layers), batch-1 decode and prefill, a
 of 8 experts active; plus a training-step overhead row (dsmoe variant, LM + sparsity loss, eq. 19).
 
 Activation is forced for control: every router is replaced by ``ForcedRouter`` (zero weights, so it
-costs what the real router costs, plus a per-position logit of ±8), which makes exactly k experts
-active per token: a random k-subset per token (prefill) or per layer (end-to-end decode), and the
-evenly spread, most fragmented subset for the FFN-level decode. Ideal speedup: 1/active fraction at
-the FFN level; end-to-end 1/(1 − s + s·k/n) with s the FFN share of the dense model's measured time
-(the dense model timed again with its FFNs replaced by zeros). Timings: torch.utils.benchmark
-blocked_autorange, interleaved over rounds, median of all blocks.
+costs what the real router costs, plus a per-position logit of ±8, the GEMV's bias in decode), which
+makes exactly k experts active per token: a random k-subset per token (prefill) or per layer (end-to-end
+decode), and the evenly spread, most fragmented subset for the FFN-level decode. Ideal speedup: 1/active
+fraction at the FFN level; end-to-end 1/(1 − s + s·k/n) with s the FFN share of the dense model's
+measured time (the dense model timed again with its FFNs replaced by zeros). Timings:
+torch.utils.benchmark blocked_autorange, interleaved over rounds, median of all blocks.
+
+Layout control (variant ``dense_vt``): DSMoE's expert blocks read down_proj as a contiguous Vᵀ, which
+MKL's batch-1 GEMV streams faster than nn.Linear's V. The dense model with only that change is timed in
+the same run, so its row shows how much of a speedup is layout rather than sparsity.
 
     python experiments/bench_inference.py [--threads 1,2] [--quick] [--device cuda]
       → results/bench_inference.csv, results/bench_inference.png
@@ -42,7 +46,7 @@ ACTIVE = (2, 3, 4, 5, 8)
 SHAPES = {"smollm2-ffn": (576, 1536, 30), "llama7b-ffn": (4096, 11008, 1)}  # d, D, layers timed together
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 FIELDS = [
-    "scope", "model", "shape", "mode", "batch", "seq", "context", "active_experts", "num_experts",
+    "scope", "model", "shape", "mode", "variant", "batch", "seq", "context", "active_experts", "num_experts",
     "activation", "pattern", "threads", "dense_ms", "dsmoe_ms", "speedup", "speedup_min", "ideal_speedup",
     "frac_of_ideal", "ideal_basis", "ffn_share", "device", "hardware", "torch", "git_commit", "date", "quick",
 ]  # fmt: skip
@@ -61,12 +65,27 @@ class ForcedRouter(nn.Module):
         self.offset = active.to(self.offset) * 16 - 8  # σ(±8) is far from τ=0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # decode: one GEMV with the offset as its bias, as cheap as a router's GEMV
+            return nn.functional.linear(x, self.weight, self.offset[0])
         return nn.functional.linear(x, self.weight) + self.offset[: x.shape[0]]
 
 
 class ZeroFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
+
+
+class DenseVtFFN(nn.Module):
+    """Layout control: the dense FFN with down_proj read from a contiguous Vᵀ, the layout of DSMoE's expert blocks
+    (batch-1 GEMV streams it faster on MKL than nn.Linear's V). Dense vs this isolates the layout's share."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.act_fn
+        self.down_t = mlp.down_proj.weight.detach().t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.act_fn(self.gate_proj(x)) * self.up_proj(x)) @ self.down_t
 
 
 def random_pattern(tokens: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -125,12 +144,19 @@ def timing(dense: list[float], dsmoe: list[float]) -> dict[str, float]:
 
 
 def rows_for(times: dict[str, list[float]], common: dict, ideal: Callable[[int], float], basis: str) -> list[dict]:
+    """One row per active count, and the layout-control row (dense vs dense with down_proj as Vᵀ)."""
     rows = []
+    t = timing(times["dense"], times["dense_vt"])
+    control = dict(active_experts=N_EXPERTS, num_experts=N_EXPERTS, activation=1.0, **t, ideal_speedup=1.0)
+    control.update(frac_of_ideal=t["speedup"], ideal_basis="no sparsity: the down_proj layout alone")
+    control.update(variant="dense_vt", pattern="dense FFN, down_proj as contiguous Vᵀ (layout control)")
+    rows.append(dict(common, **control))
     for k in ACTIVE:
         t = timing(times["dense"], times[f"k={k}"])
         rows.append(
             dict(
                 common,
+                variant="dsmoe",
                 active_experts=k,
                 num_experts=N_EXPERTS,
                 activation=k / N_EXPERTS,
@@ -164,7 +190,11 @@ def bench_ffn(name: str, mode: str, tokens: int, threads: int, args, device: str
         for router in routers:
             router.set_pattern(patterns[k])
 
-    cases: dict[str, Case] = {"dense": (lambda: None, lambda: run(dense))}
+    dense_vt = [DenseVtFFN(m) for m in dense]
+    cases: dict[str, Case] = {
+        "dense": (lambda: None, lambda: run(dense)),
+        "dense_vt": (lambda: None, lambda: run(dense_vt)),
+    }
     cases.update({f"k={k}": (lambda k=k: force(k), lambda: run(moe)) for k in ACTIVE})
     with torch.inference_mode():
         times = measure(cases, threads, args.block_time, args.rounds)
@@ -201,6 +231,7 @@ def bench_e2e(dense, moe, mode: str, threads: int, args, device: str) -> list[di
         run_moe = lambda: moe(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
         tokens = args.seq
     mlps = [layer.mlp for layer in layers]
+    dense_vt = [DenseVtFFN(m) for m in mlps]
 
     def set_ffn(modules):
         for layer, mlp in zip(layers, modules, strict=True):
@@ -216,6 +247,7 @@ def bench_e2e(dense, moe, mode: str, threads: int, args, device: str) -> list[di
     cases: dict[str, Case] = {
         "dense": (lambda: set_ffn(mlps), run_dense),
         "no_ffn": (lambda: set_ffn([ZeroFFN() for _ in layers]), run_dense),
+        "dense_vt": (lambda: set_ffn(dense_vt), run_dense),
     }
     cases.update({f"k={k}": (lambda k=k: force(k), run_moe) for k in ACTIVE})
     times = measure(cases, threads, args.block_time, args.rounds)
@@ -254,6 +286,7 @@ def bench_train(dense, threads: int, args, device: str) -> list[dict]:
             model="smollm2-135m",
             shape="d=576,D=1536,L=30",
             mode="train_step",
+            variant="dsmoe",
             batch=1,
             seq=args.train_seq,
             context=0,
@@ -280,7 +313,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, scope in zip(axes, ("ffn", "e2e"), strict=True):
         series: dict[tuple, list[dict]] = {}
         for r in rows:
-            if r["scope"] == scope:
+            if r["scope"] == scope and r["variant"] == "dsmoe":
                 series.setdefault((r["model"], r["mode"], r["threads"]), []).append(r)
         for (model, mode, threads), rs in series.items():
             a = [r["activation"] for r in rs]
@@ -298,7 +331,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["scope", "model", "mode", "seq", "threads", "activation", "dense_ms", "dsmoe_ms", "speedup"]
+    cols = ["scope", "model", "mode", "variant", "seq", "threads", "activation", "dense_ms", "dsmoe_ms", "speedup"]
     cols += ["speedup_min", "ideal_speedup", "frac_of_ideal"]
     print(" ".join(f"{c:>13}" for c in cols))
     for r in rows:
