@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import datetime
 import os
 import statistics
@@ -48,7 +49,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 FIELDS = [
     "scope", "model", "shape", "mode", "variant", "batch", "seq", "context", "active_experts", "num_experts",
     "activation", "pattern", "threads", "dense_ms", "dsmoe_ms", "speedup", "speedup_min", "ideal_speedup",
-    "frac_of_ideal", "ideal_basis", "ffn_share", "device", "hardware", "torch", "git_commit", "date", "quick",
+    "frac_of_ideal", "ideal_basis", "ffn_share", "malloc", "device", "hardware", "torch", "git_commit", "date", "quick",
 ]  # fmt: skip
 Case = tuple[Callable[[], None], Callable[[], object]]  # (prepare, timed statement)
 
@@ -107,6 +108,20 @@ def force_routers(layers: list[DSMoEMLP], max_tokens: int) -> list[ForcedRouter]
         layer.router = ForcedRouter(layer.gate_proj.in_features, N_EXPERTS, max_tokens).to(layer.gate_proj.weight)
         routers.append(layer.router)
     return routers
+
+
+def keep_freed_memory() -> str:
+    """Tell glibc malloc to keep freed memory (no trimming, no mmap below 32 MB): otherwise a model's large
+    temporaries can be returned to the OS and page-faulted back in on every forward (measured here: 70-100k
+    minor faults per dense 512-token prefill, none in the next run), which swamps the comparison. Applies to
+    dense and DSMoE alike; PyTorch's CPU tuning guide suggests jemalloc/tcmalloc for the same reason."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "default"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    return "glibc: no trim, mmap >= 32 MB" if ok else "default"
 
 
 def measure(cases: dict[str, Case], threads: int, block_time: float, rounds: int) -> dict[str, list[float]]:
@@ -358,7 +373,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda requested but torch.cuda.is_available() is False")
     args.seq, args.context, args.train_seq = (128, 16, 32) if args.quick else (512, 64, 128)
-    args.block_time, args.rounds = (0.1, 1) if args.quick else (0.5, 3)
+    args.block_time, args.rounds = (0.1, 1) if args.quick else (0.5, 5)
     return args
 
 
@@ -366,6 +381,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device, top = args.device, max(args.threads)
     info = provenance(device, args.quick)
+    info["malloc"] = keep_freed_memory()
     rows: list[dict] = []
     if "ffn" in args.parts:
         for name in SHAPES:

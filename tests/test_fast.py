@@ -3,7 +3,9 @@
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig
 from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 from dsmoe import DSMoEConfig, DSMoEMLP, activation_stats, convert, dsmoe_layers
 from dsmoe.fast import DECODE_MAX_TOKENS, expert_runs, sparse_forward
@@ -223,3 +225,11 @@ def test_benchmark_forced_router_activates_exactly_k_experts():
                 layer(torch.randn(16, D_MODEL))
             assert torch.equal(layer.last_active, pattern)
             assert (layer.last_active.sum(-1) == k).all()
+            router.set_pattern(pattern[:1])  # decode: the offset goes in as the GEMV's bias
+            with torch.no_grad():
+                layer(torch.randn(1, D_MODEL))
+            assert torch.equal(layer.last_active, pattern[:1])
+    mlp = LlamaMLP(LlamaConfig(hidden_size=D_MODEL, intermediate_size=D_FF, hidden_act="silu"))
+    x = torch.randn(3, D_MODEL)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.DenseVtFFN(mlp)(x), mlp(x), **TOL)  # the layout control computes the same
