@@ -6,22 +6,27 @@ experts in use:
 
 - decode (a few tokens, e.g. batch-1 generation): the union of the tokens' active experts, split into
   runs of adjacent experts; a run [a, b) is one contiguous block of W, of U and of an expert-major copy
-  of Vᵀ, so each run is one GEMV chain over exactly the weights it needs.
+  of Vᵀ, so each run is one GEMV chain over exactly the weights it needs. A single token goes through
+  ``decode_token``, which also does the gating (eqs. 7–8) with a handful of ops instead of a dozen.
 - prefill (more tokens): each expert's tokens are gathered, pass one GEMM chain, and are scatter-added
   back; experts that (nearly) every token uses are computed as runs over all tokens instead.
 
 The rows of W and U of an expert are contiguous in the dense layout, its columns of V (down_proj) are
-not: :class:`ExpertBlocks` keeps a contiguous [n, m, d] copy of Vᵀ (one third of the FFN's weights) and
-the per-run weight views, and is rebuilt when any of the three weights is replaced, moved or modified
-in place. It lives in the plain attribute ``layer.fast_cache``, not a buffer, so the state dict,
-save/load and training are unchanged.
+not: :class:`ExpertBlocks` keeps a contiguous [n, m, d] copy of Vᵀ (one third of the FFN's weights; MKL's
+batch-1 GEMV also streams this layout faster than nn.Linear's V) and the per-run weight views, and is
+rebuilt when any of the three weights is replaced, moved or modified in place. It lives in the plain
+attribute ``layer.fast_cache``, not a buffer, so the state dict, save/load and training are unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.activations import SiLUActivation
 
 if TYPE_CHECKING:
     from dsmoe.layer import DSMoEMLP
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
 DECODE_MAX_TOKENS = 4  # up to this many tokens every used expert is computed for all of them: fewest ops
 DENSE_EXPERT_FRACTION = 0.9  # in larger batches, experts used by this share of tokens skip the gather/scatter
 
+_SILU_MODULES = (nn.SiLU, SiLUActivation)
 RunWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 
@@ -107,13 +113,22 @@ def expert_runs(used: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
-def _expert_chain(layer: DSMoEMLP, x: torch.Tensor, run: RunWeights, scale: torch.Tensor) -> torch.Tensor:
-    """act(x·W_s) ⊙ (x·U_s) ⊙ scale for a run's channels s; scale [T, b−a, 1] holds each expert's weight."""
+def _activation(layer: DSMoEMLP) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer's activation, as the plain function for SiLU modules (a module call costs µs per decode run)."""
+    act = layer.act_fn
+    return F.silu if type(act) in _SILU_MODULES else act
+
+
+def _expert_chain(
+    act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, run: RunWeights, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """act(x·W_s) ⊙ (x·U_s) [⊙ scale] for a run's channels s; scale [T, b−a, 1] holds each expert's weight."""
     gate_t, up_t, _, gate_b, up_b = run
     up = torch.mm(x, up_t) if up_b is None else torch.addmm(up_b, x, up_t)
-    up.view(x.shape[0], scale.shape[1], -1).mul_(scale)
+    if scale is not None:
+        up.view(x.shape[0], scale.shape[1], -1).mul_(scale)
     gate = torch.mm(x, gate_t) if gate_b is None else torch.addmm(gate_b, x, gate_t)
-    return layer.act_fn(gate).mul_(up)
+    return act(gate).mul_(up)
 
 
 def _finish(layer: DSMoEMLP, out: torch.Tensor) -> torch.Tensor:
@@ -123,22 +138,27 @@ def _finish(layer: DSMoEMLP, out: torch.Tensor) -> torch.Tensor:
 def decode_token(layer: DSMoEMLP, x: torch.Tensor) -> torch.Tensor:
     """h for one token x [1, d] (batch-1 decode), gates to output, equal to the masked reference.
 
-    The gate logic of eqs. 7–8 runs on the n gate values as Python floats (one host read), the weight of an
-    active expert, g_i·n/k, is applied as g_i on its channels and n/k as the GEMM's alpha: a decode step costs
-    the router and the active experts' runs, and few small ops besides.
+    The gate logic of eqs. 7–8 runs on the n gate values as Python floats (one host read). An active expert's
+    weight g_i·n/k is applied as the down GEMM's alpha for an expert alone in its run (when no gradient is
+    wanted), as g_i on the channels and n/k as alpha for a longer run. A decode step thus costs the router,
+    the active experts' runs and few small ops besides.
     """
     g = layer.gates(x)
-    used = [v > layer.tau for v in g[0].tolist()]
+    gates = g[0].tolist()
+    used = [v > layer.tau for v in gates]
     layer.__dict__["last_gates"] = g
     layer.count_active(used)
     k = sum(used)
     out = x.new_zeros(1, layer.down_proj.out_features)
     if k:
-        gates = g.view(1, -1, 1)
-        blocks = expert_blocks(layer)
+        scale, host_weights = layer.num_experts / k, not torch.is_grad_enabled()
+        gate_view, act, blocks = g.view(1, -1, 1), _activation(layer), expert_blocks(layer)
         for a, b in expert_runs(used):
             run = blocks.run(layer, a, b)
-            out.addmm_(_expert_chain(layer, x, run, gates[:, a:b]), run[2], alpha=layer.num_experts / k)
+            if b - a == 1 and host_weights:
+                out.addmm_(_expert_chain(act, x, run, None), run[2], alpha=gates[a] * scale)
+            else:
+                out.addmm_(_expert_chain(act, x, run, gate_view[:, a:b]), run[2], alpha=scale)
     return _finish(layer, out)
 
 
@@ -160,10 +180,11 @@ def sparse_forward(
     whole = [c > 0 and c >= dense_fraction * tokens for c in counts]
     scale = weights.to(x.dtype).unsqueeze(-1)  # [T, n, 1]
     blocks = expert_blocks(layer) if any(counts) else None
+    act = _activation(layer)
     out = None
     for a, b in expert_runs(whole):
         run = blocks.run(layer, a, b)
-        h = _expert_chain(layer, x, run, scale[:, a:b])
+        h = _expert_chain(act, x, run, scale[:, a:b])
         out = torch.mm(h, run[2]) if out is None else out.addmm_(h, run[2])
     if out is None:
         out = x.new_zeros(tokens, layer.down_proj.out_features)
@@ -171,6 +192,6 @@ def sparse_forward(
         if count and not whole[i]:
             idx = active[:, i].nonzero().flatten()
             run = blocks.run(layer, i, i + 1)
-            h = _expert_chain(layer, x.index_select(0, idx), run, scale[idx, i : i + 1])
+            h = _expert_chain(act, x.index_select(0, idx), run, scale[idx, i : i + 1])
             out.index_add_(0, idx, torch.mm(h, run[2]))
     return _finish(layer, out)

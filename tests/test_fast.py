@@ -93,21 +93,23 @@ def test_layer_eval_sparse_equals_masked_for_2d_and_3d_inputs(shape):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_decode_token_equals_masked_layer_for_every_pattern(bias):
+@pytest.mark.parametrize("grad", [False, True])  # with autograd, no expert weight may become a host float
+def test_decode_token_equals_masked_layer_for_every_pattern(bias, grad):
     """One token through the layer (fast.decode_token) for all 2^n activity patterns, 0 and n active included."""
     layer = make_layer(bias=bias)
     x = torch.randn(1, D_MODEL, generator=torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(3)
     counts = torch.zeros(N, dtype=torch.float64)
-    with torch.no_grad():
-        for bits in range(2**N):
-            pattern = torch.tensor([bits >> i & 1 for i in range(N)], dtype=torch.bool)
-            logits = torch.where(pattern, 1.0, -1.0) * (0.1 + 2 * torch.rand(N, generator=g))
+    for bits in range(2**N):
+        pattern = torch.tensor([bits >> i & 1 for i in range(N)], dtype=torch.bool)
+        logits = torch.where(pattern, 1.0, -1.0) * (0.1 + 2 * torch.rand(N, generator=g))
+        with torch.no_grad():
             layer.router.weight.copy_(torch.outer(logits, x[0]) / x.square().sum())  # x·Yᵀ = logits
-            layer.inference_impl = "masked"
             ref = layer.masked_forward(x, layer.expert_weights(layer.gates(x))[0])
-            layer.inference_impl = "sparse"
+        with torch.set_grad_enabled(grad):
             out = layer(x)
+        assert out.requires_grad == (grad and (bits > 0 or bias))  # no expert: zeros (+ the down bias)
+        with torch.no_grad():
             assert torch.equal(layer.last_active[0], pattern)
             torch.testing.assert_close(out, ref, **TOL, msg=f"pattern {pattern.int().tolist()}")
             counts += pattern
