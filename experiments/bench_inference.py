@@ -265,7 +265,7 @@ def bench_e2e(dense, moe, mode: str, threads: int, args, device: str) -> list[di
         "dense_vt": (lambda: set_ffn(dense_vt), run_dense),
     }
     cases.update({f"k={k}": (lambda k=k: force(k), run_moe) for k in ACTIVE})
-    times = measure(cases, threads, args.block_time, args.rounds)
+    times = measure(cases, threads, args.block_time, args.rounds * (2 if tokens > 1 else 1))  # prefill: ~1 per block
     set_ffn(mlps)
     share = 1 - statistics.median(times["no_ffn"]) / statistics.median(times["dense"])
     common = dict(scope="e2e", model="smollm2-135m", shape=f"d=576,D=1536,L={len(layers)}", mode=mode, batch=1)
@@ -293,7 +293,7 @@ def bench_train(dense, threads: int, args, device: str) -> list[dict]:
         return run
 
     cases = {"dense": (lambda: None, step(dense, False)), "dsmoe": (lambda: None, step(moe, True))}
-    times = measure(cases, threads, args.block_time, args.rounds)
+    times = measure(cases, threads, args.block_time, 2 * args.rounds)  # ~1 s steps: one sample per block
     t = timing(times["dense"], times["dsmoe"])
     return [
         dict(
