@@ -150,7 +150,7 @@ def decode_token(layer: DSMoEMLP, x: torch.Tensor) -> torch.Tensor:
     gates = g[0].tolist()
     used = [v > layer.tau for v in gates]
     layer.__dict__["last_gates"] = g
-    layer.count_active(used)
+    layer.count_active(used, 1)
     k = sum(used)
     out = x.new_zeros(1, layer.down_proj.out_features)
     if k:
@@ -158,15 +158,21 @@ def decode_token(layer: DSMoEMLP, x: torch.Tensor) -> torch.Tensor:
         gate_view, act, blocks = g.view(1, -1, 1), _activation(layer), expert_blocks(layer)
         for a, b in expert_runs(used):
             run = blocks.run(layer, a, b)
+            # out-of-place addmm: under autocast it runs in the autocast dtype, an in-place one would not
             if b - a == 1 and host_weights:
-                out.addmm_(_expert_chain(act, x, run, None), run[2], alpha=gates[a] * scale)
+                out = torch.addmm(out, _expert_chain(act, x, run, None), run[2], alpha=gates[a] * scale)
             else:
-                out.addmm_(_expert_chain(act, x, run, gate_view[:, a:b]), run[2], alpha=scale)
+                out = torch.addmm(out, _expert_chain(act, x, run, gate_view[:, a:b]), run[2], alpha=scale)
     return _finish(layer, out)
 
 
 def sparse_forward(
-    layer: DSMoEMLP, x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor, dense_fraction: float | None = None
+    layer: DSMoEMLP,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    active: torch.Tensor,
+    dense_fraction: float | None = None,
+    counts: list[int] | None = None,
 ) -> torch.Tensor:
     """h for x [T, d] from the active experts only; equal to the masked reference.
 
@@ -175,26 +181,25 @@ def sparse_forward(
     contiguous weight blocks. Every other used expert is computed on its gathered tokens and scatter-added.
     The default, 0 for at most DECODE_MAX_TOKENS tokens (decode: the union of the tokens' experts) and
     DENSE_EXPERT_FRACTION otherwise (prefill), spares the gather/scatter where it would cost more than it saves.
+    ``counts`` (tokens per expert, ``active.sum(0)``) is read from ``active`` when not given.
     """
     tokens = x.shape[0]
     if dense_fraction is None:
         dense_fraction = 0.0 if tokens <= DECODE_MAX_TOKENS else DENSE_EXPERT_FRACTION
-    counts = (active[0] if tokens == 1 else active.sum(0)).tolist()
+    if counts is None:
+        counts = active.sum(0).tolist()
     whole = [c > 0 and c >= dense_fraction * tokens for c in counts]
     scale = weights.to(x.dtype).unsqueeze(-1)  # [T, n, 1]
     blocks = expert_blocks(layer) if any(counts) else None
     act = _activation(layer)
-    out = None
+    out = x.new_zeros(tokens, layer.down_proj.out_features)
     for a, b in expert_runs(whole):
         run = blocks.run(layer, a, b)
-        h = _expert_chain(act, x, run, scale[:, a:b])
-        out = torch.mm(h, run[2]) if out is None else out.addmm_(h, run[2])
-    if out is None:
-        out = x.new_zeros(tokens, layer.down_proj.out_features)
+        out = torch.addmm(out, _expert_chain(act, x, run, scale[:, a:b]), run[2])  # out-of-place: autocast-safe
     for i, count in enumerate(counts):
         if count and not whole[i]:
             idx = active[:, i].nonzero().flatten()
             run = blocks.run(layer, i, i + 1)
             h = _expert_chain(act, x.index_select(0, idx), run, scale[idx, i : i + 1])
-            out.index_add_(0, idx, torch.mm(h, run[2]))
+            out.index_add_(0, idx, torch.mm(h, run[2]).to(out.dtype))  # under autocast the product may be bf16
     return _finish(layer, out)

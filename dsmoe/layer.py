@@ -14,6 +14,16 @@ from dsmoe import fast
 from dsmoe.config import DSMoEConfig
 
 
+def expert_size(intermediate_size: int, num_experts: int) -> int:
+    """m = D/n, the channels of each expert when a SwiGLU FFN of width D is cut into n (eq. 6)."""
+    if intermediate_size % num_experts:
+        raise ValueError(
+            f"intermediate size D={intermediate_size} is not divisible by num_experts={num_experts}; "
+            f"choose n among the divisors of {intermediate_size}"
+        )
+    return intermediate_size // num_experts
+
+
 class DSMoEMLP(nn.Module):
     """h = n/#active · Σ_i o_i·G(σ(x·Y_i)) with o_i = (act(x·W_i) ⊙ x·U_i)·V_i (eqs. 6–8).
 
@@ -31,15 +41,10 @@ class DSMoEMLP(nn.Module):
         config: DSMoEConfig,
     ) -> None:
         super().__init__()
-        hidden_size, intermediate_size = gate_proj.in_features, gate_proj.out_features
-        if intermediate_size % config.num_experts:
-            raise ValueError(
-                f"intermediate size D={intermediate_size} is not divisible by num_experts="
-                f"{config.num_experts}; choose n among the divisors of {intermediate_size}"
-            )
+        hidden_size = gate_proj.in_features
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
         self.num_experts = config.num_experts
-        self.expert_size = intermediate_size // config.num_experts
+        self.expert_size = expert_size(gate_proj.out_features, config.num_experts)
         self.tau = float(config.tau)
         self.variant = config.variant
         self.router = nn.Linear(hidden_size, config.num_experts, bias=False)
@@ -48,18 +53,13 @@ class DSMoEMLP(nn.Module):
         self.inference_impl = "sparse"
         self.fast_cache: fast.ExpertBlocks | None = None  # expert-major down_proj copy and run views, see dsmoe.fast
         self.last_gates: torch.Tensor | None = None  # σ(xY) [tokens, n] of the last forward, with its graph
-        # eval-mode counts: tokens per expert and tokens, read through activation_counts()
-        self.register_buffer("active_sum", torch.zeros(config.num_experts, dtype=torch.float64), persistent=False)
-        self.register_buffer("token_count", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.pending_counts = [0] * (config.num_experts + 1)  # decode steps' counts kept on the host, then tokens
+        self.expert_tokens = [0] * config.num_experts  # eval mode, since reset_stats(): tokens per expert
+        self.tokens_seen = 0  # and tokens (host ints: the fast paths read the counts anyway)
 
     @property
     def last_active(self) -> torch.Tensor | None:
         """bool [tokens, n]: the experts active in the last forward (σ(xY) > τ)."""
         return None if self.last_gates is None else self.last_gates.detach() > self.tau
-
-    def expert_slice(self, i: int) -> slice:
-        return slice(i * self.expert_size, (i + 1) * self.expert_size)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """g = σ(x·Y), computed in at least fp32 (eq. 7)."""
@@ -87,13 +87,15 @@ class DSMoEMLP(nn.Module):
         g = self.gates(x2)
         weights, active = self.expert_weights(g)
         self.__dict__["last_gates"] = g  # a plain attribute, not through nn.Module.__setattr__: runs per layer
-        if not self.training:
-            self.active_sum.add_(active.sum(0))  # no autograd: active is a bool mask
-            self.token_count.add_(active.shape[0])
-        if self.training or self.inference_impl == "masked":
+        if self.training:
             out = self.masked_forward(x2, weights)
         else:
-            out = self.sparse_forward(x2, weights, active)
+            counts = active.sum(0).tolist()
+            self.count_active(counts, x2.shape[0])
+            if self.inference_impl == "masked":
+                out = self.masked_forward(x2, weights)
+            else:  # only the active experts, see dsmoe.fast
+                out = fast.sparse_forward(self, x2, weights, active, counts=counts)
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def masked_forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -102,31 +104,15 @@ class DSMoEMLP(nn.Module):
         h = h.view(-1, self.num_experts, self.expert_size) * weights.to(h.dtype).unsqueeze(-1)
         return self.down_proj(h.view(x.shape[0], -1))
 
-    def sparse_forward(self, x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """Only the active experts: runs of adjacent experts over all tokens (decode), tokens grouped by
-        expert with one GEMM chain each, scatter-added (prefill); see dsmoe.fast."""
-        return fast.sparse_forward(self, x, weights, active)
-
-    def count_active(self, used: list[bool]) -> None:
-        """Add one token's active experts to the eval-mode counts, on the host (no device op per step)."""
-        counts = self.pending_counts
-        for i, flag in enumerate(used):
-            counts[i] += flag
-        counts[-1] += 1
-
-    def activation_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens that activated each expert [n], tokens) over the eval-mode forwards since reset_stats()."""
-        if self.pending_counts[-1]:
-            pending = torch.tensor(self.pending_counts, dtype=torch.float64, device=self.active_sum.device)
-            self.active_sum.add_(pending[:-1])
-            self.token_count.add_(pending[-1])
-            self.pending_counts = [0] * (self.num_experts + 1)
-        return self.active_sum, self.token_count
+    def count_active(self, counts: list[int], tokens: int) -> None:
+        """Add an eval-mode forward's tokens per expert and its token count to the statistics."""
+        for i, c in enumerate(counts):
+            self.expert_tokens[i] += c
+        self.tokens_seen += tokens
 
     def reset_stats(self) -> None:
-        self.active_sum.zero_()
-        self.token_count.zero_()
-        self.pending_counts = [0] * (self.num_experts + 1)
+        self.expert_tokens = [0] * self.num_experts
+        self.tokens_seen = 0
 
     def extra_repr(self) -> str:
         return (

@@ -58,9 +58,8 @@ def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
     for layer in layers:
         last_active = layer.last_active
         last_f = last_active.float().mean(0) if last_active is not None else None
-        active_sum, token_count = layer.activation_counts()
-        if not last and token_count.item() > 0:
-            f = (active_sum / token_count).float()
+        if not last and layer.tokens_seen > 0:
+            f = torch.tensor(layer.expert_tokens, dtype=torch.float64).div(layer.tokens_seen).float()
         elif last_f is not None:
             f = last_f
         else:
@@ -75,7 +74,7 @@ def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
         mean_active_per_layer=mean,
         last_active_per_layer=last_counts,
         expert_frequency=freq,
-        tokens=int(layers[0].activation_counts()[1].item()),
+        tokens=layers[0].tokens_seen,
         total_params=total,
         activated_params=total - inactive,
     )

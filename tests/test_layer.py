@@ -176,8 +176,8 @@ def test_eval_accumulates_active_counts():
     layer(x)
     layer(x)
     active = (torch.sigmoid(x @ layer.router.weight.T) > 0.5).double().sum(0)
-    torch.testing.assert_close(layer.active_sum, 2 * active)
-    assert layer.token_count.item() == 14
+    assert layer.expert_tokens == (2 * active).tolist()
+    assert layer.tokens_seen == 14
 
 
 def test_bad_config_values_are_named():
