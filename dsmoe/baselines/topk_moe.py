@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from dsmoe import fast
 from dsmoe.convert import is_swiglu
+from dsmoe.layer import expert_size
 from dsmoe.methods import Batches, Method
 from dsmoe.saving import load_with_extra_params, save_hf, saved_entry
 from dsmoe.stats import count_params
@@ -125,16 +127,11 @@ class TopKMoEMLP(nn.Module):
         config: TopKMoEConfig,
     ) -> None:
         super().__init__()
-        hidden_size, intermediate_size = gate_proj.in_features, gate_proj.out_features
-        n = config.num_experts
-        if intermediate_size % n:
-            raise ValueError(
-                f"intermediate size D={intermediate_size} is not divisible by num_experts={n}; "
-                f"choose n among the divisors of {intermediate_size}"
-            )
+        hidden_size, n = gate_proj.in_features, config.num_experts
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
         self.num_experts, self.top_k = n, config.top_k
-        self.expert_size = intermediate_size // n
+        self.expert_size = expert_size(gate_proj.out_features, n)
+        self.fast_cache: fast.ExpertBlocks | None = None  # run views of the experts, see dsmoe.fast
         self.scale = config.scale
         self.noisy_gating, self.noise_epsilon = config.noisy_gating, float(config.noise_epsilon)
         if config.gate_network == "linear":
@@ -150,9 +147,6 @@ class TopKMoEMLP(nn.Module):
             self.noise.to(device=gate_proj.weight.device, dtype=gate_proj.weight.dtype)
         self.last_balance_loss: torch.Tensor | None = None  # unweighted cv²(I) + cv²(L), with its graph
         self.last_indices: torch.Tensor | None = None  # [tokens, k] experts of the last forward
-
-    def expert_slice(self, i: int) -> slice:
-        return slice(i * self.expert_size, (i + 1) * self.expert_size)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k expert indices [T, k], their softmax scores [T, k], Importance [n] and Load [n]."""
@@ -183,23 +177,11 @@ class TopKMoEMLP(nn.Module):
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def experts_forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Only the selected experts: tokens grouped by expert, one GEMM chain each, scatter-added."""
-        out = x.new_zeros(x.shape[0], self.down_proj.out_features)
-        weights = weights.to(x.dtype)
-        for i in range(self.num_experts):
-            token, slot = (indices == i).nonzero(as_tuple=True)
-            if token.numel() == 0:
-                continue
-            s = self.expert_slice(i)
-            xi = x.index_select(0, token)
-            gate_b = None if self.gate_proj.bias is None else self.gate_proj.bias[s]
-            up_b = None if self.up_proj.bias is None else self.up_proj.bias[s]
-            h = self.act_fn(F.linear(xi, self.gate_proj.weight[s], gate_b)) * F.linear(xi, self.up_proj.weight[s], up_b)
-            oi = F.linear(h, self.down_proj.weight[:, s]) * weights[token, slot].unsqueeze(-1)
-            out.index_add_(0, token, oi.to(out.dtype))  # under autocast oi may be bf16
-        if self.down_proj.bias is not None:
-            out += self.down_proj.bias
-        return out
+        """Only the selected experts (tokens grouped by expert, one GEMM chain each), as DSMoE's eval path does."""
+        dense = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=weights.device)
+        dense = dense.scatter(1, indices, weights)  # differentiable in weights
+        active = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, indices, True)
+        return fast.sparse_forward(self, x, dense, active)
 
     def ffn_params(self) -> int:
         return sum(p.numel() for m in (self.gate_proj, self.up_proj, self.down_proj) for p in m.parameters())
