@@ -20,9 +20,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from dsmoe.lit import LitCausalLM, OptimConfig
 from dsmoe.methods import get_method
@@ -78,11 +79,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def world_size(t: TrainerConfig) -> int:
-    if t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available()):
-        per_node = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
-    else:
-        per_node = t.devices if isinstance(t.devices, int) and t.devices > 0 else max(torch.cuda.device_count(), 1)
-    return per_node * t.num_nodes
+    """Processes in the run: devices per node as Lightning parses them ("auto", 2, "0,1", [0, 1]) × nodes."""
+    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+    accelerator = CPUAccelerator if on_cpu else CUDAAccelerator
+    devices = OmegaConf.to_object(t.devices) if isinstance(t.devices, ListConfig) else t.devices
+    devices = accelerator.auto_device_count() if devices == "auto" else accelerator.parse_devices(devices)
+    return (devices if isinstance(devices, int) else len(devices)) * t.num_nodes
 
 
 def schedule(cfg: DictConfig) -> tuple[int, int]:

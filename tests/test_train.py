@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 import dsmoe
 from dsmoe.models import tiny_model
-from dsmoe.train import export, load_config, schedule, train
+from dsmoe.train import export, load_config, schedule, train, world_size
 
 WORDS = [f"w{i}" for i in range(200)]
 
@@ -90,6 +90,13 @@ class LossRecorder(L.Callback):
                     )
                     + "\n"
                 )
+
+
+@pytest.mark.parametrize("devices, expected", [(2, 2), ("2", 2), ("auto", 1), (1, 1)])
+def test_world_size_parses_devices_as_lightning_does(devices, expected):
+    cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.num_nodes=3"])
+    cfg.trainer.devices = devices
+    assert world_size(cfg.trainer) == 3 * expected
 
 
 def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
