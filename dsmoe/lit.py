@@ -51,6 +51,7 @@ class LitCausalLM(L.LightningModule):
         self.model, self.method, self.optim = model, method, optim
         self.model.train()  # loaders return eval-mode models; Lightning keeps the modes it is given
         self.dense_params = dense_params
+        self.static_activated_params: float | None = None  # methods other than DSMoE, see _log_activation
         self.max_steps = max_steps
         self.val_source_names = list(val_source_names or ["val"])
         self.val_ppl = nn.ModuleList(Perplexity() for _ in self.val_source_names)
@@ -83,8 +84,10 @@ class LitCausalLM(L.LightningModule):
             for i, value in enumerate(stats.mean_active_per_layer):
                 self.log(f"{stage}/active_experts/layer_{i:02d}", value)
             activated = stats.activated_params
-        else:
-            activated = self.method.activated_params(self.model)
+        else:  # fixed once the method is applied (masks, pruned shapes, k of n): counted once
+            if self.static_activated_params is None:
+                self.static_activated_params = self.method.activated_params(self.model)
+            activated = self.static_activated_params
         self.log(f"{stage}/activated_params_frac", activated / self.dense_params)
 
     def optimizer_step(self, *args, **kwargs) -> None:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from dsmoe.stats import count_params
+
 Batches = Iterable[torch.Tensor]  # calibration input_ids batches, for methods that need data
 
 
@@ -36,12 +38,12 @@ class Method:
     needs_calibration: bool = False
 
 
-def _no_aux(model: nn.Module) -> dict[str, torch.Tensor]:
+def no_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     return {}
 
 
 def _all_params(model: nn.Module) -> float:
-    return float(sum(p.numel() for p in model.parameters()))
+    return float(count_params(model))
 
 
 def _dense_apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:
@@ -95,7 +97,7 @@ def _dsmoe_load(directory: Path) -> nn.Module:
     return load(directory)
 
 
-DENSE = Method("dense", _dense_apply, _no_aux, _all_params, save_pretrained, from_pretrained)
+DENSE = Method("dense", _dense_apply, no_aux_losses, _all_params, save_pretrained, from_pretrained)
 DSMOE = Method("dsmoe", _dsmoe_apply, _dsmoe_aux, _dsmoe_activated, _dsmoe_save, _dsmoe_load)
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (DENSE, DSMOE)}

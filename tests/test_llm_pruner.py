@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dsmoe.baselines import llm_pruner as lp
 from dsmoe.models import tiny_model
+from dsmoe.stats import count_params
 
 ARCHS = [("llama", False), ("qwen2", True)]  # qwen2: q/k/v biases; tied embeddings; both GQA (4 heads, 2 KV)
 
@@ -139,11 +140,11 @@ def test_channel_pruning_of_dead_dims_is_lossless_up_to_rmsnorm_scale(arch, tied
 @pytest.mark.parametrize("mode,fraction", [("channel", 0.63), ("block", 0.8), ("block", 0.7)])
 def test_prune_to_target_meets_the_budget(arch, tied, mode, fraction):
     model = tiny_model(arch, num_hidden_layers=4, tie_word_embeddings=tied)
-    dense = lp.num_params(model)
+    dense = count_params(model)
     target = fraction * dense
     predicted = lp.plan(model, mode, target_params=target, keep_first=1, keep_last=1)["params"]
     lp.prune_to_target(model, target, mode, calib(), keep_first=1, keep_last=1)
-    achieved = lp.num_params(model)
+    achieved = count_params(model)
     assert achieved == predicted == model.config.llm_pruner["params"]
     if mode == "channel":  # one hidden channel of this tiny model is ~1.6% of its params: nearest d'
         per_channel = lp.channel_param_count(model, 2) - lp.channel_param_count(model, 1)
@@ -162,13 +163,13 @@ def test_prune_to_target_meets_the_budget(arch, tied, mode, fraction):
 @pytest.mark.parametrize("method", [lp.LLM_PRUNER_CHANNEL, lp.LLM_PRUNER_BLOCK])
 def test_method_trains_and_round_trips(method, tmp_path):
     model = tiny_model("llama", num_hidden_layers=4)
-    dense = lp.num_params(model)
+    dense = count_params(model)
     options = {"target_fraction": 0.75, "num_calib_batches": 1}
     if method is lp.LLM_PRUNER_BLOCK:
         options |= {"keep_first": 1, "keep_last": 1}
     assert method.needs_calibration and method.aux_losses(model) == {} and method.after_optimizer_step is None
     model = method.apply(model, options, iter(calib(3)))
-    assert method.activated_params(model) == lp.num_params(model)
+    assert method.activated_params(model) == count_params(model)
     assert abs(method.activated_params(model) / (0.75 * dense) - 1) <= 0.01
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -191,7 +192,7 @@ def test_method_trains_and_round_trips(method, tmp_path):
 
 def test_tied_channel_model_round_trips(tmp_path):
     model = tiny_model("qwen2", tie_word_embeddings=True)
-    model = lp.prune_to_target(model, 0.6 * lp.num_params(model), "channel", calib())
+    model = lp.prune_to_target(model, 0.6 * count_params(model), "channel", calib())
     lp.save_pruned(model, tmp_path / "m")
     loaded = lp.load_pruned(tmp_path / "m")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -218,7 +219,7 @@ def test_paper_table1_llama_1b_shapes():
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
     )  # fmt: skip
-    assert round(lp.num_params(model) / 1e6) == 1236  # Table 1: 1.24B
+    assert round(count_params(model) / 1e6) == 1236  # Table 1: 1.24B
     block = lp.plan(model, "block", target_params=735e6)  # layers 4..13 pruned (keep_first=4, keep_last=2)
     assert block["intermediate_sizes"][4:14] == [1321] * 10 and block["num_key_value_heads"][4:14] == [2] * 10
     assert abs(block["params"] / 735e6 - 1) < 1e-3
@@ -279,8 +280,8 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("mode", lp.MODES)
 def test_full_budget_prunes_nothing(mode):
     model = tiny_model("llama", num_hidden_layers=4)
-    shapes = lp.plan(model, mode, target_params=lp.num_params(model), keep_first=1, keep_last=1)
-    assert shapes["params"] == lp.num_params(model) and shapes["intermediate_sizes"] == [128] * 4
+    shapes = lp.plan(model, mode, target_params=count_params(model), keep_first=1, keep_last=1)
+    assert shapes["params"] == count_params(model) and shapes["intermediate_sizes"] == [128] * 4
 
 
 def test_native_pruning_ratio_option():
@@ -302,9 +303,9 @@ def test_embedded_smollm2_block_prune_and_round_trip(tmp_path):
     except FileNotFoundError as e:
         pytest.skip(str(e))
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids[:, :64]
-    dense = lp.num_params(model)
+    dense = count_params(model)
     model = lp.LLM_PRUNER_BLOCK.apply(model, {"target_fraction": 0.6}, [ids])
-    assert abs(lp.num_params(model) / (0.6 * dense) - 1) <= 0.01
+    assert abs(count_params(model) / (0.6 * dense) - 1) <= 0.01
     assert lp.intermediate_sizes(model)[:4] == [1536] * 4 and lp.intermediate_sizes(model)[-2:] == [1536] * 2
     lp.save_pruned(model, tmp_path / "m", tokenizer)
     loaded = lp.load_pruned(tmp_path / "m")

@@ -41,8 +41,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from dsmoe.methods import Method
+from dsmoe.methods import Method, no_aux_losses
 from dsmoe.saving import read_tensors
+from dsmoe.stats import count_params
 
 MODES = ("channel", "block")
 
@@ -110,11 +111,6 @@ def intermediate_sizes(model: PreTrainedModel) -> list[int]:
 
 def kv_heads(model: PreTrainedModel) -> list[int]:
     return [_kv_groups(layer) for layer in _layers(model)]
-
-
-def num_params(model: nn.Module) -> int:
-    """Total parameters, a tied embedding counted once: the activated params of a (dense) pruned model."""
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------- importance
@@ -304,7 +300,7 @@ def prune_block(
 
 def _dense_params(model: PreTrainedModel) -> int:
     spec = getattr(model.config, "llm_pruner", None)
-    return spec["dense_params"] if spec else num_params(model)
+    return spec["dense_params"] if spec else count_params(model)
 
 
 def _record_spec(model: PreTrainedModel, mode: str, dense_params: int) -> None:
@@ -314,7 +310,7 @@ def _record_spec(model: PreTrainedModel, mode: str, dense_params: int) -> None:
         "hidden_size": model.config.hidden_size,
         "intermediate_sizes": intermediate_sizes(model),
         "num_key_value_heads": kv_heads(model),
-        "params": num_params(model),
+        "params": count_params(model),
         "dense_params": dense_params,
     }
 
@@ -325,7 +321,7 @@ def _record_spec(model: PreTrainedModel, mode: str, dense_params: int) -> None:
 def channel_param_count(model: PreTrainedModel, hidden_size: int) -> int:
     """Parameters after pruning d to ``hidden_size``: linear in it (every hidden-axis weight scales with d')."""
     per_channel = sum(getattr(m, n).numel() // model.config.hidden_size for m, n, _ in _hidden_params(model))
-    return num_params(model) + per_channel * (hidden_size - model.config.hidden_size)
+    return count_params(model) + per_channel * (hidden_size - model.config.hidden_size)
 
 
 def _ffn_unit(layer: nn.Module) -> int:
@@ -346,7 +342,7 @@ def _kv_unit(layer: nn.Module) -> int:
 
 def block_param_count(model: PreTrainedModel, ffn_sizes: list[int], kv_group_counts: list[int]) -> int:
     """Parameters after :func:`prune_block` with these per-layer sizes (from the module shapes)."""
-    total = num_params(model)
+    total = count_params(model)
     for layer, f, g in zip(_layers(model), ffn_sizes, kv_group_counts, strict=True):
         total += _ffn_unit(layer) * (f - layer.mlp.gate_proj.out_features) + _kv_unit(layer) * (g - _kv_groups(layer))
     return total
@@ -395,9 +391,9 @@ def channel_plan(model: PreTrainedModel, target_params: float, round_to: int = 1
     per_channel = channel_param_count(model, d) - channel_param_count(model, d - 1)
     fixed = channel_param_count(model, 0)
     smallest = channel_param_count(model, round_to)
-    if not smallest <= target_params <= num_params(model):
+    if not smallest <= target_params <= count_params(model):
         raise ValueError(
-            f"target {target_params:.0f} params is outside [{smallest}, {num_params(model)}] for channel mode"
+            f"target {target_params:.0f} params is outside [{smallest}, {count_params(model)}] for channel mode"
         )
     return min(d, max(round_to, round((target_params - fixed) / per_channel / round_to) * round_to))
 
@@ -415,9 +411,9 @@ def block_plan(
         return block_param_count(model, *block_sizes(model, r, layers, prune_attention, ffn_r))
 
     smallest = count(1.0)
-    if not smallest <= target_params <= num_params(model):
+    if not smallest <= target_params <= count_params(model):
         raise ValueError(
-            f"target {target_params:.0f} params is outside [{smallest}, {num_params(model)}] for block mode "
+            f"target {target_params:.0f} params is outside [{smallest}, {count_params(model)}] for block mode "
             f"pruning layers {layers.start}..{layers.stop - 1}"
         )
     ratio = _bisect(count, target_params)[1]
@@ -593,7 +589,7 @@ def _target(model: PreTrainedModel, options: dict[str, Any]) -> dict[str, float]
     fraction = float(options["target_fraction"])
     if not 0 < fraction <= 1:
         raise ValueError(f"target_fraction must be in (0, 1], got {fraction}")
-    return {"target_params": fraction * num_params(model)}
+    return {"target_params": fraction * count_params(model)}
 
 
 def _apply_for(
@@ -617,17 +613,19 @@ def _apply_for(
     return apply
 
 
-def _no_aux(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {}
-
-
 def _activated(model: nn.Module) -> float:
-    return float(num_params(model))
+    return float(count_params(model))
 
 
 LLM_PRUNER_CHANNEL = Method(
-    "llm_pruner_channel", _apply_for("channel"), _no_aux, _activated, save_pruned, load_pruned, needs_calibration=True
+    "llm_pruner_channel",
+    _apply_for("channel"),
+    no_aux_losses,
+    _activated,
+    save_pruned,
+    load_pruned,
+    needs_calibration=True,
 )
 LLM_PRUNER_BLOCK = Method(
-    "llm_pruner_block", _apply_for("block"), _no_aux, _activated, save_pruned, load_pruned, needs_calibration=True
+    "llm_pruner_block", _apply_for("block"), no_aux_losses, _activated, save_pruned, load_pruned, needs_calibration=True
 )

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from dsmoe.methods import Batches, Method, save_pretrained
+from dsmoe.methods import Batches, Method, no_aux_losses, save_pretrained
 from dsmoe.stats import count_params
 
 MASK = "sparsegpt_pruned"  # buffer name: True where the weight is pruned
@@ -260,14 +260,10 @@ def _apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | Non
     return sparsegpt_prune(model, calib, SparseGPTConfig(**options))
 
 
-def _no_aux(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {}
-
-
 SPARSEGPT = Method(
     "sparsegpt",
     _apply,
-    _no_aux,
+    no_aux_losses,
     activated_params,
     save=save_pretrained,  # the zeros are the saved state; load_sparsegpt rebuilds the masks from them
     load=load_sparsegpt,
