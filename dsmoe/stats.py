@@ -54,19 +54,25 @@ def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
     layers = dsmoe_layers(model)
     if not layers:
         raise ValueError("activation_stats needs a model converted with dsmoe.convert()")
-    last_counts, mean, freq = [], [], []
-    for layer in layers:
-        last_active = layer.last_active
-        last_f = last_active.float().mean(0) if last_active is not None else None
-        if not last and layer.tokens_seen > 0:
-            f = torch.tensor(layer.expert_tokens, dtype=torch.float64).div(layer.tokens_seen).float()
-        elif last_f is not None:
-            f = last_f
-        else:
-            f = torch.ones(layer.num_experts)
-        last_counts.append(float(last_f.sum()) if last_f is not None else float("nan"))
-        mean.append(float(f.sum()))
-        freq.append([float(v) for v in f])
+    n, device = layers[0].num_experts, layers[0].router.weight.device
+    # last forward's fraction of tokens per expert, [layers, n], brought to the host at once (one sync per call)
+    last_freq = torch.stack(
+        [
+            torch.full((n,), float("nan"), device=device)
+            if (a := layer.last_active) is None
+            else a.float().mean(0).to(device)
+            for layer in layers
+        ]
+    ).cpu()
+    freq = [
+        torch.tensor(layer.expert_tokens, dtype=torch.float64).div(layer.tokens_seen).float()
+        if not last and layer.tokens_seen > 0
+        else (f if not f.isnan().any() else torch.ones(n))
+        for layer, f in zip(layers, last_freq, strict=True)
+    ]
+    last_counts = last_freq.sum(1).tolist()
+    freq = torch.stack(freq).tolist()
+    mean = [sum(f) for f in freq]
     total = count_params(model)
     inactive = sum(ffn_params(layer) * (1 - m / layer.num_experts) for layer, m in zip(layers, mean, strict=True))
     return ActivationStats(
