@@ -59,11 +59,12 @@ def load_with_extra_params(
     """from_pretrained (sharding, dtype, device_map), then ``transform`` (which adds the extra parameters),
     then copy the extra tensors from the checkpoint; a mismatch in their names is an error."""
     directory = Path(directory)
+    verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the extra tensors are "unexpected" for the dense class
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **from_pretrained_kwargs)
     finally:
-        logging.set_verbosity_warning()
+        logging.set_verbosity(verbosity)
     model = transform(model)
     saved = read_tensors(directory, is_extra)
     params = dict(model.named_parameters())

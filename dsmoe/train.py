@@ -187,6 +187,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     data = PretrainDataModule(data_cfg, tokenizer)
     model, dense_params = prepare_model(cfg, data)
+    if t.activation_checkpointing and t.strategy != "fsdp":  # FSDP applies its own, per decoder layer
+        model.gradient_checkpointing_enable()
     method = get_method(cfg.method)
     lit = LitCausalLM(model, method, OptimConfig(**cfg.optim), dense_params, data.val_source_names, max_steps)
     precision = t.precision
@@ -257,7 +259,7 @@ def export(checkpoint: str | Path, run_dir: str | Path, out_dir: str | Path) -> 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     method = get_method(cfg.method)
     model = method.load(run_dir / "init_model")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return method.save(model, Path(out_dir), load_tokenizer(cfg.model))
 

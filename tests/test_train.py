@@ -99,6 +99,23 @@ def test_world_size_parses_devices_as_lightning_does(devices, expected):
     assert world_size(cfg.trainer) == 3 * expected
 
 
+def test_activation_checkpointing_trains_the_same_weights(tmp_path, assets):
+    from dsmoe.models import load_model
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            flags.append(pl_module.model.is_gradient_checkpointing)
+
+    weights, flags = [], []
+    for on in (False, True):
+        cfg = make_cfg(assets, tmp_path / str(on), **{"trainer.max_steps": 2, "trainer.activation_checkpointing": on})
+        model, _ = load_model(str(train(cfg, callbacks=[Probe()])))
+        weights.append(model.state_dict())
+    assert flags == [False, True]
+    for k, v in weights[0].items():
+        torch.testing.assert_close(weights[1][k], v, msg=k)
+
+
 def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
     with pytest.raises(Exception, match="learning_rate"):
         load_config(None, ["optim.learning_rate=1"])
