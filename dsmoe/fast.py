@@ -192,10 +192,13 @@ def sparse_forward(
     scale = weights.to(x.dtype).unsqueeze(-1)  # [T, n, 1]
     blocks = expert_blocks(layer) if any(counts) else None
     act = _activation(layer)
-    out = x.new_zeros(tokens, layer.down_proj.out_features)
+    out = None
     for a, b in expert_runs(whole):
         run = blocks.run(layer, a, b)
-        out = torch.addmm(out, _expert_chain(act, x, run, scale[:, a:b]), run[2])  # out-of-place: autocast-safe
+        h = _expert_chain(act, x, run, scale[:, a:b])
+        out = torch.mm(h, run[2]) if out is None else torch.addmm(out, h, run[2])  # out-of-place: autocast-safe
+    if out is None:
+        out = x.new_zeros(tokens, layer.down_proj.out_features)
     for i, count in enumerate(counts):
         if count and not whole[i]:
             idx = active[:, i].nonzero().flatten()
