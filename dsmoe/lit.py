@@ -45,17 +45,14 @@ class LitCausalLM(L.LightningModule):
         optim: OptimConfig,
         dense_params: int,
         val_source_names: list[str] | None = None,
-        max_steps: int | None = None,
     ) -> None:
         super().__init__()
         self.model, self.method, self.optim = model, method, optim
         self.model.train()  # loaders return eval-mode models; Lightning keeps the modes it is given
         self.dense_params = dense_params
         self.static_activated_params: float | None = None  # methods other than DSMoE, see _log_activation
-        self.max_steps = max_steps
         self.val_source_names = list(val_source_names or ["val"])
         self.val_ppl = nn.ModuleList(Perplexity() for _ in self.val_source_names)
-        self.val_ppl_all = Perplexity()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, labels=labels)
@@ -101,18 +98,19 @@ class LitCausalLM(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch["input_ids"]).logits[:, :-1].float()
-        target = batch["labels"][:, 1:]
-        self.val_ppl[dataloader_idx].update(logits, target)
-        self.val_ppl_all.update(logits, target)
+        self.val_ppl[dataloader_idx].update(logits, batch["labels"][:, 1:])
 
     def on_validation_epoch_end(self) -> None:
+        """val/ppl_<source> per source and val/ppl = exp(Σ NLL / Σ tokens) over all of them (token-weighted)."""
+        nll, tokens = 0.0, 0.0
         for name, metric in zip(self.val_source_names, self.val_ppl, strict=True):
             if metric.count > 0:  # type: ignore[operator]
+                with metric.sync_context():  # the sums over all processes under DDP
+                    nll, tokens = nll + float(metric.total_log_probs), tokens + float(metric.count)
                 self.log(f"val/ppl_{name}", metric.compute(), add_dataloader_idx=False)
             metric.reset()
-        if self.val_ppl_all.count > 0:  # type: ignore[operator]
-            self.log("val/ppl", self.val_ppl_all.compute(), prog_bar=True)
-        self.val_ppl_all.reset()
+        if tokens:
+            self.log("val/ppl", math.exp(nll / tokens), prog_bar=True)
         self._log_activation("val", last=False)
 
     def configure_optimizers(self):
@@ -122,8 +120,10 @@ class LitCausalLM(L.LightningModule):
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
-        total = self.max_steps or self.trainer.estimated_stepping_batches
+        total = self.trainer.estimated_stepping_batches  # the Trainer's max_steps: the data are an IterableDataset
         if not math.isfinite(total):
-            raise ValueError("the LR schedule needs max_steps (derived from max_tokens in the train config)")
+            raise ValueError(
+                "the LR schedule needs the Trainer's max_steps (derived from max_tokens in the train config)"
+            )
         scheduler = get_scheduler(self.optim.schedule, optimizer, self.optim.warmup_steps, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

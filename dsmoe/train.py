@@ -190,7 +190,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     if t.activation_checkpointing and t.strategy != "fsdp":  # FSDP applies its own, per decoder layer
         model.gradient_checkpointing_enable()
     method = get_method(cfg.method)
-    lit = LitCausalLM(model, method, OptimConfig(**cfg.optim), dense_params, data.val_source_names, max_steps)
+    lit = LitCausalLM(model, method, OptimConfig(**cfg.optim), dense_params, data.val_source_names)
     precision = t.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() and t.accelerator != "cpu" else "32-true"

@@ -2,6 +2,7 @@
 every method trains through the same entry point, export."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -251,3 +252,45 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
         train(make_cfg(assets, tmp_path), callbacks=[Poison()])
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_validation_ppl_is_token_weighted_over_sources():
+    """val/ppl = exp(Σ NLL / Σ tokens) over every source, against cross-entropy computed here."""
+    from torch.nn import functional as F
+
+    from dsmoe.lit import LitCausalLM, OptimConfig
+    from dsmoe.methods import get_method
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab_size=64).eval()
+    lit = LitCausalLM(model, get_method("dense"), OptimConfig(), dense_params=1, val_source_names=["a", "b"])
+    logged = {}
+    lit.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    batches = [(0, torch.randint(0, 64, (2, 9))), (1, torch.randint(0, 64, (1, 5))), (1, torch.randint(0, 64, (3, 7)))]
+    nll, tokens = {0: 0.0, 1: 0.0}, {0: 0, 1: 0}
+    with torch.no_grad():
+        for source, ids in batches:
+            lit.validation_step({"input_ids": ids, "labels": ids}, 0, dataloader_idx=source)
+            logits = model(input_ids=ids).logits[:, :-1]
+            nll[source] += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            tokens[source] += ids[:, 1:].numel()
+    lit.on_validation_epoch_end()
+    assert logged["val/ppl_a"] == pytest.approx(math.exp(nll[0] / tokens[0]), rel=1e-5)
+    assert logged["val/ppl_b"] == pytest.approx(math.exp(nll[1] / tokens[1]), rel=1e-5)
+    assert logged["val/ppl"] == pytest.approx(math.exp((nll[0] + nll[1]) / (tokens[0] + tokens[1])), rel=1e-5)
+
+
+def test_lr_schedule_spans_max_steps(tmp_path, assets):
+    """The cosine schedule decays over exactly the run's optimizer steps (max_steps from the Trainer)."""
+
+    class LrRecorder(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx % trainer.accumulate_grad_batches == 0:
+                lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    lrs = []
+    overrides = {"optim.schedule": "cosine", "optim.warmup_steps": 1, "trainer.max_steps": 5}
+    train(make_cfg(assets, tmp_path, **overrides), callbacks=[LrRecorder()])
+    base = 3e-3
+    expected = [0.0] + [base * 0.5 * (1 + math.cos(math.pi * (s - 1) / 4)) for s in range(1, 5)]
+    assert lrs == pytest.approx(expected, rel=1e-6, abs=1e-12)
