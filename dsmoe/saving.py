@@ -4,6 +4,9 @@ from_pretrained, extra tensors (routers, gates) read back from the same safetens
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,14 +14,33 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, logging
 
+WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin*")
+
 
 def save_hf(model: PreTrainedModel, directory: str | Path, tokenizer: Any = None) -> Path:
-    """save_pretrained the model (and tokenizer) into directory."""
+    """save_pretrained the model (and tokenizer) into directory without leaving half-written files there.
+
+    Everything is written to a temporary sibling directory first, then moved in file by file, config.json
+    last (its presence marks a complete save); weight files of an earlier save that the new one does not
+    overwrite (other shard counts) are removed. Other files in directory are left alone.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving."))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        new = {f.name for f in tmp.iterdir()}
+        stale = {f for pattern in WEIGHT_FILES for f in directory.glob(pattern) if f.name not in new}
+        (directory / "config.json").unlink(missing_ok=True)  # incomplete until the new one is in place
+        for f in stale:
+            f.unlink()
+        for name in sorted(new - {"config.json"}):
+            os.replace(tmp / name, directory / name)
+        os.replace(tmp / "config.json", directory / "config.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

@@ -70,6 +70,30 @@ def test_save_load_round_trip(tmp_path, ids, variant):
     torch.testing.assert_close(loaded(ids).logits, logits, rtol=0, atol=0)
 
 
+def test_save_replaces_only_model_files_and_a_failed_save_leaves_the_last_one(tmp_path, ids, monkeypatch):
+    model = dsmoe.convert(tiny_model("llama"), dsmoe.DSMoEConfig(num_experts=4)).eval()
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00001-of-00002.safetensors").write_text("stale shard")
+    (out / "model.safetensors.index.json").write_text("{}")
+    dsmoe.save(model, out)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    assert not (out / "model.safetensors.index.json").exists()
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def crash(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        dsmoe.save(model, out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directory left
+    torch.testing.assert_close(dsmoe.load(out)(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_load_rejects_dense_dir(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no 'dsmoe' entry"):

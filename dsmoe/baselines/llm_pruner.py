@@ -28,9 +28,6 @@ r by bisection, then the FFN ratio alone so that whole-head steps do not spoil t
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from itertools import islice
@@ -42,7 +39,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from dsmoe.methods import Method, no_aux_losses
-from dsmoe.saving import read_tensors
+from dsmoe.saving import read_tensors, save_hf
 from dsmoe.stats import count_params
 
 MODES = ("channel", "block")
@@ -518,26 +515,17 @@ def prune_to_target(
 
 
 def save_pruned(model: PreTrainedModel, directory: str | Path, tokenizer: Any = None) -> Path:
-    """HF save_pretrained (config.json carries config.llm_pruner), written to a temp dir then renamed."""
+    """HF save (see :func:`dsmoe.saving.save_hf`); config.json carries config.llm_pruner."""
     if not hasattr(model.config, "llm_pruner"):
         raise ValueError("save_pruned expects a model pruned by dsmoe.baselines.llm_pruner (no config.llm_pruner)")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     hidden = model.config.hidden_size
     if model.config.llm_pruner["mode"] == "channel":  # HF validates d % heads on save: config.json keeps the
         # dense-shaped d, config.llm_pruner["hidden_size"] the pruned one (load_pruned shrinks to it)
         model.config.hidden_size = model.config.num_attention_heads * model.config.head_dim
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+        return save_hf(model, directory, tokenizer)
     finally:
         model.config.hidden_size = hidden
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
 
 
 def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
