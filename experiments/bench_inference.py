@@ -16,6 +16,10 @@ Layout control (variant ``dense_vt``): DSMoE's expert blocks read down_proj as a
 MKL's batch-1 GEMV streams faster than nn.Linear's V. The dense model with only that change is timed in
 the same run, so its row shows how much of a speedup is layout rather than sparsity.
 
+Memory settings, the same for both models and recorded per row: glibc malloc keeps freed memory
+(``malloc``), and large tensors sit in transparent huge pages (``huge_pages``, PyTorch's
+THP_MEM_ALLOC_ENABLE=1 unless the environment sets it).
+
     python experiments/bench_inference.py [--threads 1,2] [--quick] [--device cuda]
       → results/bench_inference.csv, results/bench_inference.png
 """
@@ -27,20 +31,25 @@ import copy
 import ctypes
 import datetime
 import os
+import re
 import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import nn
-from torch.utils.benchmark import Timer
-from transformers import DynamicCache, LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaMLP
+# Huge pages for large CPU tensors (PyTorch reads this once, at its first allocation): both models' weights
+# then sit in 2 MB pages; see huge_pages(). A user's own `THP_MEM_ALLOC_ENABLE=0` is kept.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from dsmoe import DSMoEConfig, DSMoEMLP, convert, dsmoe_layers, sparsity_loss
-from dsmoe.models import load_model
-from dsmoe.results import git_commit, hardware, write_csv
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.benchmark import Timer  # noqa: E402
+from transformers import DynamicCache, LlamaConfig  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaMLP  # noqa: E402
+
+from dsmoe import DSMoEConfig, DSMoEMLP, convert, dsmoe_layers, sparsity_loss  # noqa: E402
+from dsmoe.models import load_model  # noqa: E402
+from dsmoe.results import git_commit, hardware, write_csv  # noqa: E402
 
 N_EXPERTS = 8
 ACTIVE = (2, 3, 4, 5, 8)
@@ -49,7 +58,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 FIELDS = [
     "scope", "model", "shape", "mode", "variant", "batch", "seq", "context", "active_experts", "num_experts",
     "activation", "pattern", "threads", "dense_ms", "dsmoe_ms", "speedup", "speedup_min", "ideal_speedup",
-    "frac_of_ideal", "ideal_basis", "ffn_share", "malloc", "device", "hardware", "torch", "git_commit", "date", "quick",
+    "frac_of_ideal", "ideal_basis", "ffn_share", "malloc", "huge_pages", "device", "hardware", "torch", "git_commit", "date", "quick",
 ]  # fmt: skip
 Case = tuple[Callable[[], None], Callable[[], object]]  # (prepare, timed statement)
 
@@ -123,6 +132,18 @@ def keep_freed_memory() -> str:
     m_trim_threshold, m_mmap_max = -1, -4
     ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
     return "glibc: no trim, no mmap" if ok else "default"
+
+
+def huge_pages() -> str:
+    """How much of this process's memory sits in transparent huge pages, with the setting that asked for them.
+    Applies to dense and DSMoE alike; it helps DSMoE's decode more, which reads many small expert blocks
+    (fewer TLB misses), see results/README.md."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            kb = int(re.search(r"AnonHugePages:\s+(\d+) kB", f.read()).group(1))
+    except (OSError, AttributeError):
+        return "unknown"
+    return f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}: {kb >> 10} MB in huge pages"
 
 
 def measure(cases: dict[str, Case], threads: int, block_time: float, rounds: int) -> dict[str, list[float]]:
@@ -400,6 +421,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         del moe
     if "train" in args.parts:
         rows += bench_train(dense, top, args, device)
+    info["huge_pages"] = huge_pages()  # while the dense model is alive
     rows = [{**row, **info} for row in rows]
     write_csv(args.out, rows, FIELDS)
     plot(rows, args.out.with_suffix(".png"))
