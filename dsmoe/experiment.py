@@ -91,16 +91,26 @@ def cached(path: Path, compute) -> Any:
     return value
 
 
-def validation_windows(scale: str, tokenizer) -> dict[str, torch.Tensor]:
-    """The scale's held-out windows per source (the same split training holds out), first ``val_windows``."""
-    from dsmoe.data import DataConfig, PretrainDataModule
+_WINDOWS: dict[tuple, dict[str, torch.Tensor]] = {}
 
+
+def validation_windows(scale: str, tokenizer) -> dict[str, torch.Tensor]:
+    """The scale's held-out windows per source (the same split training holds out), first ``val_windows``.
+
+    Read and tokenised once per process for the same data config and tokenizer: the τ sweeps evaluate one
+    model up to 20 times."""
     sc = scale_config(scale)
-    data = PretrainDataModule(DataConfig.from_dict(OmegaConf.to_container(sc.base.data)), tokenizer)
-    data.prepare_data()
-    data.setup("validate")
+    data_config = OmegaConf.to_container(sc.base.data)
     n = sc.eval.val_windows
-    return {name: w[:n] for name, w in zip(data.val_source_names, data.val_windows, strict=True)}
+    key = (json.dumps(data_config, sort_keys=True), n, tokenizer.name_or_path, len(tokenizer))
+    if key not in _WINDOWS:
+        from dsmoe.data import DataConfig, PretrainDataModule
+
+        data = PretrainDataModule(DataConfig.from_dict(data_config), tokenizer)
+        data.prepare_data()
+        data.setup("validate")
+        _WINDOWS[key] = {name: w[:n] for name, w in zip(data.val_source_names, data.val_windows, strict=True)}
+    return _WINDOWS[key]
 
 
 def configuration(model: torch.nn.Module) -> str:

@@ -129,3 +129,20 @@ def test_every_figure_and_table_target(tiny_scale_all):
     rows = read_csv(tiny_scale_all / "results" / "tiny" / "table3_ablation_ste.csv")
     assert [r["Model"] for r in rows][-2:] == ["PPL", "Activated %"] and rows[0]["limit"] == "2"
     assert {r["Model"] for r in rows} >= {"Hellaswag", "WebQs", "StoryCloze"}
+
+
+def test_validation_windows_are_read_once_per_data_config(tiny_scale, assets):  # noqa: F811
+    from dsmoe.experiment import validation_windows
+    from dsmoe.models import load_tokenizer
+
+    tok = load_tokenizer(str(assets / "model"))
+    first = validation_windows("tiny", tok)
+    assert validation_windows("tiny", tok) is first
+    assert set(first) == {"a", "b"} and all(len(w) == 2 for w in first.values())
+    path = tiny_scale / "scales" / "tiny.yaml"
+    scale = yaml.safe_load(path.read_text())
+    scale["eval"]["val_windows"] = 1
+    path.write_text(yaml.safe_dump(scale))
+    changed = validation_windows("tiny", tok)
+    assert all(len(w) == 1 for w in changed.values())
+    assert all(w.equal(first[name][:1]) for name, w in changed.items())
