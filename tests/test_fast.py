@@ -132,6 +132,20 @@ def test_fast_paths_under_autocast_equal_masked_path(tokens, dtype):
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 37])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_paths_of_a_bf16_layer_equal_masked_path(tokens, bias):
+    """A model loaded in bf16 (no autocast): every op of the fast paths stays in the weights' dtype."""
+    layer = make_layer(bias=bias).to(torch.bfloat16)
+    x = torch.randn(tokens, D_MODEL, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = layer(x)
+        layer.inference_impl = "masked"
+        ref = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)
+
+
 def test_layer_eval_uses_the_fast_path(monkeypatch):
     layer, calls = make_layer(), []
     import dsmoe.fast as fast
