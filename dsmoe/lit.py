@@ -105,9 +105,10 @@ class LitCausalLM(L.LightningModule):
         nll, tokens = 0.0, 0.0
         for name, metric in zip(self.val_source_names, self.val_ppl, strict=True):
             if metric.count > 0:  # type: ignore[operator]
-                with metric.sync_context():  # the sums over all processes under DDP
-                    nll, tokens = nll + float(metric.total_log_probs), tokens + float(metric.count)
-                self.log(f"val/ppl_{name}", metric.compute(), add_dataloader_idx=False)
+                with metric.sync_context():  # the sums over all processes under DDP, read once
+                    source_nll, source_tokens = float(metric.total_log_probs), float(metric.count)
+                self.log(f"val/ppl_{name}", math.exp(source_nll / source_tokens), add_dataloader_idx=False)
+                nll, tokens = nll + source_nll, tokens + source_tokens
             metric.reset()
         if tokens:
             self.log("val/ppl", math.exp(nll / tokens), prog_bar=True)
