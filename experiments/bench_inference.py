@@ -13,8 +13,8 @@ measured time (the dense model timed again with its FFNs replaced by zeros). Tim
 torch.utils.benchmark blocked_autorange, interleaved over rounds, median of all blocks.
 
 Layout control (variant ``dense_vt``): DSMoE's expert blocks read down_proj as a contiguous Vᵀ, which
-MKL's batch-1 GEMV streams faster than nn.Linear's V. The dense model with only that change is timed in
-the same run, so its row shows how much of a speedup is layout rather than sparsity.
+MKL's batch-1 GEMV may stream faster than nn.Linear's V. The dense model with only that change is timed
+in the same run, so its row shows how much of a speedup is layout rather than sparsity.
 
 Memory settings, the same for both models and recorded per row: glibc malloc keeps freed memory
 (``malloc``), and large tensors sit in transparent huge pages (``huge_pages``, PyTorch's
@@ -86,8 +86,8 @@ class ZeroFFN(nn.Module):
 
 
 class DenseVtFFN(nn.Module):
-    """Layout control: the dense FFN with down_proj read from a contiguous Vᵀ, the layout of DSMoE's expert blocks
-    (batch-1 GEMV streams it faster on MKL than nn.Linear's V). Dense vs this isolates the layout's share."""
+    """Layout control: the dense FFN with down_proj read from a contiguous Vᵀ, the layout of DSMoE's expert blocks.
+    Dense vs this isolates the layout's share of a speedup."""
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
