@@ -48,8 +48,11 @@ class TrainerConfig:
     val_check_interval: int = 100  # optimizer steps between validations
     limit_val_batches: Any = 1.0  # int: batches per source; float: fraction
     log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 100
-    keep_checkpoints: bool = True  # False: delete checkpoints/ once final/ is written (saves disk)
+    checkpoint_every_n_steps: int = 100  # resume checkpoints (weights + optimizer state)
+    keep_last_checkpoints: int = 2  # resume checkpoints are rotated: only the newest N are kept
+    keep_checkpoints: bool = False  # True: keep checkpoints/ once final/ is written (False saves disk)
+    export_tokens: list = field(default_factory=list)  # tokens seen at which weights-only HF exports are written
+    export_dtype: str = "auto"  # final/ and exports: auto = bfloat16/float16 under bf16/16 precision, else float32
     seed: int = 1234
     deterministic: bool = False
 
