@@ -11,9 +11,10 @@ from torch import nn
 from torchmetrics.text import Perplexity
 from transformers import get_scheduler
 
+from dsmoe.distributed import all_reduce_sum, clean_name, clip_grad_norm, is_fsdp
 from dsmoe.losses import dsmoe_layers
 from dsmoe.methods import Method
-from dsmoe.stats import activation_stats, reset_activation_stats
+from dsmoe.stats import activation_stats, param_counts, reset_activation_stats
 
 
 @dataclass
@@ -34,8 +35,10 @@ class NonFiniteLossError(RuntimeError):
 class LitCausalLM(L.LightningModule):
     """Wraps a transformed causal LM (DSMoE, a baseline, or dense) for continued pre-training.
 
-    Logs train/{lm_loss, <aux>_loss, loss, mean_active_experts, active_experts/layer_XX, activated_params_frac},
-    and per validation source val/ppl_<source> plus val/ppl (token-weighted) and val activation stats.
+    Logs train/{lm_loss, <aux>_loss, loss, grad_norm, mean_active_experts, active_experts/layer_XX,
+    activated_params_frac}, and per validation source val/ppl_<source> plus val/ppl (token-weighted) and val
+    activation stats (summed over all processes). Built before the Trainer wraps the model (DDP, FSDP): parameter
+    counts and optimizer groups are taken from the unsharded model here.
     """
 
     def __init__(
@@ -45,12 +48,19 @@ class LitCausalLM(L.LightningModule):
         optim: OptimConfig,
         dense_params: int,
         val_source_names: list[str] | None = None,
+        clip_norm: float | None = 1.0,
     ) -> None:
         super().__init__()
         self.model, self.method, self.optim = model, method, optim
         self.model.train()  # loaders return eval-mode models; Lightning keeps the modes it is given
         self.dense_params = dense_params
-        self.static_activated_params: float | None = None  # methods other than DSMoE, see _log_activation
+        self.clip_norm = clip_norm
+        self.is_dsmoe = bool(dsmoe_layers(model))
+        self.param_counts = param_counts(model)
+        # methods other than DSMoE: fixed once the method is applied (masks, pruned shapes, k of n)
+        self.static_activated_params = None if self.is_dsmoe else method.activated_params(model)
+        # weight decay on matrices only; names decided here because FSDP flattens parameters to 1-D shards
+        self.no_decay = {name for name, p in model.named_parameters() if p.ndim < 2 or "norm" in name}
         self.val_source_names = list(val_source_names or ["val"])
         self.val_ppl = nn.ModuleList(Perplexity() for _ in self.val_source_names)
 
@@ -74,18 +84,31 @@ class LitCausalLM(L.LightningModule):
         return loss
 
     def _log_activation(self, stage: str, last: bool) -> None:
-        """Mean active experts (overall, per layer) and activated params / dense params."""
-        if dsmoe_layers(self.model):
-            stats = activation_stats(self.model, last=last)
+        """Mean active experts (overall, per layer) and activated params / dense params. In training this process's
+        last batch; in validation every batch of every process."""
+        if self.is_dsmoe:
+            stats = activation_stats(self.model, last=last, params=self.param_counts)
             self.log(f"{stage}/mean_active_experts", stats.mean_active, prog_bar=stage == "train")
             for i, value in enumerate(stats.mean_active_per_layer):
                 self.log(f"{stage}/active_experts/layer_{i:02d}", value)
             activated = stats.activated_params
-        else:  # fixed once the method is applied (masks, pruned shapes, k of n): counted once
-            if self.static_activated_params is None:
-                self.static_activated_params = self.method.activated_params(self.model)
+        else:
             activated = self.static_activated_params
         self.log(f"{stage}/activated_params_frac", activated / self.dense_params)
+
+    def on_train_start(self) -> None:
+        if self.method.on_train_start is not None:  # e.g. SparseGPT takes its (possibly sharded) masks
+            self.method.on_train_start(self.model)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the global gradient norm to ``clip_norm`` (FSDP: through FSDP's own clip on the root module)."""
+        if self.clip_norm is None:
+            return
+        if is_fsdp(self.trainer.strategy.model):
+            norm = clip_grad_norm(self.trainer.strategy.model, self.clip_norm)
+            self.log("train/grad_norm", norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip_norm, gradient_clip_algorithm="norm")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -93,7 +116,7 @@ class LitCausalLM(L.LightningModule):
             self.method.after_optimizer_step(self.model)
 
     def on_validation_epoch_start(self) -> None:
-        if dsmoe_layers(self.model):
+        if self.is_dsmoe:
             reset_activation_stats(self.model)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -112,13 +135,15 @@ class LitCausalLM(L.LightningModule):
             metric.reset()
         if tokens:
             self.log("val/ppl", math.exp(nll / tokens), prog_bar=True)
+        if self.is_dsmoe:
+            sum_activation_counts(self.model)
         self._log_activation("val", last=False)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+                (no_decay if clean_name(name) in self.no_decay else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
         total = self.trainer.estimated_stepping_batches  # the Trainer's max_steps: the data are an IterableDataset
@@ -128,3 +153,13 @@ class LitCausalLM(L.LightningModule):
             )
         scheduler = get_scheduler(self.optim.schedule, optimizer, self.optim.warmup_steps, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def sum_activation_counts(model: nn.Module) -> None:
+    """Replace each DSMoE layer's eval-mode counters (tokens per expert, tokens) by their sums over all processes."""
+    layers = dsmoe_layers(model)
+    device = layers[0].router.weight.device
+    counts = torch.tensor([[*layer.expert_tokens, layer.tokens_seen] for layer in layers], dtype=torch.float64)
+    counts = all_reduce_sum(counts.to(device)).cpu()
+    for layer, row in zip(layers, counts.tolist(), strict=True):
+        layer.expert_tokens, layer.tokens_seen = [round(c) for c in row[:-1]], round(row[-1])

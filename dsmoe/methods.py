@@ -26,7 +26,7 @@ Batches = Iterable[torch.Tensor]  # calibration input_ids batches, for methods t
 class Method:
     """name; apply(model, options, calib_batches) -> model; aux_losses(model) -> {name: weighted loss};
     activated_params(model) -> params per token; save(model, dir, tokenizer) -> dir; load(dir) -> model;
-    after_optimizer_step(model)."""
+    on_train_start(model) once the Trainer has wrapped (possibly sharded) the model; after_optimizer_step(model)."""
 
     name: str
     apply: Callable[[PreTrainedModel, dict[str, Any], Batches | None], PreTrainedModel]
@@ -36,6 +36,7 @@ class Method:
     load: Callable[[Path], nn.Module]
     after_optimizer_step: Callable[[nn.Module], None] | None = None
     needs_calibration: bool = False
+    on_train_start: Callable[[nn.Module], None] | None = None
 
 
 def no_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -37,6 +37,15 @@ class ActivationStats:
         return self.activated_params / self.total_params
 
 
+@dataclass(frozen=True)
+class ParamCounts:
+    """The parameter counts activation statistics need, taken from the unsharded model: under FSDP a process holds
+    only shards, so counting there gives about 1/world_size of the truth."""
+
+    total: int
+    ffn: list[int]  # per DSMoE layer, its three projections (the router excluded)
+
+
 def count_params(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -46,14 +55,21 @@ def ffn_params(layer: nn.Module) -> int:
     return sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("router"))
 
 
-def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
+def param_counts(model: nn.Module) -> ParamCounts:
+    """Counts of an unsharded model (call before wrapping it for FSDP)."""
+    return ParamCounts(count_params(model), [ffn_params(layer) for layer in dsmoe_layers(model)])
+
+
+def activation_stats(model: nn.Module, last: bool = False, params: ParamCounts | None = None) -> ActivationStats:
     """Per-layer mean number of active experts and the average activated parameter count.
 
     By default over everything accumulated in eval mode since the last reset (the last forward if
-    nothing was); ``last=True`` uses the last forward only (training)."""
+    nothing was); ``last=True`` uses the last forward only (training). ``params``: counts taken before the model
+    was sharded (default: counted now)."""
     layers = dsmoe_layers(model)
     if not layers:
         raise ValueError("activation_stats needs a model converted with dsmoe.convert()")
+    params = params or param_counts(model)
     n, device = layers[0].num_experts, layers[0].router.weight.device
     # last forward's fraction of tokens per expert, [layers, n], brought to the host at once (one sync per call)
     last_freq = torch.stack(
@@ -73,8 +89,8 @@ def activation_stats(model: nn.Module, last: bool = False) -> ActivationStats:
     last_counts = last_freq.sum(1).tolist()
     freq = torch.stack(freq).tolist()
     mean = [sum(f) for f in freq]
-    total = count_params(model)
-    inactive = sum(ffn_params(layer) * (1 - m / layer.num_experts) for layer, m in zip(layers, mean, strict=True))
+    total = params.total
+    inactive = sum(ffn * (1 - m / layer.num_experts) for layer, ffn, m in zip(layers, params.ffn, mean, strict=True))
     return ActivationStats(
         num_experts=layers[0].num_experts,
         mean_active_per_layer=mean,

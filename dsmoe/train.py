@@ -1,10 +1,20 @@
-"""Continued pre-training entry point: config → model → method → Trainer.fit.
+"""Continued pre-training entry point: config → prepared model → Trainer.fit → final/ (+ exports at token points).
 
     python -m dsmoe.train --config experiments/configs/demo_smollm2_cpu.yaml [key=value ...]
 
-The YAML is merged over the structured defaults below (an unknown key is an error naming it), then
-the dot-list overrides. Every method (DSMoE and its variants, top-k MoE, pruners) goes through the
-same LightningModule and DataModule.
+One command is one training run: Lightning starts the other processes of a node itself (trainer.devices); for
+several nodes start one process per GPU with torchrun or srun (README, "Several GPUs and nodes"). The YAML is merged
+over the structured defaults below (an unknown key is an error naming it), then the dot-list overrides. Every method
+(DSMoE and its variants, top-k MoE, pruners) goes through the same LightningModule and DataModule.
+
+A run directory holds:
+  init_model/    the method applied once to the dense model (conversion, calibration, pruning), by rank 0 alone, in
+                 the source checkpoint's dtype; tied to the configuration that made it (prepared_from.json); its
+                 weights are deleted when the run finishes (unless trainer.keep_checkpoints)
+  checkpoints/   resume checkpoints (weights + optimizer + data-stream position), rotated; deleted at the end
+                 unless trainer.keep_checkpoints
+  exports/tokens_<N>/  weights-only HF directories at trainer.export_tokens (Tables 5/6)
+  final/         the trained model, weights only, HF format (dsmoe.models.load_model reads every method)
 """
 
 from __future__ import annotations
@@ -21,15 +31,23 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
+from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, OptimConfig
-from dsmoe.methods import get_method
+from dsmoe.methods import Method, get_method
 from dsmoe.models import EMBEDDED, load_model, load_tokenizer
 from dsmoe.packages import write_json
 from dsmoe.stats import count_params
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+STRATEGIES = ("auto", "ddp", "fsdp")
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PREEMPTED = 143  # exit status after SIGTERM (128 + 15), once the checkpoint is written
 
 
 @dataclass
@@ -44,7 +62,7 @@ class TrainerConfig:
     micro_batch_size: int = 4
     max_tokens: float = 0  # tokens to train on; max_steps is derived from it (paper: 10B)
     max_steps: int = -1  # only when max_tokens is 0
-    gradient_clip_val: float = 1.0
+    gradient_clip_val: float | None = 1.0  # global gradient-norm clip (None: off)
     val_check_interval: int = 100  # optimizer steps between validations
     limit_val_batches: Any = 1.0  # int: batches per source; float: fraction
     log_every_n_steps: int = 10
@@ -68,23 +86,28 @@ class TrainConfig:
     data: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    resume: str | None = None  # null | last | path to a .ckpt
+    resume: str | None = None  # null | last | path to a checkpoint
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Structured defaults ← YAML ← dot-list overrides; unknown keys raise an error that names them."""
     cfg = OmegaConf.structured(TrainConfig)
     if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     return cfg
 
 
+def on_gpu(t: TrainerConfig) -> bool:
+    return t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+
+
 def world_size(t: TrainerConfig) -> int:
     """Processes in the run: devices per node as Lightning parses them ("auto", 2, "0,1", [0, 1]) × nodes."""
-    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
-    accelerator = CPUAccelerator if on_cpu else CUDAAccelerator
+    accelerator = CUDAAccelerator if on_gpu(t) else CPUAccelerator
     devices = OmegaConf.to_object(t.devices) if isinstance(t.devices, ListConfig) else t.devices
     devices = accelerator.auto_device_count() if devices == "auto" else accelerator.parse_devices(devices)
     return (devices if isinstance(devices, int) else len(devices)) * t.num_nodes
@@ -97,7 +120,8 @@ def schedule(cfg: DictConfig) -> tuple[int, int]:
     per_step = t.micro_batch_size * world_size(t)
     if t.global_batch_size % per_step:
         raise ValueError(
-            f"global_batch_size={t.global_batch_size} is not divisible by micro_batch_size × devices = {per_step}"
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size × devices = "
+            f"{t.micro_batch_size} × {per_step // t.micro_batch_size} = {per_step}"
         )
     if t.max_tokens > 0:
         max_steps = math.ceil(t.max_tokens / (t.global_batch_size * seq_len))
@@ -108,19 +132,109 @@ def schedule(cfg: DictConfig) -> tuple[int, int]:
     return max_steps, t.global_batch_size // per_step
 
 
-def build_strategy(cfg: DictConfig, model: torch.nn.Module):
-    t = cfg.trainer
-    if t.strategy != "fsdp":
-        return t.strategy
-    from lightning.pytorch.strategies import FSDPStrategy
+def resolved_precision(t: TrainerConfig) -> str:
+    return ("bf16-mixed" if on_gpu(t) else "32-true") if t.precision == "auto" else t.precision
 
-    layer_cls = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
-    return FSDPStrategy(
-        auto_wrap_policy=layer_cls,
-        activation_checkpointing_policy=layer_cls if t.activation_checkpointing else None,
-        sharding_strategy="FULL_SHARD",
-        state_dict_type="full",
+
+def export_dtype(t: TrainerConfig) -> torch.dtype:
+    """The dtype of final/ and the exports: the training compute dtype (bf16/fp16 under mixed precision)."""
+    if t.export_dtype != "auto":
+        return EXPORT_DTYPES[t.export_dtype]
+    precision = resolved_precision(t)
+    return (
+        torch.bfloat16
+        if precision.startswith("bf16")
+        else torch.float16
+        if precision.startswith("16")
+        else torch.float32
     )
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Everything that can be checked before any model is loaded, converted or written."""
+    t, o = cfg.trainer, cfg.optim
+
+    def positive(name: str, value: Any, integer: bool = True) -> None:
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+            raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+    for key in ("global_batch_size", "micro_batch_size", "val_check_interval", "checkpoint_every_n_steps"):
+        positive(f"trainer.{key}", t[key])
+    positive("trainer.keep_last_checkpoints", t.keep_last_checkpoints)
+    positive("trainer.log_every_n_steps", t.log_every_n_steps)
+    positive("optim.lr", o.lr, integer=False)
+    if t.max_tokens < 0:
+        raise ValueError(f"trainer.max_tokens must be >= 0, got {t.max_tokens!r}")
+    if o.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps!r}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ValueError(f"optim.betas must lie in [0, 1), got {list(o.betas)}")
+    from transformers.trainer_utils import SchedulerType
+
+    schedules = [s.value for s in SchedulerType]
+    if o.schedule not in schedules:
+        raise ValueError(f"optim.schedule {o.schedule!r} is unknown; choose one of {schedules}")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision {t.precision!r} is unknown; choose one of {list(PRECISIONS)}")
+    if t.strategy not in STRATEGIES:
+        raise ValueError(f"trainer.strategy {t.strategy!r} is unknown; choose one of {list(STRATEGIES)}")
+    if t.export_dtype != "auto" and t.export_dtype not in EXPORT_DTYPES:
+        raise ValueError(
+            f"trainer.export_dtype {t.export_dtype!r} is unknown; choose auto or one of {list(EXPORT_DTYPES)}"
+        )
+    if t.gradient_clip_val is not None and t.gradient_clip_val <= 0:
+        raise ValueError(f"trainer.gradient_clip_val must be > 0 or null (no clipping), got {t.gradient_clip_val!r}")
+    max_steps, _ = schedule(cfg)
+    total = max_steps * t.global_batch_size * int(cfg.data.get("seq_len", 1024))
+    for point in t.export_tokens:
+        if isinstance(point, bool) or not isinstance(point, (int, float)) or not 0 < point <= total:
+            raise ValueError(
+                f"trainer.export_tokens: {point!r} is not a token count in (0, {total}] (the run's tokens)"
+            )
+    get_method(cfg.method)  # an unknown method fails here, naming the known ones
+    from dsmoe.data import DataConfig
+
+    data = DataConfig.from_dict({**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size})
+    check_files = getattr(data, "check_files", None)
+    if check_files is not None:
+        check_files()
+    model = Path(cfg.model).expanduser()
+    if model.exists() and not (model / "config.json").is_file():
+        raise FileNotFoundError(f"model {cfg.model!r}: the directory holds no config.json (not an HF model directory)")
+    local_looking = model.is_absolute() or cfg.model.startswith((".", "~")) or cfg.model.count("/") != 1
+    if not model.exists() and local_looking and not cfg.model.startswith("embedded"):
+        raise FileNotFoundError(f"model {cfg.model!r}: no such directory (and not a hub id 'org/name' or {EMBEDDED!r})")
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+
+SHAPING_KEYS = ("model", "method", "method_options", "calibration_batches")  # what makes init_model what it is
+
+
+def preparation_record(cfg: DictConfig, method: Method) -> dict[str, Any]:
+    """The parts of the configuration that shape the prepared model (with the data and seed when it calibrates)."""
+    record = {k: OmegaConf.to_container(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k] for k in SHAPING_KEYS}
+    if method.needs_calibration:
+        record["data"] = OmegaConf.to_container(cfg.data)
+        record["seed"] = cfg.trainer.seed
+    return record
+
+
+def check_prepared(init_dir: Path, record: dict[str, Any]) -> None:
+    """A run directory whose model was prepared from another configuration is never reused silently."""
+    saved_file = init_dir / "prepared_from.json"
+    if not saved_file.exists():
+        return
+    saved = json.loads(saved_file.read_text())
+    differ = [
+        f"{k}: {saved.get(k)!r} (prepared) vs {record.get(k)!r} (now)" for k in record if saved.get(k) != record.get(k)
+    ]
+    if differ:
+        raise ValueError(
+            f"{init_dir} was prepared from a different configuration — {'; '.join(differ)}. To train this "
+            f"configuration use another run_name (or out_dir), or delete {init_dir.parent} to start it afresh"
+        )
 
 
 def calibration_batches(data_module, n: int) -> list[torch.Tensor]:
@@ -134,19 +248,23 @@ def calibration_batches(data_module, n: int) -> list[torch.Tensor]:
     raise ValueError(f"the training stream ended before {n} calibration batches")
 
 
-def prepare_model(cfg: DictConfig, data_module) -> tuple[torch.nn.Module, int]:
-    """Load the dense model, apply the method once and keep that structure in run_dir/init_model.
+def source_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the dense checkpoint was stored in (config.json dtype / torch_dtype), fp32 if not recorded."""
+    saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    return saved if isinstance(saved, torch.dtype) else torch.float32
 
-    A resumed run reloads the saved structure, so pruning decisions and router inits are never redone.
-    Returns the model and the dense model's parameter count (the activated-params denominator).
-    """
+
+def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
+    """Load the dense model, apply the method once (on the GPU when training there) and save it to init_dir in the
+    source checkpoint's dtype; dense_params.json is written last and marks completion."""
+    from dsmoe.data import DataConfig, PretrainDataModule
+
     method = get_method(cfg.method)
-    init_dir = Path(cfg.out_dir) / cfg.run_name / "init_model"
-    info = init_dir / "dense_params.json"
-    if info.exists():
-        return method.load(init_dir), json.loads(info.read_text())["dense_params"]
+    L.seed_everything(cfg.trainer.seed)  # router inits, calibration sampling
     dense, tokenizer = load_model(cfg.model)
     dense_params = count_params(dense)
+    dtype = source_dtype(dense)
     options = dict(cfg.method_options)
     target = options.pop("match_activated", None)  # fraction of the dense params, or an absolute count
     if target is not None:
@@ -159,52 +277,134 @@ def prepare_model(cfg: DictConfig, data_module) -> tuple[torch.nn.Module, int]:
             file=sys.stderr,
         )
         options = {**options, **match.options}
-    calib = calibration_batches(data_module, cfg.calibration_batches) if method.needs_calibration else None
+    calib = None
+    if method.needs_calibration:
+        data_cfg = {**OmegaConf.to_container(cfg.data), "micro_batch_size": cfg.trainer.micro_batch_size}
+        data = PretrainDataModule(DataConfig.from_dict({**data_cfg, "seed": cfg.trainer.seed}), tokenizer)
+        calib = calibration_batches(data, cfg.calibration_batches)
+    if on_gpu(cfg.trainer) and torch.cuda.is_available():
+        dense = dense.to("cuda")  # calibration (SparseGPT Hessians, LLM-Pruner gradients) on the GPU
     model = method.apply(dense, options, calib)
-    method.save(model, init_dir, tokenizer)
-    info.write_text(json.dumps({"dense_params": dense_params, "model": cfg.model}))  # written last: marks completion
-    return model, dense_params
+    method.save(model.to(device="cpu", dtype=dtype), init_dir, tokenizer)
+    del model, dense
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    write_json(init_dir / "prepared_from.json", preparation_record(cfg, method))
+    write_json(init_dir / "dense_params.json", {"dense_params": dense_params, "model": cfg.model})
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file (experiments/configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. trainer.max_steps=10")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    return train(cfg)
+# ---------------------------------------------------------------------------------------------- exports
+
+
+def export_model(
+    trainer: L.Trainer, lit: LitCausalLM, init_dir: Path, out_dir: Path, dtype: torch.dtype, tokenizer
+) -> None:
+    """Write the model being trained as a weights-only HF directory. Every process must call it (under FSDP the
+    weights are gathered); rank 0 writes: the prepared structure from init_dir, these weights, cast to ``dtype``."""
+    module = trainer.strategy.model if is_fsdp(trainer.strategy.model) else lit
+    state = full_state_dict(module)
+    if trainer.is_global_zero:
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        model = lit.method.load(init_dir)
+        model.load_state_dict(state)
+        lit.method.save(model.to(dtype), out_dir, tokenizer)
+    del state
+    barrier()
+
+
+class ExportAtTokens(L.Callback):
+    """Weights-only exports when training passes each of ``points`` tokens (Tables 5/6: PPL by tokens seen)."""
+
+    def __init__(self, points: list[float], tokens_per_step: int, export) -> None:
+        self.points, self.tokens_per_step, self.export = sorted(points), tokens_per_step, export
+        self._step_seen = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        before, now = self._step_seen * self.tokens_per_step, trainer.global_step * self.tokens_per_step
+        self._step_seen = trainer.global_step
+        for point in self.points:
+            if before < point <= now:
+                self.export(point, trainer.global_step)
+
+
+def export_dir(run_dir: Path, tokens: float) -> Path:
+    return run_dir / "exports" / f"tokens_{int(tokens)}"
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def build_strategy(cfg: DictConfig, model: torch.nn.Module):
+    t = cfg.trainer
+    if t.strategy != "fsdp":
+        return t.strategy
+    layer_cls = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
+    return AtomicFSDPStrategy(
+        auto_wrap_policy=layer_cls,
+        activation_checkpointing_policy=layer_cls if t.activation_checkpointing else None,
+        sharding_strategy="FULL_SHARD",
+        state_dict_type="sharded",  # each rank writes its shard: no gather of 12 bytes/param on one GPU
+        mixed_precision=mixed_precision_policy(resolved_precision(t)),
+    )
+
+
+class Preempted(SystemExit):
+    """Training stopped on SIGTERM after saving a checkpoint; ``resume=last`` continues it."""
 
 
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     """Run continued pre-training; returns the HF-format directory of the final model."""
     from dsmoe.data import DataConfig, PretrainDataModule
 
+    check_config(cfg)
     t = cfg.trainer
-    L.seed_everything(t.seed, workers=True)
+    method = get_method(cfg.method)
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    init_dir, final = run_dir / "init_model", run_dir / "final"
+    if (run_dir / "train_summary.json").exists() and (final / "config.json").exists():
+        if cfg.resume == "last":
+            print(f"[dsmoe.train] {run_dir} has finished: {final}", file=sys.stderr)
+            return final
+        raise ValueError(f"{run_dir} holds a finished run ({final}); choose another run_name or out_dir")
+    check_prepared(init_dir, preparation_record(cfg, method))
+    ckpt = resume_checkpoint(cfg.resume, run_dir / "checkpoints")
+    run_once(
+        init_dir / "dense_params.json",
+        run_dir / "init_model.failed",
+        "prepare the model",
+        lambda: prepare_model(cfg, init_dir),
+    )
+
+    L.seed_everything(t.seed, workers=True)
     max_steps, accumulate = schedule(cfg)
     data_cfg = DataConfig.from_dict(
         {**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size, "seed": t.seed}
     )
     tokenizer = load_tokenizer(cfg.model)
     data = PretrainDataModule(data_cfg, tokenizer)
-    model, dense_params = prepare_model(cfg, data)
+    model = method.load(init_dir).float()  # fp32 master weights; the precision plugin casts for compute
+    dense_params = json.loads((init_dir / "dense_params.json").read_text())["dense_params"]
     if t.activation_checkpointing and t.strategy != "fsdp":  # FSDP applies its own, per decoder layer
         model.gradient_checkpointing_enable()
-    method = get_method(cfg.method)
-    lit = LitCausalLM(model, method, OptimConfig(**cfg.optim), dense_params, data.val_source_names)
-    precision = t.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if torch.cuda.is_available() and t.accelerator != "cpu" else "32-true"
+    lit = LitCausalLM(model, method, OptimConfig(**cfg.optim), dense_params, data.val_source_names, t.gradient_clip_val)
+    precision = resolved_precision(t)
     seq_len = data_cfg.seq_len
+    tokens_per_step = t.global_batch_size * seq_len
+    dtype = export_dtype(t)
+    checkpoints = ResumeCheckpoints(run_dir / "checkpoints", t.checkpoint_every_n_steps, t.keep_last_checkpoints)
+
+    def export_at(tokens: float, step: int) -> None:
+        out = export_dir(run_dir, tokens)
+        export_model(trainer, lit, init_dir, out, dtype, tokenizer)
+        if trainer.is_global_zero:
+            write_json(out / "export_info.json", {"tokens": tokens_per_step * step, "step": step, "point": tokens})
+
     callbacks = [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            every_n_train_steps=t.checkpoint_every_n_steps,
-            save_last="link",
-            save_top_k=-1,
-        ),
+        checkpoints,
+        ExportAtTokens(list(t.export_tokens), tokens_per_step, export_at),
         LearningRateMonitor(logging_interval="step"),
         # train/device/items_per_sec = tokens/s per device, a rolling mean over 10 batches
         ThroughputMonitor(
@@ -218,9 +418,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         num_nodes=t.num_nodes,
         strategy=build_strategy(cfg, model),
         precision=precision,
+        plugins=[AtomicCheckpointIO()],
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=None,  # LitCausalLM clips (FSDP needs its own clip, which Lightning's FSDP plugin refuses)
         val_check_interval=t.val_check_interval * accumulate,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches,
@@ -230,34 +431,42 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         deterministic=t.deterministic,
         enable_progress_bar=True,
     )
-    if trainer.is_global_zero:
+    if launch_rank() == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         print(
-            f"[dsmoe.train] {cfg.method} on {cfg.model}: {max_steps} steps × {t.global_batch_size} seqs × {seq_len} tokens; "
-            f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}",
+            f"[dsmoe.train] {cfg.method} on {cfg.model}: {max_steps} steps × {t.global_batch_size} seqs × {seq_len} "
+            f"tokens, {precision}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}",
             file=sys.stderr,
         )
-    ckpt = cfg.resume
-    if ckpt == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt = str(last) if last.exists() else None
-    trainer.fit(lit, datamodule=data, ckpt_path=ckpt)
-    final = run_dir / "final"
+    try:
+        trainer.fit(lit, datamodule=data, ckpt_path=ckpt)
+    except SIGTERMException:
+        print(
+            f"[dsmoe.train] stopped by SIGTERM; continue with resume=last ({checkpoints.last_model_path})",
+            file=sys.stderr,
+        )
+        raise Preempted(PREEMPTED) from None
+    export_model(trainer, lit, init_dir, final, dtype, tokenizer)
     if trainer.is_global_zero:
-        method.save(lit.model, final, tokenizer)
         summary = {
             "max_steps": max_steps,
             "global_step": trainer.global_step,
-            "tokens": trainer.global_step * t.global_batch_size * seq_len,
+            "tokens": trainer.global_step * tokens_per_step,
+            "world_size": trainer.world_size,
+            "precision": precision,
         }
         write_json(run_dir / "train_summary.json", summary)
-        if not t.keep_checkpoints:
+        if not t.keep_checkpoints:  # what remains: final/, exports/, logs and the small init_model/*.json
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            for f in init_dir.glob("model*.safetensors*"):  # the weights; the small JSON records stay
+                f.unlink()
+    barrier()
     return final
 
 
 def export(checkpoint: str | Path, run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the model of a Lightning checkpoint of run_dir as an HF-format directory (dsmoe.load reads DSMoE ones)."""
+    """Write the model of a Lightning checkpoint of run_dir as an HF-format directory (dsmoe.load reads DSMoE ones).
+    Needs the run's init_model/ (kept with trainer.keep_checkpoints)."""
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     method = get_method(cfg.method)
@@ -265,6 +474,15 @@ def export(checkpoint: str | Path, run_dir: str | Path, out_dir: str | Path) -> 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return method.save(model, Path(out_dir), load_tokenizer(cfg.model))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file (experiments/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. trainer.max_steps=10")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    return train(cfg)
 
 
 if __name__ == "__main__":

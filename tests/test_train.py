@@ -130,7 +130,9 @@ def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
 
 
 def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets):
-    cfg = make_cfg(assets, tmp_path, **{"trainer.max_steps": 12, "trainer.val_check_interval": 12})
+    cfg = make_cfg(
+        assets, tmp_path, **{"trainer.max_steps": 12, "trainer.val_check_interval": 12, "trainer.keep_checkpoints": True}
+    )
     recorder = LossRecorder()
     final = train(cfg, callbacks=[recorder])
     losses = list(recorder.losses.values())
@@ -215,7 +217,8 @@ def test_resume_after_sigkill_continues_with_the_same_losses(tmp_path, assets):
 def test_every_method_trains_through_the_entry_point_and_exports(tmp_path, assets, method, options):
     from dsmoe.models import load_model
 
-    cfg = make_cfg(assets, tmp_path, method=method, **{"trainer.max_steps": 2, "trainer.val_check_interval": 2})
+    overrides = {"trainer.max_steps": 2, "trainer.val_check_interval": 2, "trainer.keep_checkpoints": True}
+    cfg = make_cfg(assets, tmp_path, method=method, **overrides)
     cfg.method_options = options
     final = train(cfg)
     model, _ = load_model(str(final))

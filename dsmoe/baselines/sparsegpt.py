@@ -5,8 +5,10 @@ to a sparsity s while its remaining weights are updated to minimise ||W·X − �
 Hessian H = 2·X·Xᵀ/N of calibration inputs. Layers are processed in order and the inputs of layer l come
 from the already pruned layers < l (as IST-DASLab/sparsegpt's ``llama_sequential``).
 
-Masks live as non-persistent bool buffers ``sparsegpt_pruned`` on the pruned Linears and are re-applied
-after every optimizer step, so pruned weights stay exactly zero during continued pre-training. Saving
+Masks live as non-persistent bool buffers ``sparsegpt_pruned`` on the pruned Linears (they count the activated
+params). For continued pre-training the pruned set is taken again from the weights' zeros once the Trainer has
+wrapped the model — under FSDP each process then holds the mask of its own shard, whatever FSDP's flattening —
+and re-applied after every optimizer step, so pruned weights stay exactly zero. Saving
 writes the zeros through ``save_pretrained``; :func:`load_sparsegpt` (or :func:`restore_masks` after any
 ``from_pretrained``) rebuilds the masks from those zeros and checks them against the pruned count recorded
 in ``config.json`` (entry "sparsegpt").
@@ -207,11 +209,30 @@ def sparsegpt_prune(model: PreTrainedModel, batches: Batches, config: SparseGPTC
     return model
 
 
+TRAINING_MASKS = "sparsegpt_training_masks"  # model attribute: [(weight, pruned)] as the weights are held in training
+
+
+@torch.no_grad()
+def take_training_masks(model: nn.Module) -> None:
+    """Record, for each pruned Linear, its pruned set as the weight is held now (call before the first step): the
+    mask itself for a whole matrix; under FSDP, where a process holds a 1-D shard of the flattened weights, the
+    shard's zeros (pruned weights are exactly 0: SparseGPT zeroes them and every step re-zeroes them)."""
+    linears = masked_linears(model)
+    if not linears:
+        raise ValueError("no SparseGPT masks on this model: prune it with SPARSEGPT.apply or call restore_masks()")
+    pairs = []
+    for m in linears:
+        mask = getattr(m, MASK)
+        pairs.append((m.weight, mask if mask.shape == m.weight.shape else m.weight == 0))
+    model.__dict__[TRAINING_MASKS] = pairs
+
+
 @torch.no_grad()
 def enforce_masks(model: nn.Module) -> None:
     """Re-zero the pruned weights (after each optimizer step: AdamW's update and decay touch them)."""
-    for linear in masked_linears(model):
-        linear.weight.masked_fill_(getattr(linear, MASK), 0)
+    pairs = model.__dict__.get(TRAINING_MASKS) or [(m.weight, getattr(m, MASK)) for m in masked_linears(model)]
+    for weight, pruned in pairs:
+        weight.masked_fill_(pruned, 0)
 
 
 def pruned_params(model: nn.Module) -> int:
@@ -269,4 +290,5 @@ SPARSEGPT = Method(
     load=load_sparsegpt,
     after_optimizer_step=enforce_masks,
     needs_calibration=True,
+    on_train_start=take_training_masks,
 )

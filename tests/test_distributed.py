@@ -1,0 +1,164 @@
+"""FSDP logic of the suite on CPU: torch FSDP with 2 gloo processes (Lightning refuses FSDP without a GPU, so the
+functions are tested on plain torch FSDP, the way the Trainer wraps the model: decoder layers as units,
+use_orig_params=True). Each process checks its results against the same training done unsharded in one process."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dsmoe.distributed import launch_rank, run_once
+
+WORLD = 2
+
+
+def _wrap(model, policy=None):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return FSDP(
+        model,
+        auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+        use_orig_params=True,
+        mixed_precision=policy,
+        device_id=torch.device("cpu"),
+    )
+
+
+def _batches(rank):
+    torch.manual_seed(123)
+    full = [torch.randint(0, 256, (2 * WORLD, 16)) for _ in range(3)]
+    return full, [b[2 * rank : 2 * rank + 2] for b in full]
+
+
+def _train(model, batches, clip, step_hook=None, root=None):
+    """SGD steps (momentum, weight decay: it touches pruned weights too) with clipping through
+    dsmoe.distributed.clip_grad_norm; returns the norms before clipping. Not Adam: it turns gradients that differ in
+    the last bit around 0 into full-size updates, so sharded and unsharded runs could not be compared."""
+    from dsmoe.distributed import clip_grad_norm
+
+    root = root or model
+    opt = torch.optim.SGD(root.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    norms = []
+    for ids in batches:
+        opt.zero_grad()
+        root(input_ids=ids, labels=ids).loss.backward()
+        norms.append(float(clip_grad_norm(root, clip)))
+        opt.step()
+        if step_hook is not None:
+            step_hook()
+    return norms
+
+
+def _worker(rank, init_file):
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    from dsmoe import convert
+    from dsmoe.baselines.sparsegpt import MASK, SparseGPTConfig, enforce_masks, sparsegpt_prune, take_training_masks
+    from dsmoe.config import DSMoEConfig
+    from dsmoe.distributed import all_finite, full_state_dict, mixed_precision_policy
+    from dsmoe.models import tiny_model
+    from dsmoe.stats import activation_stats, count_params, param_counts
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    full, local = _batches(rank)
+
+    # clipping and the gathered export: equal to one process training on the whole batch
+    ref = tiny_model("llama", seed=0)
+    ref_norms = _train(ref, full, clip=0.05)
+    sharded = _wrap(tiny_model("llama", seed=0))
+    norms = _train(sharded, local, clip=0.05)
+    assert norms == pytest.approx(ref_norms, rel=1e-4), (norms, ref_norms)
+    assert max(ref_norms) > 0.05  # the clip was active
+    state = full_state_dict(sharded)
+    if rank == 0:
+        expected = ref.state_dict()
+        assert set(state) == set(expected)
+        for k, v in expected.items():
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    else:
+        assert state == {}
+    assert all_finite(sharded)
+
+    # the mixed-precision policy keeps RoPE's buffer in fp32 and reduces gradients in fp32
+    policy = mixed_precision_policy("bf16-mixed")
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == policy.buffer_dtype == torch.float32
+    lightning_default = FSDPPrecision("bf16-mixed").mixed_precision_config
+    assert lightning_default.buffer_dtype == torch.bfloat16  # what the policy is for
+    bf16 = _wrap(tiny_model("llama", seed=0), policy)
+    bf16(input_ids=local[0])
+    assert bf16.module.model.rotary_emb.inv_freq.dtype == torch.float32
+
+    # SparseGPT masks on 1-D shards: pruned weights stay exactly 0, kept ones train as unsharded
+    def pruned_model():
+        model = tiny_model("llama", seed=1)
+        return sparsegpt_prune(model, [full[0]], SparseGPTConfig(sparsity=0.5, blocksize=32))
+
+    ref = pruned_model()
+    masks = {name: getattr(m, MASK).clone() for name, m in ref.named_modules() if hasattr(m, MASK)}
+    take_training_masks(ref)
+    _train(ref, full, clip=1.0, step_hook=lambda: enforce_masks(ref))
+    model = pruned_model()
+    wrapped = _wrap(model)
+    take_training_masks(model)  # as LitCausalLM.on_train_start does, after wrapping
+    weights_before = [m.weight for m in model.modules() if hasattr(m, MASK)]
+    _train(wrapped, local, clip=1.0, step_hook=lambda: enforce_masks(model))
+    assert all(
+        a is b for a, b in zip(weights_before, [m.weight for m in model.modules() if hasattr(m, MASK)], strict=True)
+    )
+    state = full_state_dict(wrapped)
+    if rank == 0:
+        for name, mask in masks.items():
+            w = state[f"{name}.weight"]
+            assert (w[mask] == 0).all(), name
+            assert (w[~mask] != 0).float().mean() > 0.99, name
+            torch.testing.assert_close(w, ref.get_submodule(name).weight, rtol=1e-4, atol=1e-5, msg=name)
+
+    # global parameter counts: taken before wrapping, not from the shards
+    dsmoe_model = convert(tiny_model("llama", seed=2), DSMoEConfig(num_experts=4)).eval()
+    counts = param_counts(dsmoe_model)
+    dsmoe_wrapped = _wrap(dsmoe_model)
+    assert count_params(dsmoe_wrapped) != counts.total  # the bug: local shards
+    with torch.no_grad():
+        dsmoe_wrapped(input_ids=local[0])
+    stats = activation_stats(dsmoe_model, params=counts)
+    assert stats.total_params == counts.total == count_params(convert(tiny_model("llama", seed=2), DSMoEConfig(4)))
+    dist.destroy_process_group()
+
+
+def test_fsdp_clip_export_masks_counts_and_buffers_match_one_process(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+
+
+def test_launch_rank_reads_the_launchers_variables(monkeypatch):
+    for var in ("RANK", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch_rank() == 0
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert launch_rank() == 0  # a single-task allocation
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert launch_rank() == 3
+    monkeypatch.setenv("RANK", "5")
+    assert launch_rank() == 5
+
+
+def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch):
+    done, failed = tmp_path / "done", tmp_path / "failed"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("dsmoe.distributed.time.sleep", lambda s: failed.write_text("ValueError: bad option\n"))
+    with pytest.raises(RuntimeError, match="rank 0 failed to prepare: ValueError: bad option"):
+        run_once(done, failed, "prepare", lambda: pytest.fail("only rank 0 works"))
+    monkeypatch.setenv("RANK", "0")
+
+    def fail():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError):
+        run_once(done, failed, "prepare", fail)
+    assert "no such model" in failed.read_text()
+    run_once(done, failed, "prepare", lambda: done.write_text("ok"))
+    assert done.exists() and os.path.exists(failed) is False
