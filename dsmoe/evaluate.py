@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -21,29 +22,49 @@ class PerplexityResult:
         return math.exp(self.nll_sum / max(self.tokens, 1))
 
 
+def _batch_nll(model: nn.Module, chunk: list[torch.Tensor]) -> tuple[float, int]:
+    """Σ −log p over the predicted tokens of a batch of windows (padded to the longest) and their count."""
+    device = next(model.parameters()).device
+    length = max(w.numel() for w in chunk)
+    ids = torch.zeros(len(chunk), length, dtype=torch.long)
+    mask = torch.zeros(len(chunk), length, dtype=torch.bool)
+    for i, w in enumerate(chunk):
+        ids[i, : w.numel()], mask[i, : w.numel()] = w, True
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    valid = mask[:, 1:]
+    return -logp[valid].double().sum().item(), int(valid.sum())
+
+
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, windows: Iterable[torch.Tensor], batch_size: int = 4, desc: str = "ppl"
+    model: nn.Module | Sequence[nn.Module], windows: Iterable[torch.Tensor], batch_size: int = 4, desc: str = "ppl"
 ) -> PerplexityResult:
     """Token-weighted PPL = exp(Σ −log p(x_{t+1}|x_≤t) / #predicted tokens) over windows (eq. 2).
 
-    Each window (a 1-D LongTensor) is scored on its own; its first token is context only.
+    Each window (a 1-D LongTensor) is scored on its own; its first token is context only. ``model`` may be a list of
+    replicas on different devices: batch b goes to replica b mod R, each replica in its own thread (GPU kernels run
+    concurrently), and the batch sums are added in batch order, so the result does not depend on R.
     """
-    model.eval()
-    device = next(model.parameters()).device
+    models = list(model) if isinstance(model, Sequence) else [model]
+    for m in models:
+        m.eval()
     windows = list(windows)
-    nll, count = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=len(windows) <= batch_size):
-        chunk = windows[start : start + batch_size]
-        length = max(w.numel() for w in chunk)
-        ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length, dtype=torch.bool)
-        for i, w in enumerate(chunk):
-            ids[i, : w.numel()], mask[i, : w.numel()] = w, True
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        valid = mask[:, 1:]
-        nll -= logp[valid].double().sum().item()
-        count += int(valid.sum())
-    return PerplexityResult(nll, count)
+    chunks = [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
+    sums: list[tuple[float, int] | None] = [None] * len(chunks)
+    progress = tqdm(total=len(chunks), desc=desc, leave=False, disable=len(chunks) <= 1)
+
+    def work(r: int) -> None:
+        with torch.no_grad():
+            for b in range(r, len(chunks), len(models)):
+                sums[b] = _batch_nll(models[r], chunks[b])
+                progress.update()
+
+    if len(models) == 1:
+        work(0)
+    else:
+        with ThreadPoolExecutor(len(models)) as pool:
+            list(pool.map(work, range(len(models))))  # re-raises a replica's error
+    progress.close()
+    return PerplexityResult(sum(s[0] for s in sums), sum(s[1] for s in sums))

@@ -4,14 +4,24 @@ A *scale* (experiments/configs/scales/<scale>.yaml) holds one base training conf
 per method and the evaluation sizes. ``ensure_run`` trains a method at a scale unless its final model
 exists (an interrupted run resumes from its last checkpoint), so re-running a target skips finished
 work; evaluations are cached as JSON next to the run.
+
+An experiment script is a *driver*: it never joins a process group. Each training run is its own process tree,
+``python -m dsmoe.train --config <run>/launch.yaml``, which Lightning expands to the ranks of a node, or which
+``$DSMOE_LAUNCHER`` (e.g. ``srun`` or ``torchrun --no-python ...``) starts on several nodes. Once it has exited,
+the driver evaluates alone, on the GPUs when there are any (bf16, a model replica per GPU), and writes the results.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
+import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +32,7 @@ from dsmoe.evaluate import perplexity
 from dsmoe.losses import dsmoe_layers
 from dsmoe.packages import write_json
 from dsmoe.results import provenance
-from dsmoe.stats import activation_stats, count_params, reset_activation_stats
+from dsmoe.stats import activation_stats, count_params, merge_activation_counts, reset_activation_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALES_DIR = ROOT / "experiments" / "configs" / "scales"
@@ -66,20 +76,65 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out_dir) / cfg.run_name
 
 
+def is_finished(cfg: DictConfig) -> bool:
+    return (run_dir(cfg) / "train_summary.json").exists() and (run_dir(cfg) / "final" / "config.json").exists()
+
+
+def launcher() -> list[str]:
+    """The command prefix that starts a training run's processes: ``$DSMOE_LAUNCHER`` split like a shell would
+    (e.g. ``srun --ntasks-per-node=8`` or ``torchrun --no-python --nnodes=2 --nproc-per-node=8 ...``); none by
+    default (Lightning starts the processes of one node)."""
+    return shlex.split(os.environ.get("DSMOE_LAUNCHER", ""))
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+def launch_training(config_file: Path) -> None:
+    """Run ``python -m dsmoe.train --config config_file`` as its own process tree and wait for it. A SIGTERM to the
+    driver is passed on, and the driver exits once the run has saved its checkpoint."""
+    command = [*launcher(), sys.executable, "-m", "dsmoe.train", "--config", str(config_file)]
+    print(f"[experiment] {shlex.join(command)}", file=sys.stderr)
+    proc = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code == PREEMPTED:
+        print(
+            "[experiment] training stopped by SIGTERM after saving a checkpoint; run the same command again to resume"
+        )
+        raise SystemExit(PREEMPTED)
+    if code:
+        raise TrainingFailed(
+            f"training failed (exit status {code}; its output is above): {shlex.join(command)}. Fix the cause and run "
+            "the target again: finished runs are skipped and this one resumes from its last checkpoint"
+        )
+
+
+PREEMPTED = 143  # dsmoe.train's exit status after SIGTERM
+
+
 def ensure_run(scale: str, run: str) -> Path:
-    """The run's final model directory, training it first unless a finished run exists."""
+    """The run's final model directory, training it first (in its own processes) unless a finished run exists."""
     cfg = run_config(scale, run)
     final = run_dir(cfg) / "final"
-    if (run_dir(cfg) / "train_summary.json").exists() and (final / "config.json").exists():
+    if is_finished(cfg):
         print(f"[experiment] {scale}/{run}: finished run found, skipping training")
         return final
     target = cfg.method_options.get("match_activated")
     if target == "dsmoe":  # baselines match the activated params DSMoE learned (paper §5.2)
         cfg.method_options.match_activated = evaluate(scale, "dsmoe")["activated_fraction"]
     cfg.resume = "last"
-    from dsmoe.train import train
-
-    return train(cfg)
+    config_file = run_dir(cfg) / "launch.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(OmegaConf.to_yaml(cfg))
+    launch_training(config_file)
+    if not is_finished(cfg):
+        raise TrainingFailed(f"the training process exited without writing {final} and train_summary.json")
+    return final
 
 
 def cached(path: Path, compute) -> Any:
@@ -129,24 +184,52 @@ def configuration(model: torch.nn.Module) -> str:
     return f"d={d}, D={mean_d:g}"
 
 
+def eval_devices() -> list[torch.device]:
+    """Where evaluation runs: every visible GPU (restrict them with CUDA_VISIBLE_DEVICES), else the CPU."""
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [torch.device("cpu")]
+
+
+def load_for_eval(source: str) -> tuple[torch.nn.Module, Any]:
+    """A model on the first evaluation device: bf16 on a GPU, fp32 on the CPU."""
+    from dsmoe.models import load_model
+
+    device = eval_devices()[0]
+    model, tokenizer = load_model(source, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return model.to(device).eval(), tokenizer
+
+
+def replicas(model: torch.nn.Module, devices: list[torch.device]) -> list[torch.nn.Module]:
+    """The model on its device plus a copy on each further device (data-parallel evaluation in one process)."""
+    return [model] + [copy.deepcopy(model).to(d) for d in devices[1:]]
+
+
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, windows: dict[str, torch.Tensor], batch_size: int) -> dict[str, Any]:
+def evaluate_model(
+    models: torch.nn.Module | list[torch.nn.Module], windows: dict[str, torch.Tensor], batch_size: int
+) -> dict[str, Any]:
     """PPL per source and overall (token-weighted); params; activated params (DSMoE: measured here);
-    DSMoE mean active experts per layer per source (Fig. 3)."""
+    DSMoE mean active experts per layer per source (Fig. 3). ``models``: one model, or replicas on several devices
+    that share the batches (the counts of their DSMoE layers are summed)."""
     from dsmoe.methods import get_method, method_of_saved
 
+    models = models if isinstance(models, list) else [models]
+    model = models[0]
     method = get_method(method_of_saved(model.config.to_dict()))
     is_dsmoe = bool(dsmoe_layers(model))
     out: dict[str, Any] = {"ppl_per_source": {}, "active_per_layer": {}}
     nll, tokens = 0.0, 0
     for name, w in windows.items():
         if is_dsmoe:
-            reset_activation_stats(model)
-        result = perplexity(model, list(w), batch_size, desc=name)
+            for m in models:
+                reset_activation_stats(m)
+        result = perplexity(models, list(w), batch_size, desc=name)
         nll, tokens = nll + result.nll_sum, tokens + result.tokens
         out["ppl_per_source"][name] = result.ppl
         out.setdefault("tokens_per_source", {})[name] = result.tokens
         if is_dsmoe:
+            merge_activation_counts(model, models[1:])
             stats = activation_stats(model)
             out["active_per_layer"][name] = stats.mean_active_per_layer
             out.setdefault("activated_per_source", {})[name] = stats.activated_params
@@ -174,7 +257,7 @@ def evaluate(
     """Cached evaluation of a run's final model ("dense": the original model, untrained) at the scale's
     validation windows; ``tau`` re-thresholds a DSMoE model first (Table 4, Fig. 2)."""
     from dsmoe.convert import set_tau
-    from dsmoe.models import load_model, load_tokenizer
+    from dsmoe.models import load_tokenizer
 
     sc = scale_config(scale)
     if run == "dense":
@@ -188,12 +271,13 @@ def evaluate(
     name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ".json"
 
     def compute() -> dict[str, Any]:
-        model, _ = load_model(source)
+        model, _ = load_for_eval(source)
         if tau is not None:
             set_tau(model, tau)
         info = runs_root(scale) / run / "init_model" / "dense_params.json"
         dense_total = json.loads(info.read_text())["dense_params"] if run != "dense" else count_params(model)
-        result = evaluate_model(model, validation_windows(scale, load_tokenizer(source)), sc.eval.batch_size)
+        windows = validation_windows(scale, load_tokenizer(source))
+        result = evaluate_model(replicas(model, eval_devices()), windows, sc.eval.batch_size)
         result["activated_fraction"] = result["activated_params"] / dense_total
         result["dense_params"] = dense_total
         result["tau"] = (

@@ -106,3 +106,10 @@ def reset_activation_stats(model: nn.Module) -> None:
     """Zero the accumulated eval-mode activation counters of every DSMoE layer."""
     for layer in dsmoe_layers(model):
         layer.reset_stats()
+
+
+def merge_activation_counts(model: nn.Module, replicas: list[nn.Module]) -> None:
+    """Add the eval-mode counters of replicas of ``model`` (data-parallel evaluation) to the model's own."""
+    for replica in replicas:
+        for layer, other in zip(dsmoe_layers(model), dsmoe_layers(replica), strict=True):
+            layer.count_active(other.expert_tokens, other.tokens_seen)

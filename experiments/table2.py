@@ -10,8 +10,16 @@ Scores are percentages; StoryCloze is "unavailable offline" where its licence-ga
 from table1 import RUNS
 
 from dsmoe.benchmarks import PAPER_TASKS, run_benchmarks
-from dsmoe.experiment import cached, ensure_run, evaluate, parse_scale, results_dir, runs_root, scale_config
-from dsmoe.models import load_model
+from dsmoe.experiment import (
+    cached,
+    ensure_run,
+    evaluate,
+    load_for_eval,
+    parse_scale,
+    results_dir,
+    runs_root,
+    scale_config,
+)
 from dsmoe.results import PROVENANCE, write_csv
 
 
@@ -19,7 +27,7 @@ def benchmark(scale: str, run: str, limit: int | None, max_gen_toks: int, batch_
     source = scale_config(scale).base.model if run == "dense" else str(ensure_run(scale, run))
 
     def compute() -> dict:
-        model, tokenizer = load_model(source)
+        model, tokenizer = load_for_eval(source)  # on the first GPU in bf16 when there is one
         return run_benchmarks(model, tokenizer, limit=limit, batch_size=batch_size, max_gen_toks=max_gen_toks)
 
     return cached(runs_root(scale) / run / f"benchmarks_limit{limit}.json", compute)

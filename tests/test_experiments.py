@@ -41,7 +41,11 @@ def write_scale(tmp_path, assets, monkeypatch, methods):  # noqa: F811
             },
         },
         "methods": {
-            "dsmoe": {"method": "dsmoe", "method_options": {**dsmoe_opts, "variant": "dsmoe"}},
+            "dsmoe": {
+                "method": "dsmoe",
+                "method_options": {**dsmoe_opts, "variant": "dsmoe"},
+                "trainer": {"export_tokens": [100, 256]},  # crossed at steps 1 and 2 (128 tokens per step)
+            },
             "dsmoe_no_ste": {"method": "dsmoe", "method_options": {**dsmoe_opts, "variant": "no_ste"}},
             "dsmoe_no_gate": {"method": "dsmoe", "method_options": {**dsmoe_opts, "variant": "no_gate"}},
             "llama_moe": {"method": "llama_moe", "method_options": {"num_experts": 4, "match_activated": "dsmoe"}},
@@ -80,18 +84,19 @@ def run_script(name, *argv):
 
 
 def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeypatch):
-    import dsmoe.train
+    import dsmoe.experiment
+    from dsmoe.train import load_config, train
 
     trained = []
-    real_train = dsmoe.train.train
 
-    def counting_train(cfg, callbacks=None):
+    def counting_launch(config_file):  # in this process, to keep the test fast (test_ddp_table1 runs the real one)
+        cfg = load_config(config_file)
         trained.append(cfg.run_name)
         if cfg.run_name == "sparsegpt" and trained.count("sparsegpt") == 1:
             raise KeyboardInterrupt  # the target is interrupted half-way
-        return real_train(cfg, callbacks)
+        train(cfg)
 
-    monkeypatch.setattr(dsmoe.train, "train", counting_train)
+    monkeypatch.setattr(dsmoe.experiment, "launch_training", counting_launch)
     with pytest.raises(KeyboardInterrupt):
         run_script("table1")
     assert trained == ["dsmoe", "sparsegpt"]
@@ -124,7 +129,7 @@ def test_every_figure_and_table_target(tiny_scale_all):
     assert [r["source"] for r in read_csv(tiny_scale_all / "results" / "tiny" / "fig3_heatmap.csv")] == ["a", "b"]
     run_script("token_curve")
     curve = read_csv(tiny_scale_all / "results" / "tiny" / "tables5_6_tokens.csv")
-    assert [int(r["steps"]) for r in curve] == [2, 4] and [int(r["Tokens"]) for r in curve] == [256, 512]
+    assert [int(r["steps"]) for r in curve] == [1, 2, 4] and [int(r["Tokens"]) for r in curve] == [128, 256, 512]
     run_script("ablation_ste")
     rows = read_csv(tiny_scale_all / "results" / "tiny" / "table3_ablation_ste.csv")
     assert [r["Model"] for r in rows][-2:] == ["PPL", "Activated %"] and rows[0]["limit"] == "2"
@@ -146,3 +151,39 @@ def test_validation_windows_are_read_once_per_data_config(tiny_scale, assets):  
     changed = validation_windows("tiny", tok)
     assert all(len(w) == 1 for w in changed.values())
     assert all(w.equal(first[name][:1]) for name, w in changed.items())
+
+
+def test_ddp_table1_and_tau_sweep_drivers_with_two_processes_per_run(tmp_path, assets, monkeypatch):  # noqa: F811
+    """The real entry points: the driver launches each run as `python -m dsmoe.train` (Lightning then starts the
+    second rank), evaluates alone and writes each CSV once; a re-run trains nothing."""
+    import os
+    import subprocess
+    import sys
+
+    scale_dir = write_scale(tmp_path, assets, monkeypatch, ["dsmoe", "sparsegpt"])
+    path = scale_dir / "scales" / "tiny.yaml"
+    scale = yaml.safe_load(path.read_text())
+    scale["base"]["trainer"].update(devices=2, strategy="ddp", max_steps=2, val_check_interval=2)
+    path.write_text(yaml.safe_dump(scale))
+    env = {**os.environ, "PYTHONPATH": str(EXPERIMENTS.parent)}
+
+    def run(script):
+        proc = subprocess.run(
+            [sys.executable, str(EXPERIMENTS / script), "--scale", "tiny"], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+        return proc
+
+    first = run("table1.py")
+    assert first.stdout.count("wrote ") == 1 and first.stderr.count("-m dsmoe.train --config") == 2
+    rows = read_csv(scale_dir / "results" / "tiny" / "table1_ppl.csv")
+    assert [r["Model"] for r in rows] == ["dense (no training)", "SparseGPT", "DSMoE"]
+    for run_name in ("dsmoe", "sparsegpt"):
+        summary = yaml.safe_load((scale_dir / "runs" / "tiny" / run_name / "train_summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["global_step"] == 2
+    again = run("table1.py")
+    assert "-m dsmoe.train" not in again.stderr and again.stdout.count("finished run found") >= 2
+    taus = run("tau_sweep.py")
+    assert taus.stdout.count("wrote ") == 1 and "-m dsmoe.train" not in taus.stderr
+    assert len(read_csv(scale_dir / "results" / "tiny" / "table4_tau.csv")) == 7

@@ -131,7 +131,9 @@ def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
 
 def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets):
     cfg = make_cfg(
-        assets, tmp_path, **{"trainer.max_steps": 12, "trainer.val_check_interval": 12, "trainer.keep_checkpoints": True}
+        assets,
+        tmp_path,
+        **{"trainer.max_steps": 12, "trainer.val_check_interval": 12, "trainer.keep_checkpoints": True},
     )
     recorder = LossRecorder()
     final = train(cfg, callbacks=[recorder])
