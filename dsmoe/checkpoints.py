@@ -185,7 +185,7 @@ class ResumeCheckpoints(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if not all_finite(trainer.lightning_module):
-            last = self.last_model_path or "none yet"
+            last = self._last_checkpoint_saved or "none yet"
             raise NonFiniteError(
                 f"the weights are not finite at step {trainer.global_step}: not saving a checkpoint. The last finite "
                 f"checkpoint is {last}; lower optim.lr or check the data, then resume=last"

@@ -299,3 +299,114 @@ def test_lr_schedule_spans_max_steps(tmp_path, assets):
     base = 3e-3
     expected = [0.0] + [base * 0.5 * (1 + math.cos(math.pi * (s - 1) / 4)) for s in range(1, 5)]
     assert lrs == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_sigterm_saves_at_the_end_of_the_step_and_resume_continues_with_the_same_losses(tmp_path, assets):
+    """SIGTERM in the middle of an optimizer step (gradient accumulation): the step finishes, a checkpoint is saved,
+    the process exits with 143 and no traceback; resume=last gives the uninterrupted run's losses."""
+    rec = LossRecorder()
+    train(make_cfg(assets, tmp_path / "a"), callbacks=[rec])
+    OmegaConf.save(make_cfg(assets, tmp_path / "b"), tmp_path / "b.yaml")
+    child = textwrap.dedent(f"""
+        import os, signal, lightning as L
+        from dsmoe.train import load_config, main
+        import dsmoe.train
+
+        class Term(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == 2 and batch_idx % 2 == 1:  # second micro-batch of step 3
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        real = dsmoe.train.train
+        dsmoe.train.train = lambda cfg: real(cfg, callbacks=[Term()])
+        main(["--config", {str(tmp_path / "b.yaml")!r}])
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "stopped by SIGTERM" in proc.stderr, proc.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").glob("*step=*.ckpt"))
+    assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt"]
+    resumed = LossRecorder()
+    train(make_cfg(assets, tmp_path / "b", resume="last"), callbacks=[resumed])
+    assert min(step for step, _ in resumed.losses) == 3
+    for key, loss in resumed.losses.items():
+        assert loss == pytest.approx(rec.losses[key], rel=1e-5, abs=1e-6), key
+
+
+def test_checkpoints_rotate_exports_hold_the_weights_at_their_token_points(tmp_path, assets):
+    overrides = {"trainer.keep_checkpoints": True, "trainer.export_tokens": "[100,256]"}
+    train(make_cfg(assets, tmp_path, **overrides))  # 6 steps of 4 × 32 = 128 tokens, a checkpoint every 2
+    run = tmp_path / "run"
+    names = sorted(p.name for p in (run / "checkpoints").glob("*step=*.ckpt"))
+    assert names == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"]  # keep_last_checkpoints=2
+    infos = {p.parent.name: json.loads(p.read_text()) for p in (run / "exports").glob("*/export_info.json")}
+    assert infos == {
+        "tokens_100": {"tokens": 128, "step": 1, "point": 100},
+        "tokens_256": {"tokens": 256, "step": 2, "point": 256},
+    }
+    exported = dsmoe.load(run / "exports" / "tokens_256").state_dict()
+    train(make_cfg(assets, tmp_path / "again", **{"trainer.keep_checkpoints": True, "trainer.max_steps": 2}))
+    at_step2 = dsmoe.load(tmp_path / "again" / "run" / "final").state_dict()
+    for k, v in at_step2.items():
+        torch.testing.assert_close(exported[k], v, msg=k)
+
+
+def test_finished_run_keeps_only_final_exports_and_small_records(tmp_path, assets):
+    train(make_cfg(assets, tmp_path, **{"trainer.max_steps": 2}))
+    run = tmp_path / "run"
+    assert not (run / "checkpoints").exists()
+    assert not list((run / "init_model").glob("*.safetensors")) and (run / "init_model" / "dense_params.json").exists()
+    with pytest.raises(ValueError, match="holds a finished run"):
+        train(make_cfg(assets, tmp_path, **{"trainer.max_steps": 2}))
+    assert train(make_cfg(assets, tmp_path, resume="last", **{"trainer.max_steps": 2})) == run / "final"
+
+
+def test_resume_skips_damaged_or_missing_checkpoints_and_never_restarts_silently(tmp_path, assets, capsys):
+    from dsmoe.checkpoints import resume_checkpoint
+
+    train(make_cfg(assets, tmp_path, **{"trainer.keep_checkpoints": True}))
+    ckpts = tmp_path / "run" / "checkpoints"
+    newest, older = ckpts / "epoch=0-step=6.ckpt", ckpts / "epoch=0-step=4.ckpt"
+    with pytest.raises(ValueError, match="already holds checkpoints .*step=6.*resume=last"):
+        resume_checkpoint(None, ckpts)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a full disk mid-write
+    assert resume_checkpoint("last", ckpts) == str(older)
+    assert "skipping damaged checkpoint(s) epoch=0-step=6.ckpt" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="incomplete or damaged"):
+        resume_checkpoint(str(newest), ckpts)
+    newest.unlink()  # last.ckpt now dangles
+    assert resume_checkpoint("last", ckpts) == str(older)
+    assert "points to a missing checkpoint" in capsys.readouterr().err
+    older.write_bytes(b"")
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        resume_checkpoint("last", ckpts)
+
+
+def test_bad_config_fails_before_anything_is_written_and_a_changed_config_is_refused(tmp_path, assets):
+    with pytest.raises(ValueError, match="optim.lr must be a positive number, got -0.001"):
+        train(make_cfg(assets, tmp_path, **{"optim.lr": -1e-3}))
+    assert not (tmp_path / "run" / "init_model").exists()
+    with pytest.raises(ValueError, match="trainer.micro_batch_size must be a positive integer, got 0"):
+        train(make_cfg(assets, tmp_path, **{"trainer.micro_batch_size": 0}))
+    train(make_cfg(assets, tmp_path, **{"trainer.max_steps": 1, "trainer.checkpoint_every_n_steps": 1}))
+    (tmp_path / "run" / "train_summary.json").unlink()  # as if it had stopped before finishing
+    changed = make_cfg(assets, tmp_path, resume="last", **{"method_options.num_experts": 2})
+    with pytest.raises(
+        ValueError, match=r"different configuration — method_options: .*'num_experts': 4.*'num_experts': 2"
+    ):
+        train(changed)
+
+
+def test_weights_that_turn_non_finite_are_never_checkpointed(tmp_path, assets):
+    from dsmoe.checkpoints import NonFiniteError
+
+    class PoisonAfterStep(L.Callback):  # runs before the checkpoint callback of the same step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                with torch.no_grad():
+                    pl_module.model.lm_head.weight.fill_(float("inf"))
+
+    with pytest.raises(NonFiniteError, match=r"not finite at step 4.*last finite checkpoint is .*step=2"):
+        train(make_cfg(assets, tmp_path), callbacks=[PoisonAfterStep()])
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*step=*.ckpt"))
+    assert names == ["epoch=0-step=2.ckpt"]
