@@ -61,3 +61,18 @@ def test_provenance_names_commit_and_ignores_results_outputs(tmp_path):
     with pytest.raises(ValueError, match="not in the table's columns"):
         write_csv(tmp_path / "u.csv", [{"b": 1}], ["a"])
     assert not (tmp_path / "u.csv").exists()
+
+
+def test_data_parallel_replicas_give_the_single_model_result(tokenizer):
+    """Evaluation with a replica per device (here two CPU replicas in threads) equals one model: same PPL to the
+    last bit, activation counts summed over the replicas."""
+    from dsmoe.experiment import evaluate_model, replicas
+
+    model = dsmoe.convert(tiny_model("llama", vocab_size=len(tokenizer)), dsmoe.DSMoEConfig(num_experts=4)).eval()
+    ids = torch.tensor(tokenizer(TEXT + " " + TEXT + " " + TEXT).input_ids)
+    windows = {"a": ids[:80].view(5, 16), "b": ids[80:128].view(3, 16)}
+    one = evaluate_model(model, windows, batch_size=2)
+    two = evaluate_model(replicas(model, [torch.device("cpu")] * 2), windows, batch_size=2)
+    assert two["ppl"] == one["ppl"] and two["ppl_per_source"] == one["ppl_per_source"]
+    assert two["active_per_layer"] == one["active_per_layer"] and two["activated_params"] == one["activated_params"]
+    assert 0 < one["mean_active"] < 4
