@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dsmoe.cli import StepFailed
 from dsmoe.evaluate import perplexity
 from dsmoe.losses import dsmoe_layers
 from dsmoe.packages import write_json
@@ -87,7 +88,7 @@ def launcher() -> list[str]:
     return shlex.split(os.environ.get("DSMOE_LAUNCHER", ""))
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(StepFailed):
     pass
 
 
@@ -302,6 +303,8 @@ def parse_scale(description: str, argv: list[str] | None = None) -> argparse.Nam
     parser.add_argument("--limit", type=int, default=None, help="benchmark items per task (default: the scale's)")
     args = parser.parse_args(argv)
     scale_config(args.scale)  # fail early on an unknown scale
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of benchmark items per task, got {args.limit}")
     return args
 
 

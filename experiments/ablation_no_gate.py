@@ -4,6 +4,7 @@ inference with τ swept on the validation set in steps of 0.05, against the DSMo
     python experiments/ablation_no_gate.py [--scale demo]   → results/<scale>/fig2_no_gate.csv, .png
 """
 
+from dsmoe.cli import run as run_cli
 from dsmoe.experiment import evaluate, parse_scale, results_dir, run_config
 from dsmoe.plots import fig2_curve
 from dsmoe.results import PROVENANCE, write_csv
@@ -35,4 +36,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

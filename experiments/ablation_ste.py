@@ -8,6 +8,7 @@ Both runs use identical data, steps and settings; rows are the benchmarks of Tab
 from table2 import benchmark
 
 from dsmoe.benchmarks import PAPER_TASKS
+from dsmoe.cli import run as run_cli
 from dsmoe.experiment import evaluate, parse_scale, results_dir, scale_config
 from dsmoe.results import PROVENANCE, write_csv
 
@@ -45,4 +46,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -48,6 +48,7 @@ from transformers import DynamicCache, LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaMLP  # noqa: E402
 
 from dsmoe import DSMoEConfig, DSMoEMLP, convert, dsmoe_layers, sparsity_loss  # noqa: E402
+from dsmoe.cli import run as run_cli
 from dsmoe.models import load_model  # noqa: E402
 from dsmoe.results import git_commit, hardware, write_csv  # noqa: E402
 
@@ -431,4 +432,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

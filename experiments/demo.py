@@ -20,6 +20,7 @@ import time
 import torch
 
 import dsmoe
+from dsmoe.cli import run as run_cli
 from dsmoe.evaluate import perplexity
 from dsmoe.experiment import ensure_run, run_config, validation_windows
 from dsmoe.models import load_model
@@ -49,8 +50,8 @@ def report(title: str, model: torch.nn.Module, val: dict[str, torch.Tensor]) -> 
         )
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     torch.manual_seed(0)
     start = time.time()
     cfg = run_config("demo", "dsmoe")  # experiments/configs/scales/demo.yaml: the same run table1 --scale demo uses
@@ -76,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

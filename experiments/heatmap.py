@@ -3,6 +3,7 @@
 python experiments/heatmap.py [--scale demo]   → results/<scale>/fig3_heatmap.csv, .png
 """
 
+from dsmoe.cli import run as run_cli
 from dsmoe.experiment import evaluate, parse_scale, results_dir, run_config
 from dsmoe.plots import fig3_heatmap
 from dsmoe.results import PROVENANCE, write_csv
@@ -27,4 +28,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,6 +7,7 @@ every baseline matches (SparseGPT sparsity, LLaMA-MoE k, LLM-Pruner widths). All
 data, steps and optimizer settings.
 """
 
+from dsmoe.cli import run as run_cli
 from dsmoe.experiment import evaluate, parse_scale, results_dir, scale_config, table_row
 from dsmoe.results import PROVENANCE, write_csv
 
@@ -33,4 +34,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,6 +10,7 @@ Scores are percentages; StoryCloze is "unavailable offline" where its licence-ga
 from table1 import RUNS
 
 from dsmoe.benchmarks import PAPER_TASKS, run_benchmarks
+from dsmoe.cli import run as run_cli
 from dsmoe.experiment import (
     cached,
     ensure_run,
@@ -59,4 +60,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,6 +6,7 @@
 activated-parameter percentage are measured on the validation windows.
 """
 
+from dsmoe.cli import run as run_cli
 from dsmoe.experiment import evaluate, parse_scale, results_dir
 from dsmoe.results import PROVENANCE, write_csv
 
@@ -25,4 +26,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,6 +8,7 @@ token points at the llama1b / llama7b scales); each export, and the final model,
 
 import json
 
+from dsmoe.cli import run as run_cli
 from dsmoe.experiment import ensure_run, evaluate, parse_scale, results_dir, run_config, run_dir
 from dsmoe.plots import token_curve
 from dsmoe.results import PROVENANCE, write_csv
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

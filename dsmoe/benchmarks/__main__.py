@@ -9,6 +9,7 @@ import time
 
 from dsmoe.benchmarks.data import setup_benchmarks
 from dsmoe.benchmarks.harness import PAPER_TASKS, run_benchmarks, select_tasks
+from dsmoe.cli import run as run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,4 +52,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

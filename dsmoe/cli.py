@@ -1,0 +1,48 @@
+"""Command-line entry points report the user's mistakes in one line.
+
+A bad config value, a missing file or a bad argument ends with ``error: <what and why>`` and exit status 2;
+a full traceback only with ``--debug`` (or DSMOE_DEBUG=1, which the training processes a driver starts inherit),
+and for anything else, which would be a bug.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf.errors import OmegaConfBaseException
+
+class StepFailed(RuntimeError):
+    """A step the command started (e.g. a training process) failed and has already reported why."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    OmegaConfBaseException,
+)
+
+
+def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
+    """Call ``main(argv)`` (argv without ``--debug``), turning the user's mistakes into a one-line error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["DSMOE_DEBUG"] = "1"
+    debug = os.environ.get("DSMOE_DEBUG", "") not in ("", "0")
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except StepFailed as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

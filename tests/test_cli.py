@@ -1,0 +1,33 @@
+"""Entry points report the user's mistakes in one line (exit status 2), with the traceback only under --debug."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_bad_input_gives_one_error_line_and_status_2(tmp_path):
+    proc = run("-m", "dsmoe.train", "--config", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: config file {tmp_path / 'missing.yaml'} does not exist"
+    proc = run(str(ROOT / "experiments" / "table1.py"), "--limit", "-3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: --limit must be a positive number of benchmark items per task, got -3" in proc.stderr
+    proc = run(str(ROOT / "experiments" / "table1.py"), "--scale", "huge")
+    assert proc.returncode == 2 and "error: unknown scale 'huge'" in proc.stderr
+    proc = run("-m", "dsmoe.train", "--config", str(tmp_path / "missing.yaml"), "--debug")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
+
+
+def test_a_bad_value_in_a_config_is_named(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("run_name: x\nout_dir: " + str(tmp_path) + "\noptim: {lr: -1.0e-3}\ntrainer: {max_steps: 2}\n")
+    proc = run("-m", "dsmoe.train", "--config", str(config))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: optim.lr must be a positive number, got -0.001"
+    assert not (tmp_path / "x").exists()
