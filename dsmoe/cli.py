@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf.errors import OmegaConfBaseException
 
+
 class StepFailed(RuntimeError):
     """A step the command started (e.g. a training process) failed and has already reported why."""
 

@@ -88,13 +88,16 @@ class ExpertBlocks:
 
 
 def expert_blocks(layer: DSMoEMLP) -> ExpertBlocks:
-    """The layer's cached :class:`ExpertBlocks`, rebuilt if stale; uncached views when autograd needs them.
+    """The layer's cached :class:`ExpertBlocks`, rebuilt if stale; uncached views when autograd needs them and
+    off the CPU (the expert-major copy is a CPU GEMV layout gain; on a GPU, and under FSDP, whose weights are
+    gathered per forward, a copy would only cost memory).
 
     Staleness is seen through each weight's identity, storage and version counter (replacing a parameter,
     ``.to()``, ``load_state_dict``, optimizer steps). Writes through ``.data``, and in-place writes to
     inference tensors, are not seen: set ``layer.fast_cache = None`` after those.
     """
-    if torch.is_grad_enabled() and any(w.requires_grad for w in _weights(layer)):
+    weights = _weights(layer)
+    if weights[2].device.type != "cpu" or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
         return ExpertBlocks(layer, cached=False)
     if layer.fast_cache is None or not layer.fast_cache.is_current(layer):
         layer.fast_cache = None  # free the old copy before building the new one
@@ -199,10 +202,28 @@ def sparse_forward(
         out = torch.mm(h, run[2]) if out is None else torch.addmm(out, h, run[2])  # out-of-place: autocast-safe
     if out is None:
         out = x.new_zeros(tokens, layer.down_proj.out_features)
-    for i, count in enumerate(counts):
-        if count and not whole[i]:
-            idx = active[:, i].nonzero().flatten()
-            run = blocks.run(layer, i, i + 1)
-            h = _expert_chain(act, x.index_select(0, idx), run, scale[idx, i : i + 1])
-            out.index_add_(0, idx, torch.mm(h, run[2]).to(out.dtype))  # under autocast the product may be bf16
+    gathered = [i for i, count in enumerate(counts) if count and not whole[i]]
+    for i, idx in zip(gathered, expert_token_indices(active, gathered, counts), strict=True):
+        run = blocks.run(layer, i, i + 1)
+        h = _expert_chain(act, x.index_select(0, idx), run, scale[idx, i : i + 1])
+        out.index_add_(0, idx, torch.mm(h, run[2]).to(out.dtype))  # under autocast the product may be bf16
     return _finish(layer, out)
+
+
+def expert_token_indices(
+    active: torch.Tensor, experts: list[int], counts: list[int], one_call: bool | None = None
+) -> list[torch.Tensor]:
+    """The token indices of each of ``experts`` (``counts``: tokens per expert, already on the host).
+
+    On the CPU one ``nonzero`` per expert is fastest; on an accelerator each would be a device sync, so all are found
+    by one ``nonzero_static`` of the expert-major mask, whose size the host counts give (no sync at all)."""
+    if one_call is None:
+        one_call = active.device.type != "cpu"
+    if not one_call:
+        return [active[:, i].nonzero().flatten() for i in experts]
+    if not experts:
+        return []
+    sizes = [counts[i] for i in experts]
+    positions = torch.nonzero_static(active[:, experts].t().reshape(-1), size=sum(sizes)).flatten()
+    tokens = active.shape[0]
+    return [p - j * tokens for j, p in enumerate(positions.split(sizes))]

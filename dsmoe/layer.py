@@ -49,12 +49,16 @@ class DSMoEMLP(nn.Module):
         self.variant = config.variant
         self.router = nn.Linear(hidden_size, config.num_experts, bias=False)
         self.router.to(device=gate_proj.weight.device, dtype=gate_proj.weight.dtype)
-        # "sparse" computes only the active experts at eval; "masked" the dense reference path.
-        self.inference_impl = "sparse"
+        # eval: "sparse" computes only the active experts (grouped, with host-side counts); "masked" the dense
+        # reference path, which needs no host sync; "auto": sparse on the CPU, masked on accelerators.
+        self.inference_impl = "auto"
         self.fast_cache: fast.ExpertBlocks | None = None  # expert-major down_proj copy and run views, see dsmoe.fast
         self.last_gates: torch.Tensor | None = None  # σ(xY) [tokens, n] of the last forward, with its graph
-        self.expert_tokens = [0] * config.num_experts  # eval mode, since reset_stats(): tokens per expert
-        self.tokens_seen = 0  # and tokens (host ints: the fast paths read the counts anyway)
+        # eval mode, since reset_stats(): tokens per expert, on the host where a path reads the counts anyway and on
+        # the layer's device where it does not (no host sync per layer on a GPU); and tokens (known on the host)
+        self._host_counts = [0] * config.num_experts
+        self._device_counts: torch.Tensor | None = None
+        self.tokens_seen = 0
 
     @property
     def last_active(self) -> torch.Tensor | None:
@@ -81,7 +85,10 @@ class DSMoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] == 1 and not self.training and self.inference_impl == "sparse":
+        impl = self.inference_impl
+        if impl == "auto":
+            impl = "sparse" if x.device.type == "cpu" else "masked"
+        if x2.shape[0] == 1 and not self.training and impl == "sparse":
             out = fast.decode_token(self, x2)
             return out.reshape(*shape[:-1], out.shape[-1])
         g = self.gates(x2)
@@ -89,13 +96,13 @@ class DSMoEMLP(nn.Module):
         self.__dict__["last_gates"] = g  # a plain attribute, not through nn.Module.__setattr__: runs per layer
         if self.training:
             out = self.masked_forward(x2, weights)
-        else:
+        elif impl == "masked":
+            self.count_active(active.sum(0), x2.shape[0])
+            out = self.masked_forward(x2, weights)
+        else:  # only the active experts, see dsmoe.fast
             counts = active.sum(0).tolist()
             self.count_active(counts, x2.shape[0])
-            if self.inference_impl == "masked":
-                out = self.masked_forward(x2, weights)
-            else:  # only the active experts, see dsmoe.fast
-                out = fast.sparse_forward(self, x2, weights, active, counts=counts)
+            out = fast.sparse_forward(self, x2, weights, active, counts=counts)
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def masked_forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -104,15 +111,29 @@ class DSMoEMLP(nn.Module):
         h = h.view(-1, self.num_experts, self.expert_size) * weights.to(h.dtype).unsqueeze(-1)
         return self.down_proj(h.view(x.shape[0], -1))
 
-    def count_active(self, counts: list[int], tokens: int) -> None:
-        """Add an eval-mode forward's tokens per expert and its token count to the statistics."""
-        for i, c in enumerate(counts):
-            self.expert_tokens[i] += c
+    def count_active(self, counts: list[int] | torch.Tensor, tokens: int) -> None:
+        """Add an eval-mode forward's tokens per expert (host ints, or a tensor kept on its device) and its token
+        count to the statistics."""
+        if isinstance(counts, torch.Tensor):
+            counts = counts.detach().long()
+            self._device_counts = counts if self._device_counts is None else self._device_counts + counts
+        else:
+            for i, c in enumerate(counts):
+                self._host_counts[i] += c
         self.tokens_seen += tokens
 
-    def reset_stats(self) -> None:
-        self.expert_tokens = [0] * self.num_experts
-        self.tokens_seen = 0
+    @property
+    def expert_tokens(self) -> list[int]:
+        """Tokens per expert since reset_stats() (reads device-side counts to the host)."""
+        if self._device_counts is None:
+            return list(self._host_counts)
+        return [a + b for a, b in zip(self._host_counts, self._device_counts.tolist(), strict=True)]
+
+    def reset_stats(self, expert_tokens: list[int] | None = None, tokens: int = 0) -> None:
+        """Zero the statistics, or set them (e.g. to sums over processes)."""
+        self._host_counts = list(expert_tokens) if expert_tokens is not None else [0] * self.num_experts
+        self._device_counts = None
+        self.tokens_seen = tokens
 
     def extra_repr(self) -> str:
         return (

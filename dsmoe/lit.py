@@ -162,4 +162,4 @@ def sum_activation_counts(model: nn.Module) -> None:
     counts = torch.tensor([[*layer.expert_tokens, layer.tokens_seen] for layer in layers], dtype=torch.float64)
     counts = all_reduce_sum(counts.to(device)).cpu()
     for layer, row in zip(layers, counts.tolist(), strict=True):
-        layer.expert_tokens, layer.tokens_seen = [round(c) for c in row[:-1]], round(row[-1])
+        layer.reset_stats([round(c) for c in row[:-1]], round(row[-1]))

@@ -263,3 +263,28 @@ def test_benchmark_forced_router_activates_exactly_k_experts():
     x = torch.randn(3, D_MODEL)
     with torch.no_grad():
         torch.testing.assert_close(bench.DenseVtFFN(mlp)(x), mlp(x), **TOL)  # the layout control computes the same
+
+
+def test_expert_token_indices_one_call_equals_one_per_expert():
+    from dsmoe.fast import expert_token_indices
+
+    torch.manual_seed(0)
+    active = torch.rand(37, 8) > 0.5
+    active[:, 5] = True  # every token
+    active[:, 6] = False  # none
+    counts = active.sum(0).tolist()
+    for experts in ([0, 2, 3, 5, 7], [4], []):
+        per_expert = expert_token_indices(active, experts, counts, one_call=False)
+        one = expert_token_indices(active, experts, counts, one_call=True)
+        assert len(one) == len(experts) and all(torch.equal(a, b) for a, b in zip(per_expert, one, strict=True))
+
+
+def test_eval_forward_off_the_cpu_needs_no_host_sync():
+    """On an accelerator the layer takes the masked path with device-side counters: run on the meta device, where
+    any read of a value to the host (.tolist(), .item(), nonzero) raises."""
+    layer = convert(tiny_model("llama"), DSMoEConfig(num_experts=4)).model.layers[0].mlp.eval()
+    layer.to("meta")
+    with torch.no_grad():
+        out = layer(torch.empty(2, 5, 64, device="meta"))
+        layer(torch.empty(1, 1, 64, device="meta"))  # batch-1 decode too
+    assert out.shape == (2, 5, 64) and layer.tokens_seen == 11 and layer._device_counts.device.type == "meta"
