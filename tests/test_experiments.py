@@ -187,3 +187,32 @@ def test_ddp_table1_and_tau_sweep_drivers_with_two_processes_per_run(tmp_path, a
     taus = run("tau_sweep.py")
     assert taus.stdout.count("wrote ") == 1 and "-m dsmoe.train" not in taus.stderr
     assert len(read_csv(scale_dir / "results" / "tiny" / "table4_tau.csv")) == 7
+
+
+def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    import dsmoe.experiment as experiment
+
+    seen, codes = [], iter([0, 143, 1])
+
+    class FakePopen:
+        def __init__(self, command):
+            seen.append(command)
+
+        def wait(self):
+            return next(codes)
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.setenv("DSMOE_LAUNCHER", "srun --ntasks-per-node=8 --export='ALL,A=1 2'")
+    experiment.launch_training(tmp_path / "launch.yaml")
+    assert seen[0] == ["srun", "--ntasks-per-node=8", "--export=ALL,A=1 2", sys.executable, "-m", "dsmoe.train"] + [
+        "--config",
+        str(tmp_path / "launch.yaml"),
+    ]
+    with pytest.raises(SystemExit) as stopped:
+        experiment.launch_training(tmp_path / "launch.yaml")
+    assert stopped.value.code == 143
+    with pytest.raises(experiment.TrainingFailed, match="exit status 1"):
+        experiment.launch_training(tmp_path / "launch.yaml")
