@@ -61,15 +61,22 @@ def runs_root(scale: str) -> Path:
     return Path(os.environ.get("DSMOE_RUNS", ROOT / "runs")) / scale
 
 
-def run_config(scale: str, run: str) -> DictConfig:
-    """Train config of one run: structured defaults ← scale base ← the run's method block."""
+def run_name(run: str, seed: int = 0) -> str:
+    """The directory of a run's seed-th repetition (the first keeps the run's name)."""
+    return run if seed == 0 else f"{run}_seed{seed}"
+
+
+def run_config(scale: str, run: str, seed: int = 0) -> DictConfig:
+    """Train config of one run: structured defaults ← scale base ← the run's method block; its ``seed``-th
+    repetition trains with trainer.seed + seed (router init, data order, calibration sample)."""
     from dsmoe.train import load_config
 
     sc = scale_config(scale)
     if run not in sc.methods:
         raise ValueError(f"scale {scale!r} has no run {run!r}; available: {sorted(sc.methods)}")
     cfg = OmegaConf.merge(load_config(None), sc.base, sc.methods[run])
-    cfg.run_name, cfg.out_dir = run, str(runs_root(scale))
+    cfg.run_name, cfg.out_dir = run_name(run, seed), str(runs_root(scale))
+    cfg.trainer.seed += seed
     return cfg
 
 
@@ -118,16 +125,16 @@ def launch_training(config_file: Path) -> None:
 PREEMPTED = 143  # dsmoe.train's exit status after SIGTERM
 
 
-def ensure_run(scale: str, run: str) -> Path:
+def ensure_run(scale: str, run: str, seed: int = 0) -> Path:
     """The run's final model directory, training it first (in its own processes) unless a finished run exists."""
-    cfg = run_config(scale, run)
+    cfg = run_config(scale, run, seed)
     final = run_dir(cfg) / "final"
     if is_finished(cfg):
-        print(f"[experiment] {scale}/{run}: finished run found, skipping training")
+        print(f"[experiment] {scale}/{cfg.run_name}: finished run found, skipping training")
         return final
     target = cfg.method_options.get("match_activated")
-    if target == "dsmoe":  # baselines match the activated params DSMoE learned (paper §5.2)
-        cfg.method_options.match_activated = evaluate(scale, "dsmoe")["activated_fraction"]
+    if target == "dsmoe":  # baselines match the activated params DSMoE learned (paper §5.2), seed by seed
+        cfg.method_options.match_activated = evaluate(scale, "dsmoe", seed=seed)["activated_fraction"]
     cfg.resume = "last"
     config_file = run_dir(cfg) / "launch.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -253,10 +260,10 @@ def evaluate_model(
 
 
 def evaluate(
-    scale: str, run: str, tau: float | None = None, model_dir: Path | None = None, tag: str = ""
+    scale: str, run: str, tau: float | None = None, model_dir: Path | None = None, tag: str = "", seed: int = 0
 ) -> dict[str, Any]:
     """Cached evaluation of a run's final model ("dense": the original model, untrained) at the scale's
-    validation windows; ``tau`` re-thresholds a DSMoE model first (Table 4, Fig. 2)."""
+    validation windows; ``tau`` re-thresholds a DSMoE model first (Table 4, Fig. 2); ``seed``: which repetition."""
     from dsmoe.convert import set_tau
     from dsmoe.models import load_tokenizer
 
@@ -265,8 +272,8 @@ def evaluate(
         source, cfg_model, summary = sc.base.model, sc.base.model, {"tokens": 0, "global_step": 0}
         method, seed = "dense", ""
     else:
-        final = model_dir or ensure_run(scale, run)
-        source, cfg = str(final), run_config(scale, run)
+        final = model_dir or ensure_run(scale, run, seed)
+        source, cfg = str(final), run_config(scale, run, seed)
         cfg_model, method, seed = cfg.model, cfg.method, cfg.trainer.seed
         summary = json.loads((run_dir(cfg) / "train_summary.json").read_text()) if model_dir is None else {}
     name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ".json"
@@ -275,7 +282,7 @@ def evaluate(
         model, _ = load_for_eval(source)
         if tau is not None:
             set_tau(model, tau)
-        info = runs_root(scale) / run / "init_model" / "dense_params.json"
+        info = runs_root(scale) / run_name(run, seed) / "init_model" / "dense_params.json"
         dense_total = json.loads(info.read_text())["dense_params"] if run != "dense" else count_params(model)
         windows = validation_windows(scale, load_tokenizer(source))
         result = evaluate_model(replicas(model, eval_devices()), windows, sc.eval.batch_size)
@@ -294,30 +301,87 @@ def evaluate(
         )
         return result
 
-    return cached(runs_root(scale) / run / name, compute)
+    return cached(runs_root(scale) / (run if run == "dense" else run_name(run, seed)) / name, compute)
+
+
+def benchmark(scale: str, run: str, limit: int | None, seed: int = 0) -> dict[str, dict]:
+    """Cached Table 2 benchmarks of a run's final model ("dense": the original model) through lm-eval, on the first
+    GPU in bf16 when there is one; the scale's eval settings (batch size, generation length)."""
+    from dsmoe.benchmarks import run_benchmarks
+
+    sc = scale_config(scale)
+    source = sc.base.model if run == "dense" else str(ensure_run(scale, run, seed))
+
+    def compute() -> dict:
+        model, tokenizer = load_for_eval(source)
+        return run_benchmarks(
+            model, tokenizer, limit=limit, batch_size=sc.eval.batch_size, max_gen_toks=sc.eval.max_gen_toks
+        )
+
+    folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
+    return cached(folder / f"benchmarks_limit{limit}.json", compute)
+
+
+def benchmark_scores(results: list[dict[str, dict]], task: str) -> list[float] | str:
+    """A task's scores in percent over the seeds' results, or its status where it did not run (e.g. unavailable)."""
+    if results[0][task]["status"] != "ok":
+        return results[0][task]["status"]
+    return [100 * r[task]["value"] for r in results]
 
 
 def parse_scale(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--scale", default="demo", help=f"one of {SCALES} (demo: embedded model on CPU, the default)")
     parser.add_argument("--limit", type=int, default=None, help="benchmark items per task (default: the scale's)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="repetitions of every trained run (default: the scale's)"
+    )
     args = parser.parse_args(argv)
-    scale_config(args.scale)  # fail early on an unknown scale
+    sc = scale_config(args.scale)  # fail early on an unknown scale
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of benchmark items per task, got {args.limit}")
+    args.seeds = args.seeds if args.seeds is not None else int(sc.eval.get("seeds", 1))
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be a positive number of repetitions, got {args.seeds}")
     return args
 
 
-def table_row(result: dict[str, Any], label: str) -> dict[str, Any]:
-    """Table 1's columns plus per-source PPL and the provenance columns."""
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def with_spread(row: dict[str, Any], name: str, values: list[float]) -> dict[str, Any]:
+    """Add ``name`` (the mean over seeds) and ``name sd`` to a row."""
+    row[name], row[f"{name} sd"] = mean_sd(values)
+    return row
+
+
+def seeds_provenance(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The provenance of a row aggregated over seeds: the first's, with every seed listed."""
+    first = dict(results[0]["provenance"])
+    first["seed"] = ",".join(str(r["provenance"]["seed"]) for r in results)
+    return first
+
+
+def table_row(results: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """Table 1's columns (mean and sd over the seeds' results, and their number) plus per-source PPL and the
+    provenance columns."""
+    first = results[0]
     row = {
         "Model": label,
-        "Configuration": result["configuration"],
-        "Params": result["params"],
-        "Activated Params": round(result["activated_params"]),
-        "Activated %": 100 * result["activated_fraction"],
-        "PPL": result["ppl"],
+        "Configuration": " | ".join(dict.fromkeys(r["configuration"] for r in results)),
+        "Params": first["params"],
     }
-    row.update({f"PPL {k}": v for k, v in result["ppl_per_source"].items()})
-    row.update(result["provenance"])
+    with_spread(row, "Activated Params", [r["activated_params"] for r in results])
+    row["Activated Params"] = round(row["Activated Params"])
+    with_spread(row, "Activated %", [100 * r["activated_fraction"] for r in results])
+    with_spread(row, "PPL", [r["ppl"] for r in results])
+    row["seeds"] = len(results)
+    for source in first["ppl_per_source"]:
+        with_spread(row, f"PPL {source}", [r["ppl_per_source"][source] for r in results])
+    row.update(seeds_provenance(results))
     return row

@@ -22,19 +22,42 @@ def _save(fig, path: str | Path) -> Path:
         plt.close(fig)
 
 
-def fig2_curve(points: list[tuple[float, float, float]], dsmoe_point: tuple[float, float], caption: str, path) -> Path:
-    """points: (τ, mean active experts, PPL) of the model trained without G(x); dsmoe_point: (active, PPL)."""
-    points = sorted(points, key=lambda p: p[1])
+def fig2_curve(
+    curves: dict[str, list[tuple[float, float, float, float]]],
+    dsmoe_point: tuple[float, float, float],
+    caption: str,
+    path,
+) -> Path:
+    """curves: label → points (τ, mean active experts, PPL, PPL sd over seeds) of the model trained without G(x),
+    thresholded at τ; dsmoe_point: (active, PPL, PPL sd) of DSMoE."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot([p[1] for p in points], [p[2] for p in points], "o-", label="w/o G(x) (eq. 20), τ swept")
-    for tau, active, ppl in points[:: max(len(points) // 6, 1)]:
-        ax.annotate(f"τ={tau:.2f}", (active, ppl), fontsize=7, textcoords="offset points", xytext=(4, 4))
-    ax.plot(*dsmoe_point, "*", markersize=16, color="tab:red", label="DSMoE (τ=0.5)")
+    for label, points in curves.items():
+        points = sorted(points, key=lambda p: p[1])
+        line = ax.errorbar(
+            [p[1] for p in points],
+            [p[2] for p in points],
+            yerr=[p[3] for p in points],
+            fmt="o-",
+            markersize=3,
+            capsize=2,
+            label=label,
+        )
+        for tau, active, ppl, _ in points[:: max(len(points) // 6, 1)]:
+            ax.annotate(
+                f"τ={tau:.2f}",
+                (active, ppl),
+                fontsize=6,
+                textcoords="offset points",
+                xytext=(4, 4),
+                color=line[0].get_color(),
+            )
+    active, ppl, sd = dsmoe_point
+    ax.errorbar([active], [ppl], yerr=[sd], fmt="*", markersize=16, color="tab:red", label="DSMoE (τ=0.5)")
     ax.set_xlabel("mean activated experts per layer")
     ax.set_ylabel("validation PPL")
     ax.set_yscale("log")
     ax.set_title(caption, fontsize=8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -52,9 +75,10 @@ def fig3_heatmap(active: dict[str, list[float]], num_experts: int, caption: str,
     return _save(fig, path)
 
 
-def token_curve(tokens: list[float], ppl: list[float], caption: str, path) -> Path:
+def token_curve(tokens: list[float], ppl: list[float], caption: str, path, sd: list[float] | None = None) -> Path:
+    """PPL by tokens seen; ``sd``: its spread over seeds (error bars)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(tokens, ppl, "o-")
+    ax.errorbar(tokens, ppl, yerr=sd, fmt="o-", capsize=2)
     ax.set_xlabel("continued pre-training tokens")
     ax.set_ylabel("validation PPL")
     ax.set_title(caption, fontsize=8)

@@ -1,47 +1,51 @@
 """Table 3: DSMoE vs DSMoE without the straight-through estimator S(x) (G(x) used in training, eq. 7).
 
-    python experiments/ablation_ste.py [--scale demo] [--limit N]   → results/<scale>/table3_ablation_ste.csv
+    python experiments/ablation_ste.py [--scale demo] [--limit N] [--seeds N]   → results/<scale>/table3_ablation_ste.csv
 
-Both runs use identical data, steps and settings; rows are the benchmarks of Table 2 and PPL.
+Both runs use identical data, steps and settings; rows are the benchmarks of Table 2 and PPL (means over the seeds,
+with their sd).
 """
-
-from table2 import benchmark
 
 from dsmoe.benchmarks import PAPER_TASKS
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import evaluate, parse_scale, results_dir, scale_config
+from dsmoe.experiment import (
+    benchmark,
+    benchmark_scores,
+    evaluate,
+    parse_scale,
+    results_dir,
+    scale_config,
+    seeds_provenance,
+    with_spread,
+)
 from dsmoe.results import PROVENANCE, write_csv
-
-RUNS = (("dsmoe", "DSMoE"), ("dsmoe_no_ste", "w/o S(x)"))
+from dsmoe.targets import ABLATION_STE_RUNS
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_scale(__doc__, argv)
     sc = scale_config(args.scale)
     limit = args.limit if args.limit is not None else sc.eval.benchmark_limit
-    evals = {run: evaluate(args.scale, run) for run, _ in RUNS}
-    bench = {run: benchmark(args.scale, run, limit, sc.eval.max_gen_toks, sc.eval.batch_size) for run, _ in RUNS}
+    seeds = range(args.seeds)
+    evals = {run: [evaluate(args.scale, run, seed=s) for s in seeds] for run, _ in ABLATION_STE_RUNS}
+    bench = {run: [benchmark(args.scale, run, limit, s) for s in seeds] for run, _ in ABLATION_STE_RUNS}
+    measures = [(t.column, lambda run, t=t: benchmark_scores(bench[run], t.name)) for t in PAPER_TASKS]
+    measures.append(("PPL", lambda run: [r["ppl"] for r in evals[run]]))
+    measures.append(("Activated %", lambda run: [100 * r["activated_fraction"] for r in evals[run]]))
+    provenance = {**seeds_provenance(evals["dsmoe"]), "method": "dsmoe vs dsmoe(no_ste)"}
     rows = []
-    for task in PAPER_TASKS:
-        r = {label: bench[run][task.name] for run, label in RUNS}
-        rows.append(
-            {
-                "Model": task.column,
-                **{k: 100 * v["value"] if v["status"] == "ok" else v["status"] for k, v in r.items()},
-            }
-        )
-    rows.append({"Model": "PPL", **{label: evals[run]["ppl"] for run, label in RUNS}})
-    rows.append({"Model": "Activated %", **{label: 100 * evals[run]["activated_fraction"] for run, label in RUNS}})
-    for r in rows:
-        r.update(
-            {
-                **evals["dsmoe"]["provenance"],
-                "method": "dsmoe vs dsmoe(no_ste)",
-                "limit": limit if limit is not None else "full",
-            }
-        )
-        print({k: r[k] for k in ("Model", "DSMoE", "w/o S(x)")})
-    columns = ["Model", "DSMoE", "w/o S(x)", "limit", *PROVENANCE]
+    for name, values in measures:
+        row = {"Model": name}
+        for run, label in ABLATION_STE_RUNS:
+            scores = values(run)
+            if isinstance(scores, str):
+                row[label] = scores
+            else:
+                with_spread(row, label, scores)
+        rows.append({**row, "seeds": len(seeds), "limit": limit or "full", **provenance})
+        print({k: row.get(k) for k in ("Model", *(label for _, label in ABLATION_STE_RUNS))})
+    labels = [c for _, label in ABLATION_STE_RUNS for c in (label, f"{label} sd")]
+    columns = ["Model", *labels, "seeds", "limit", *PROVENANCE]
     print(f"wrote {write_csv(results_dir(args.scale) / 'table3_ablation_ste.csv', rows, columns)}")
 
 

@@ -1,35 +1,36 @@
 """Table 1: perplexity of the dense model, DSMoE and the baselines at matched activated parameters.
 
-    python experiments/table1.py [--scale demo|smollm2|llama1b|llama7b]   → results/<scale>/table1_ppl.csv
+    python experiments/table1.py [--scale demo|smollm2|llama1b|llama7b] [--seeds N]   → results/<scale>/table1_ppl.csv
 
 DSMoE trains first; its activated-parameter fraction, measured on the validation set, is the target
-every baseline matches (SparseGPT sparsity, LLaMA-MoE k, LLM-Pruner widths). All runs use the same
-data, steps and optimizer settings.
+every baseline matches (SparseGPT sparsity, LLaMA-MoE k, LLM-Pruner widths), seed by seed. All runs use the same
+data, steps and optimizer settings. Each trained row is the mean over the seeds, with its sd.
 """
 
 from dsmoe.cli import run as run_cli
 from dsmoe.experiment import evaluate, parse_scale, results_dir, scale_config, table_row
 from dsmoe.results import PROVENANCE, write_csv
-
-RUNS = [
-    ("dense", "dense (no training)"),
-    ("llm_pruner_channel", "LLM-Pruner-channel"),
-    ("llm_pruner_block", "LLM-Pruner-block"),
-    ("sparsegpt", "SparseGPT"),
-    ("llama_moe", "LLaMA-MoE"),
-    ("dsmoe", "DSMoE"),
-]
+from dsmoe.targets import DENSE, TABLE1_RUNS
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_scale(__doc__, argv)
     sc = scale_config(args.scale)
-    evaluate(args.scale, "dsmoe")  # first: it sets the baselines' target
-    rows = [table_row(evaluate(args.scale, run), label) for run, label in RUNS if run == "dense" or run in sc.methods]
+    seeds = range(args.seeds)
+    for seed in seeds:  # first: it sets the baselines' targets
+        evaluate(args.scale, "dsmoe", seed=seed)
+    rows = [
+        table_row([evaluate(args.scale, run, seed=s) for s in (seeds if run != DENSE else [0])], label)
+        for run, label in TABLE1_RUNS
+        if run == DENSE or run in sc.methods
+    ]
     columns = list(dict.fromkeys(k for row in rows for k in row if k not in PROVENANCE)) + PROVENANCE
     path = write_csv(results_dir(args.scale) / "table1_ppl.csv", rows, columns)
     for row in rows:
-        print(f"{row['Model']:22s} {row['Configuration']:24s} act {row['Activated %']:5.1f}%  PPL {row['PPL']:.2f}")
+        print(
+            f"{row['Model']:22s} {row['Configuration']:24s} act {row['Activated %']:5.1f}%  "
+            f"PPL {row['PPL']:.2f} ± {row['PPL sd']:.2f} ({row['seeds']} seeds)"
+        )
     print(f"wrote {path}")
 
 
