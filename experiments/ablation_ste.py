@@ -10,8 +10,7 @@ from table2 import benchmark
 from dsmoe.benchmarks import PAPER_TASKS
 from dsmoe.experiment import evaluate, parse_scale, results_dir, scale_config
 from dsmoe.results import PROVENANCE, write_csv
-
-RUNS = (("dsmoe", "DSMoE"), ("dsmoe_no_ste", "w/o S(x)"))
+from dsmoe.targets import ABLATION_STE_RUNS as RUNS
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,15 +9,7 @@ data, steps and optimizer settings.
 
 from dsmoe.experiment import evaluate, parse_scale, results_dir, scale_config, table_row
 from dsmoe.results import PROVENANCE, write_csv
-
-RUNS = [
-    ("dense", "dense (no training)"),
-    ("llm_pruner_channel", "LLM-Pruner-channel"),
-    ("llm_pruner_block", "LLM-Pruner-block"),
-    ("sparsegpt", "SparseGPT"),
-    ("llama_moe", "LLaMA-MoE"),
-    ("dsmoe", "DSMoE"),
-]
+from dsmoe.targets import TABLE1_RUNS as RUNS
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,12 +7,11 @@ NaturalQuestions, TriviaQA, WebQuestions. DSMoE routing is active inside lm-eval
 Scores are percentages; StoryCloze is "unavailable offline" where its licence-gated data is missing.
 """
 
-from table1 import RUNS
-
 from dsmoe.benchmarks import PAPER_TASKS, run_benchmarks
 from dsmoe.experiment import cached, ensure_run, evaluate, parse_scale, results_dir, runs_root, scale_config
 from dsmoe.models import load_model
 from dsmoe.results import PROVENANCE, write_csv
+from dsmoe.targets import TABLE1_RUNS as RUNS
 
 
 def benchmark(scale: str, run: str, limit: int | None, max_gen_toks: int, batch_size: int) -> dict:
