@@ -184,6 +184,7 @@ def test_planned_final_size_matches_a_real_save(tmp_path, assets, monkeypatch, m
     model.to(getattr(torch, dtype)).save_pretrained(out)
     saved = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
     assert abs(planned.final_bytes / saved - 1) < 0.03, (planned.final_bytes, saved)
+    assert planned.init_dtype == "float32" and planned.init_model_bytes == 4 * planned.params  # the source's dtype
 
 
 @pytest.mark.slow
