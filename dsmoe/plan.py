@@ -110,7 +110,9 @@ def prepared_structure(cfg: DictConfig, config: PretrainedConfig, dsmoe_fraction
         match = match_options(method, dense, dsmoe_fraction if target == "dsmoe" else float(target), options)
         options, note = {**options, **match.options}, match.note
     if method == "sparsegpt":  # pruned weights are stored as zeros
-        return Structure(count_params(dense), f"sparsity={options.get('sparsity', 0):.3f}", note)
+        from dsmoe.baselines.sparsegpt import SparseGPTConfig
+
+        return Structure(count_params(dense), f"sparsity={SparseGPTConfig(**options).sparsity:.3f}", note)
     if method.startswith("llm_pruner_"):
         mode = method.removeprefix("llm_pruner_")
         _, shapes = options_plan(dense, mode, options)
@@ -261,6 +263,9 @@ def plan_run(
 ) -> RunPlan:
     """Sizes and disk events of one trained run of the scale."""
     t = cfg.trainer
+    for key in ("checkpoint_every_n_steps", "keep_last_checkpoints"):
+        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
+            raise ValueError(f"trainer.{key} must be a positive integer, got {t[key]!r}")
     structure = prepared_structure(cfg, config, dsmoe_fraction)
     steps = planned_steps(cfg)
     tokens_per_step = t.global_batch_size * int(cfg.data.get("seq_len", 1024))
@@ -269,7 +274,7 @@ def plan_run(
     for point in sorted(t.export_tokens):
         if not 0 < point <= steps * tokens_per_step:
             raise ValueError(
-                f"run {cfg.run_name!r}: trainer.export_tokens {point!r} is not a token count in "
+                f"trainer.export_tokens {point!r} is not a token count in "
                 f"(0, {steps * tokens_per_step}] (the run's tokens)"
             )
         exports.append((point, math.ceil(point / tokens_per_step)))

@@ -149,9 +149,24 @@ def test_runs_in_order_trains_dsmoe_before_the_baselines_that_match_it():
         runs_in_order("table1", ["sparsegpt"], ["sparsegpt"])
 
 
-def test_unknown_hub_model_needs_its_config_offline(offline):
+def test_bad_input_is_named(offline, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs the config.json of model 'org/not-cached' offline"):
         dp.model_config("org/not-cached")
+    scales = tmp_path / "scales"
+    scales.mkdir()
+    scale = yaml.safe_load((ROOT / "experiments" / "configs" / "scales" / "llama1b.yaml").read_text())
+    scale["base"]["trainer"]["checkpoint_every_n_steps"] = 0
+    (scales / "bad.yaml").write_text(yaml.safe_dump(scale))
+    monkeypatch.setenv("DSMOE_SCALES_DIR", str(scales))
+    with pytest.raises(ValueError, match="run 'dsmoe' of scale 'bad': trainer.checkpoint_every_n_steps must be a pos"):
+        dp.plan_target("table5", "bad")
+    scale["base"]["trainer"]["checkpoint_every_n_steps"] = 2000
+    scale["methods"]["dsmoe"]["trainer"]["export_tokens"] = [2e10]
+    (scales / "bad.yaml").write_text(yaml.safe_dump(scale))
+    with pytest.raises(
+        ValueError, match=r"'bad': trainer.export_tokens 20000000000.0 is not a token count in \(0, 10000007168\]"
+    ):
+        dp.plan_target("table5", "bad")
 
 
 @pytest.mark.parametrize("method", ["dsmoe", "llama_moe", "llm_pruner_block", "sparsegpt"])
