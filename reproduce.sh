@@ -6,6 +6,7 @@
 #   ./reproduce.sh setup                     # only install
 #   ./reproduce.sh TARGET [--scale demo|smollm2|llama1b|llama7b] [--limit N]
 #         TARGET: table1 table2 table3 table4 table5 table6 fig2 fig3 all
+#   ./reproduce.sh TARGET --scale S --plan   # runs, tokens, steps, checkpoints and their sizes, peak disk; trains nothing
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -34,6 +35,24 @@ declare -A SCRIPTS=(
 
 target=${1:-help}
 shift || true
+
+# --plan: print the target's disk plan instead of running it (nothing is trained, loaded or downloaded)
+args=()
+plan=0
+for arg in "$@"; do
+  if [[ "$arg" == --plan ]]; then plan=1; else args+=("$arg"); fi
+done
+if (( plan )); then
+  case "$target" in
+    table1|table2|table3|table4|table5|table6|fig2|fig3|all)
+      setup
+      exec "$VENV/bin/python" -m dsmoe.plan "$target" "${args[@]}" ;;
+    *)
+      echo "--plan works with a target: table1 table2 table3 table4 table5 table6 fig2 fig3 all (got '$target')" >&2
+      exit 2 ;;
+  esac
+fi
+
 case "$target" in
   setup) setup ;;
   test)
@@ -51,7 +70,7 @@ case "$target" in
       "$VENV/bin/python" "experiments/${SCRIPTS[$t]}" "$@"
     done ;;
   help|-h|--help)
-    sed -n '2,8p' "$0" ;;
+    sed -n '2,9p' "$0" ;;
   *)
     echo "unknown target '$target'; choose one of: setup test demo table1 table2 table3 table4 table5 table6 fig2 fig3 all" >&2
     exit 2 ;;

@@ -580,20 +580,31 @@ def _target(model: PreTrainedModel, options: dict[str, Any]) -> dict[str, float]
     return {"target_params": fraction * count_params(model)}
 
 
+def _check_options(mode: str, options: dict[str, Any]) -> None:
+    unknown = set(options) - _ALLOWED[mode]
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)} for llm_pruner_{mode}; allowed: {sorted(_ALLOWED[mode])}"
+        )
+
+
+def options_plan(model: PreTrainedModel, mode: str, options: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """The target (as :func:`plan` takes it) and the planned shapes for the options of method llm_pruner_<mode>
+    (one of target_fraction, target_params, pruning_ratio, plus the mode's plan options); no data, works on meta."""
+    _check_options(mode, options)
+    target = _target(model, options)
+    rest = {k: v for k, v in options.items() if k not in _COMMON}
+    return target, plan(model, mode, **target, **rest)
+
+
 def _apply_for(
     mode: str,
 ) -> Callable[[PreTrainedModel, dict[str, Any], Iterable[torch.Tensor] | None], PreTrainedModel]:
     def apply(model: PreTrainedModel, options: dict[str, Any], calib: Iterable[torch.Tensor] | None) -> PreTrainedModel:
-        unknown = set(options) - _ALLOWED[mode]
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {sorted(unknown)} for llm_pruner_{mode}; allowed: {sorted(_ALLOWED[mode])}"
-            )
+        _check_options(mode, options)
         if calib is None:
             raise ValueError(f"llm_pruner_{mode} needs calibration batches (input_ids) for its Taylor importance")
-        rest = {k: v for k, v in options.items() if k not in _COMMON}
-        target = _target(model, options)
-        shapes = plan(model, mode, **target, **rest)
+        target, shapes = options_plan(model, mode, options)
         prune_with_plan(model, shapes, calib, options.get("num_calib_batches"))
         model.config.llm_pruner.update(target)
         return model
