@@ -270,11 +270,11 @@ def evaluate(
     sc = scale_config(scale)
     if run == "dense":
         source, cfg_model, summary = sc.base.model, sc.base.model, {"tokens": 0, "global_step": 0}
-        method, seed = "dense", ""
+        method, trained_seed = "dense", ""
     else:
         final = model_dir or ensure_run(scale, run, seed)
         source, cfg = str(final), run_config(scale, run, seed)
-        cfg_model, method, seed = cfg.model, cfg.method, cfg.trainer.seed
+        cfg_model, method, trained_seed = cfg.model, cfg.method, cfg.trainer.seed
         summary = json.loads((run_dir(cfg) / "train_summary.json").read_text()) if model_dir is None else {}
     name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ".json"
 
@@ -297,7 +297,7 @@ def evaluate(
             tokens=summary.get("tokens", ""),
             steps=summary.get("global_step", ""),
             tau=result["tau"],
-            seed=seed,
+            seed=trained_seed,
         )
         return result
 

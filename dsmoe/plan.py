@@ -30,20 +30,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from dsmoe.cli import run as run_cli
 from dsmoe.experiment import ROOT, run_config, runs_root, scale_config
-from dsmoe.models import EMBEDDED
+from dsmoe.models import EMBEDDED, EMBEDDED_ALIASES, EMBEDDED_CACHE_NAME
 from dsmoe.packages import cache_dir
 from dsmoe.stats import count_params
 from dsmoe.targets import DENSE, TARGETS, runs_in_order, target_labels
+from dsmoe.train import export_dtype, resolved_precision, source_dtype
 
 GB = 1e9
 CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
 SHIPPED_CONFIGS = {"meta-llama/Llama-3.2-1B": "llama-3.2-1b.json", "meta-llama/Llama-2-7b-hf": "llama-2-7b-hf.json"}
-EMBEDDED_ALIASES = (EMBEDDED, "embedded", "smollm2-135m")  # the names dsmoe.models.resolve maps to the cached copy
-EMBEDDED_DIR = "smollm2-135m-instruct-q4_1"  # dsmoe.models.embedded_model_dir's folder in the suite's cache
 # Table 1: activated params of DSMoE / total, the baselines' target until this scale's DSMoE has been evaluated
 PAPER_ACTIVATED = {"meta-llama/Llama-3.2-1B": (735e6, 1.24e9), "meta-llama/Llama-2-7b-hf": (3.93e9, 6.74e9)}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------- model structure
@@ -55,8 +54,8 @@ def model_config(name: str) -> PretrainedConfig:
     if name in SHIPPED_CONFIGS:
         return AutoConfig.from_pretrained(CONFIGS_DIR / SHIPPED_CONFIGS[name])
     if name in EMBEDDED_ALIASES:
-        built = cache_dir("models") / EMBEDDED_DIR / "config.json"
-        return AutoConfig.from_pretrained(built if built.exists() else CONFIGS_DIR / f"{EMBEDDED_DIR}.json")
+        built = cache_dir("models") / EMBEDDED_CACHE_NAME / "config.json"
+        return AutoConfig.from_pretrained(built if built.exists() else CONFIGS_DIR / f"{EMBEDDED_CACHE_NAME}.json")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -70,13 +69,6 @@ def model_config(name: str) -> PretrainedConfig:
             f"once (huggingface-cli download {name} config.json) or use a local directory; shipped configs: "
             f"{sorted(SHIPPED_CONFIGS)} and {EMBEDDED!r}"
         ) from err
-
-
-def source_dtype(config: PretrainedConfig) -> torch.dtype:
-    """The dtype the dense checkpoint is stored in (config.json dtype / torch_dtype), fp32 if not recorded."""
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    saved = getattr(torch, saved) if isinstance(saved, str) else saved
-    return saved if isinstance(saved, torch.dtype) else torch.float32
 
 
 def meta_model(config: PretrainedConfig) -> torch.nn.Module:
@@ -129,32 +121,6 @@ def prepared_structure(cfg: DictConfig, config: PretrainedConfig, dsmoe_fraction
 
 
 # ---------------------------------------------------------------------------------------------- training files
-
-
-def on_gpu(t: DictConfig) -> bool:
-    return t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-
-
-def resolved_precision(t: DictConfig) -> str:
-    return ("bf16-mixed" if on_gpu(t) else "32-true") if t.precision == "auto" else t.precision
-
-
-def export_dtype(t: DictConfig) -> torch.dtype:
-    """final/ and exports: trainer.export_dtype, "auto" = bf16 / fp16 under bf16-* / 16-* precision, else fp32."""
-    if t.export_dtype != "auto":
-        if t.export_dtype not in DTYPES:
-            raise ValueError(
-                f"trainer.export_dtype {t.export_dtype!r} is unknown; choose auto or one of {list(DTYPES)}"
-            )
-        return DTYPES[t.export_dtype]
-    precision = resolved_precision(t)
-    return (
-        torch.bfloat16
-        if precision.startswith("bf16")
-        else torch.float16
-        if precision.startswith("16")
-        else torch.float32
-    )
 
 
 def checkpoint_bytes_per_param(precision: str) -> int:
@@ -372,8 +338,9 @@ def source_description(model: str) -> tuple[str, bool]:
     return "config from the local HF cache", True
 
 
-def plan_target(target: str, scale: str) -> TargetPlan:
-    """The disk plan of ``./reproduce.sh TARGET --scale SCALE`` ("all": every target's runs, each once)."""
+def plan_target(target: str, scale: str, seeds: int | None = None) -> TargetPlan:
+    """The disk plan of ``./reproduce.sh TARGET --scale SCALE --seeds N`` ("all": every target's runs, each once;
+    every trained run repeated for each seed, default the scale's eval.seeds)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
     sc = scale_config(scale)
@@ -389,14 +356,15 @@ def plan_target(target: str, scale: str) -> TargetPlan:
         if label not in labels.setdefault(run, []):
             labels[run].append(label)
     fraction, fraction_source = dsmoe_fraction(scale, model)
+    seeds = int(sc.eval.get("seeds", 1)) if seeds is None else seeds
     runs = []
     for run in order:
         try:
-            runs.append(
-                RunPlan(DENSE, labels[DENSE], "dense")
-                if run == DENSE
-                else plan_run(configs[run], labels[run], config, dense_dtype, fraction)
-            )
+            if run == DENSE:
+                runs.append(RunPlan(DENSE, labels[DENSE], "dense"))
+                continue
+            for seed in range(seeds):
+                runs.append(plan_run(run_config(scale, run, seed), labels[run], config, dense_dtype, fraction))
         except ValueError as err:
             raise ValueError(f"run {run!r} of scale {scale!r}: {err}") from err
     config_source, counted = source_description(model)
@@ -483,14 +451,14 @@ def main(argv: list[str] | None = None) -> TargetPlan:
     parser.add_argument("target", help=f"one of {list(TARGETS)}")
     parser.add_argument("--scale", default="demo", help="a scale of experiments/configs/scales/ (default: demo)")
     parser.add_argument("--limit", type=int, default=None, help="accepted as the targets take it; no effect on disk")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="repetitions of every trained run (default: the scale's)"
+    )
     args = parser.parse_args(argv)
-    try:
-        plan = plan_target(args.target, args.scale)
-    except (ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"dsmoe.plan: {err}\n")
+    plan = plan_target(args.target, args.scale, args.seeds)
     print(format_plan(plan))
     return plan
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -35,13 +35,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from transformers import AutoConfig
 
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, OptimConfig
 from dsmoe.methods import Method, get_method
-from dsmoe.models import EMBEDDED, load_model, load_tokenizer
+from dsmoe.models import EMBEDDED, load_model, load_tokenizer, resolve
 from dsmoe.packages import write_json
 from dsmoe.stats import count_params
 
@@ -249,9 +250,9 @@ def calibration_batches(data_module, n: int) -> list[torch.Tensor]:
     raise ValueError(f"the training stream ended before {n} calibration batches")
 
 
-def source_dtype(model: torch.nn.Module) -> torch.dtype:
+def source_dtype(config) -> torch.dtype:
     """The dtype the dense checkpoint was stored in (config.json dtype / torch_dtype), fp32 if not recorded."""
-    saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     saved = getattr(torch, saved) if isinstance(saved, str) else saved
     return saved if isinstance(saved, torch.dtype) else torch.float32
 
@@ -265,7 +266,7 @@ def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
     L.seed_everything(cfg.trainer.seed)  # router inits, calibration sampling
     dense, tokenizer = load_model(cfg.model)
     dense_params = count_params(dense)
-    dtype = source_dtype(dense)
+    dtype = source_dtype(AutoConfig.from_pretrained(resolve(cfg.model)))  # as stored, not as loaded
     options = dict(cfg.method_options)
     target = options.pop("match_activated", None)  # fraction of the dense params, or an absolute count
     if target is not None:

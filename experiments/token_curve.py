@@ -10,8 +10,16 @@ Rows are means over the seeds, with their sd.
 import json
 
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import ensure_run, evaluate, parse_scale, results_dir, run_config, run_dir, seeds_provenance
-from dsmoe.experiment import with_spread
+from dsmoe.experiment import (
+    ensure_run,
+    evaluate,
+    parse_scale,
+    results_dir,
+    run_config,
+    run_dir,
+    seeds_provenance,
+    with_spread,
+)
 from dsmoe.plots import token_curve
 from dsmoe.results import PROVENANCE, write_csv
 
