@@ -7,6 +7,7 @@
 #   ./reproduce.sh TARGET [--scale demo|smollm2|llama1b|llama7b] [--limit N]
 #         TARGET: table1 table2 table3 table4 table5 table6 fig2 fig3 all
 #   ./reproduce.sh TARGET --scale S --plan   # runs, tokens, steps, checkpoints and their sizes, peak disk; trains nothing
+#   ./reproduce.sh gpu-check                 # on a GPU machine: the GPU paths end to end in ~8 min → results/gpu_check/
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -61,6 +62,9 @@ case "$target" in
   demo)
     setup
     exec "$VENV/bin/python" experiments/demo.py "$@" ;;
+  gpu-check)
+    setup
+    exec "$VENV/bin/python" experiments/gpu_check.py "$@" ;;
   table1|table2|table3|table4|table5|table6|fig2|fig3)
     setup
     exec "$VENV/bin/python" "experiments/${SCRIPTS[$target]}" "$@" ;;
@@ -70,8 +74,8 @@ case "$target" in
       "$VENV/bin/python" "experiments/${SCRIPTS[$t]}" "$@"
     done ;;
   help|-h|--help)
-    sed -n '2,9p' "$0" ;;
+    sed -n '2,10p' "$0" ;;
   *)
-    echo "unknown target '$target'; choose one of: setup test demo table1 table2 table3 table4 table5 table6 fig2 fig3 all" >&2
+    echo "unknown target '$target'; choose one of: setup test demo gpu-check table1 table2 table3 table4 table5 table6 fig2 fig3 all" >&2
     exit 2 ;;
 esac

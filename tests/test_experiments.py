@@ -216,3 +216,23 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     assert stopped.value.code == 143
     with pytest.raises(experiment.TrainingFailed, match="exit status 1"):
         experiment.launch_training(tmp_path / "launch.yaml")
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_checks_on_the_cpu(tmp_path, monkeypatch):
+    """experiments/gpu_check.py --cpu-smoke: the GPU check's code paths with a tiny model (FSDP skipped)."""
+    import importlib
+
+    monkeypatch.setenv("DSMOE_RUNS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    gpu_check = importlib.reload(importlib.import_module("gpu_check"))
+    rows = gpu_check.main(["--cpu-smoke"])
+    status = {r["check"]: r["status"] for r in rows}
+    assert status == {
+        "train DSMoE 4 steps": "ok",
+        "FSDP on one device": "skipped",
+        "export reloaded anywhere": "ok",
+        "PPL on the accelerator": "ok",
+        "lm-eval on the accelerator": "ok",
+    }, rows
+    assert float(next(r["value"] for r in rows if r["check"] == "export reloaded anywhere")) < 1e-4

