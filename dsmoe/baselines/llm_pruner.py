@@ -22,12 +22,12 @@ The pruned model is dense: its activated parameters are its parameters. :func:`p
 LLM-Pruner's ``pruning_ratio`` or for a parameter budget (d' in closed form, the count being linear in d';
 r by bisection, then the FFN ratio alone so that whole-head steps do not spoil the match);
 :func:`prune_to_target` = plan + importance + surgery. Per-layer shapes live in ``config.llm_pruner``;
-:func:`load_pruned` rebuilds them (plain ``from_pretrained`` cannot).
+:func:`load_pruned` rebuilds them, and so does the HF remote code saved with them (plain ``from_pretrained``
+cannot). The surgery itself lives in :mod:`dsmoe.hf_remote.pruned_shapes`, shared with that remote code.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from itertools import islice
@@ -36,78 +36,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from dsmoe.hf_remote.pruned_shapes import (
+    decoder_layers,
+    hidden_params,
+    intermediate_sizes,
+    kv_groups,
+    kv_heads,
+    prune_hidden_channels,
+    prune_layer,
+    qkv_projections,
+    shrink_to_spec,
+)
 from dsmoe.methods import Method, no_aux_losses
-from dsmoe.saving import read_tensors, save_hf
+from dsmoe.saving import base_config, read_tensors, save_hf
 from dsmoe.stats import count_params
 
 MODES = ("channel", "block")
-
-
-# ---------------------------------------------------------------------------------------------- structure
-
-
-def _layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-family causal LM, checked for the modules LLM-Pruner prunes."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    needed += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
-    if layers is None or not all(_has(layer, n) for layer in layers for n in needed):
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise ValueError(
-            f"LLM-Pruner needs a Llama-family model (model.model.layers[i] with {', '.join(needed)}); got {kind!r}"
-        )
-    return layers
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def _hidden_params(model: PreTrainedModel) -> list[tuple[nn.Module, str, int]]:
-    """(module, parameter name, axis) of every weight with an axis of size d (the residual stream)."""
-    base = model.model
-    entries: list[tuple[nn.Module, str, int]] = [(base.embed_tokens, "weight", 1)]
-    for layer in _layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        entries += [(layer.input_layernorm, "weight", 0), (layer.post_attention_layernorm, "weight", 0)]
-        entries += [(m, "weight", 1) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)]
-        for m in (attn.o_proj, mlp.down_proj):
-            entries += [(m, "weight", 0)] + ([(m, "bias", 0)] if m.bias is not None else [])
-    entries.append((base.norm, "weight", 0))
-    if model.lm_head.weight is not base.embed_tokens.weight:  # tied: the embedding already covers it
-        entries.append((model.lm_head, "weight", 1))
-    hidden = {id(getattr(m, name)) for m, name, _ in entries}
-    output_side = [m.bias for layer in _layers(model) for m in (*_qkv(layer), layer.mlp.gate_proj, layer.mlp.up_proj)]
-    independent = {id(b) for b in output_side if b is not None}  # q/k/v and gate/up biases: no hidden axis
-    for name, p in model.named_parameters():
-        if id(p) not in hidden | independent:
-            raise ValueError(
-                f"LLM-Pruner channel mode does not know how parameter {name} {tuple(p.shape)} depends on the "
-                "hidden size; supported: Llama-family embed/norm/q,k,v,o/gate,up,down/lm_head weights and biases"
-            )
-    return entries
-
-
-def _qkv(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    return layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj
-
-
-def _kv_groups(layer: nn.Module) -> int:
-    return layer.self_attn.k_proj.out_features // layer.self_attn.head_dim
-
-
-def intermediate_sizes(model: PreTrainedModel) -> list[int]:
-    return [layer.mlp.gate_proj.out_features for layer in _layers(model)]
-
-
-def kv_heads(model: PreTrainedModel) -> list[int]:
-    return [_kv_groups(layer) for layer in _layers(model)]
 
 
 # ---------------------------------------------------------------------------------------------- importance
@@ -165,7 +111,7 @@ def _column_importance(linear: nn.Linear) -> torch.Tensor:
 def hidden_importance(model: PreTrainedModel) -> torch.Tensor:
     """[d]: summed salience of every weight attached to each hidden channel (the channel-wise group)."""
     total = torch.zeros(model.config.hidden_size, device=model.lm_head.weight.device)
-    for module, name, axis in _hidden_params(model):
+    for module, name, axis in hidden_params(model):
         s = _salience(getattr(module, name))
         total += s.sum(1 - axis) if s.dim() == 2 else s
     return total
@@ -182,76 +128,16 @@ def kv_group_importance(layer: nn.Module) -> torch.Tensor:
 
     Query head h uses KV head h // (num_heads / G) (HF repeat_kv), so a group's query rows are contiguous.
     """
-    attn, groups = layer.self_attn, _kv_groups(layer)
-    parts = (*(_row_importance(m) for m in _qkv(layer)), _column_importance(attn.o_proj))
+    attn, groups = layer.self_attn, kv_groups(layer)
+    parts = (*(_row_importance(m) for m in qkv_projections(layer)), _column_importance(attn.o_proj))
     return sum(part.view(groups, -1).sum(1) for part in parts)
 
 
-# ---------------------------------------------------------------------------------------------- surgery
-
-
-def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-
-
-def _keep_rows(linear: nn.Linear, idx: torch.Tensor) -> None:
-    _set_param(linear, "weight", linear.weight.detach().index_select(0, idx))
-    if linear.bias is not None:
-        _set_param(linear, "bias", linear.bias.detach().index_select(0, idx))
-    linear.out_features = len(idx)
-
-
-def _keep_columns(linear: nn.Linear, idx: torch.Tensor) -> None:
-    _set_param(linear, "weight", linear.weight.detach().index_select(1, idx))
-    linear.in_features = len(idx)
-
-
-def prune_hidden_channels(model: PreTrainedModel, keep: torch.Tensor) -> None:
-    """Keep hidden channels ``keep`` (sorted indices) in every layer; updates config.hidden_size, keeps head_dim."""
-    entries = _hidden_params(model)
-    embed, lm_head = model.model.embed_tokens, model.lm_head
-    tied = lm_head.weight is embed.weight
-    keep = keep.to(embed.weight.device)
-    model.config.head_dim = _layers(model)[0].self_attn.head_dim  # else rebuilt from the new hidden_size
-    for module, name, axis in entries:
-        _set_param(module, name, getattr(module, name).detach().index_select(axis, keep))
-        if isinstance(module, nn.Linear):
-            setattr(module, "in_features" if axis == 1 else "out_features", len(keep))
-    embed.embedding_dim = len(keep)
-    if tied:
-        lm_head.weight = embed.weight
-    lm_head.in_features = len(keep)
-    for layer in _layers(model):
-        if hasattr(layer.mlp, "hidden_size"):
-            layer.mlp.hidden_size = len(keep)
-    model.config.hidden_size = len(keep)
-
-
-def prune_layer(layer: nn.Module, keep_ffn: torch.Tensor, keep_kv_groups: torch.Tensor) -> None:
-    """Keep FFN channels ``keep_ffn`` and KV groups ``keep_kv_groups`` (sorted indices) of one decoder layer."""
-    mlp, attn = layer.mlp, layer.self_attn
-    device = mlp.gate_proj.weight.device
-    keep_ffn, keep_kv_groups = keep_ffn.to(device), keep_kv_groups.to(device)
-    _keep_rows(mlp.gate_proj, keep_ffn)
-    _keep_rows(mlp.up_proj, keep_ffn)
-    _keep_columns(mlp.down_proj, keep_ffn)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(keep_ffn)
-    head_dim, group_q = attn.head_dim, attn.q_proj.out_features // _kv_groups(layer)
-    kv_rows = (keep_kv_groups[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
-    q_rows = (keep_kv_groups[:, None] * group_q + torch.arange(group_q, device=device)).flatten()
-    _keep_rows(attn.q_proj, q_rows)
-    _keep_rows(attn.k_proj, kv_rows)
-    _keep_rows(attn.v_proj, kv_rows)
-    _keep_columns(attn.o_proj, q_rows)
+# ---------------------------------------------------------------------------------------------- pruning
 
 
 def _top(importance: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(importance, k).indices.sort().values
-
-
-# ---------------------------------------------------------------------------------------------- pruning
 
 
 def prune_channel(
@@ -278,7 +164,7 @@ def prune_block(
 ) -> PreTrainedModel:
     """Block-wise LLM-Pruner: per layer i keep the ffn_sizes[i] most important FFN channels and the
     kv_group_counts[i] most important KV groups (in place)."""
-    layers = _layers(model)
+    layers = decoder_layers(model)
     current, groups = intermediate_sizes(model), kv_heads(model)
     for name, sizes, limit in (("ffn_sizes", ffn_sizes, current), ("kv_group_counts", kv_group_counts, groups)):
         if len(sizes) != len(layers) or not all(1 <= s <= m for s, m in zip(sizes, limit, strict=True)):
@@ -317,7 +203,7 @@ def _record_spec(model: PreTrainedModel, mode: str, dense_params: int) -> None:
 
 def channel_param_count(model: PreTrainedModel, hidden_size: int) -> int:
     """Parameters after pruning d to ``hidden_size``: linear in it (every hidden-axis weight scales with d')."""
-    per_channel = sum(getattr(m, n).numel() // model.config.hidden_size for m, n, _ in _hidden_params(model))
+    per_channel = sum(getattr(m, n).numel() // model.config.hidden_size for m, n, _ in hidden_params(model))
     return count_params(model) + per_channel * (hidden_size - model.config.hidden_size)
 
 
@@ -333,15 +219,15 @@ def _ffn_unit(layer: nn.Module) -> int:
 
 def _kv_unit(layer: nn.Module) -> int:
     """Parameters per KV group: q/k/v rows (weights and biases) and o_proj columns of its heads."""
-    qkv = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in _qkv(layer))
-    return (qkv + layer.self_attn.o_proj.weight.numel()) // _kv_groups(layer)
+    qkv = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in qkv_projections(layer))
+    return (qkv + layer.self_attn.o_proj.weight.numel()) // kv_groups(layer)
 
 
 def block_param_count(model: PreTrainedModel, ffn_sizes: list[int], kv_group_counts: list[int]) -> int:
     """Parameters after :func:`prune_block` with these per-layer sizes (from the module shapes)."""
     total = count_params(model)
-    for layer, f, g in zip(_layers(model), ffn_sizes, kv_group_counts, strict=True):
-        total += _ffn_unit(layer) * (f - layer.mlp.gate_proj.out_features) + _kv_unit(layer) * (g - _kv_groups(layer))
+    for layer, f, g in zip(decoder_layers(model), ffn_sizes, kv_group_counts, strict=True):
+        total += _ffn_unit(layer) * (f - layer.mlp.gate_proj.out_features) + _kv_unit(layer) * (g - kv_groups(layer))
     return total
 
 
@@ -361,7 +247,7 @@ def block_sizes(
     drop ⌊(G·h - int(G·h·(1-r)))/h⌋ KV groups (at least one channel and one group stay)."""
     ffn, kv = intermediate_sizes(model), kv_heads(model)
     ffn_ratio = ratio if ffn_ratio is None else ffn_ratio
-    decoder = _layers(model)
+    decoder = decoder_layers(model)
     for i in layers:
         head_dim = decoder[i].self_attn.head_dim
         ffn[i] = max(1, int(ffn[i] * (1 - ffn_ratio)))
@@ -460,7 +346,7 @@ def plan(
             "num_key_value_heads": kv_heads(model),
         }
         return {"mode": mode, **shapes, "params": channel_param_count(model, d)}
-    layers = pruned_layer_range(len(_layers(model)), keep_first, keep_last)
+    layers = pruned_layer_range(len(decoder_layers(model)), keep_first, keep_last)
     if pruning_ratio is not None:
         ffn, kv, ratio = *block_sizes(model, pruning_ratio, layers, prune_attention), pruning_ratio
     else:
@@ -515,40 +401,36 @@ def prune_to_target(
 
 
 def save_pruned(model: PreTrainedModel, directory: str | Path, tokenizer: Any = None) -> Path:
-    """HF save (see :func:`dsmoe.saving.save_hf`); config.json carries config.llm_pruner."""
+    """HF save (see :func:`dsmoe.saving.save_hf`) with HF remote code that rebuilds the per-layer shapes of
+    config.llm_pruner, so that ``from_pretrained(dir, trust_remote_code=True)`` opens the pruned model."""
     if not hasattr(model.config, "llm_pruner"):
         raise ValueError("save_pruned expects a model pruned by dsmoe.baselines.llm_pruner (no config.llm_pruner)")
     hidden = model.config.hidden_size
     if model.config.llm_pruner["mode"] == "channel":  # HF validates d % heads on save: config.json keeps the
-        # dense-shaped d, config.llm_pruner["hidden_size"] the pruned one (load_pruned shrinks to it)
+        # dense-shaped d, config.llm_pruner["hidden_size"] the pruned one (shrink_to_spec shrinks to it)
         model.config.hidden_size = model.config.num_attention_heads * model.config.head_dim
     try:
-        return save_hf(model, directory, tokenizer)
+        return save_hf(model, directory, tokenizer, remote_model_type="dsmoe_llm_pruner")
     finally:
         model.config.hidden_size = hidden
 
 
 def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Rebuild a pruned model: build from config.json, shrink each layer to config.llm_pruner, load weights."""
+    """Rebuild a pruned model (saved by :func:`save_pruned`, with or without remote code): build from
+    config.json, shrink each layer to config.llm_pruner, load the weights."""
     from transformers.initialization import no_init_weights
 
     directory = Path(directory)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"no config.json in {directory}: not a saved model directory")
-    raw = json.loads((directory / "config.json").read_text())
-    spec = raw.get("llm_pruner")
+    config = base_config(directory)  # channel mode: built at the dense width, then shrunk
+    spec = getattr(config, "llm_pruner", None)
     if spec is None:
         raise ValueError(f"{directory} holds no LLM-Pruner model (no 'llm_pruner' entry in config.json)")
-    config = AutoConfig.from_pretrained(directory)  # channel mode: built at the dense width, then shrunk
     saved = getattr(config, "dtype", None) or torch.float32
     dtype = dtype or (getattr(torch, saved) if isinstance(saved, str) else saved)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # skipped under no_init_weights; a no-op unless config.tie_word_embeddings
-    if spec["mode"] == "channel":
-        prune_hidden_channels(model, torch.arange(spec["hidden_size"]))
-    for layer, f, g in zip(_layers(model), spec["intermediate_sizes"], spec["num_key_value_heads"], strict=True):
-        prune_layer(layer, torch.arange(f), torch.arange(g))
+    shrink_to_spec(model, spec)
     missing, unexpected = model.load_state_dict(read_tensors(directory), strict=False)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):

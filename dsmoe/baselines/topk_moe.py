@@ -20,18 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
 from dsmoe import fast
-from dsmoe.convert import is_swiglu
-from dsmoe.layer import expert_size
+from dsmoe.hf_remote.partitioned_swiglu import (
+    GATE_NETWORKS,
+    SwiGLUParts,
+    TopKGatedSwiGLU,
+    is_swiglu,
+    replace_swiglu,
+    topk_scale,
+)
 from dsmoe.methods import Batches, Method
 from dsmoe.saving import load_with_extra_params, save_hf, saved_entry
 from dsmoe.stats import count_params
-
-GATE_NETWORKS = ("linear", "mlp")
 
 
 @dataclass
@@ -74,9 +77,7 @@ class TopKMoEConfig:
 
     @property
     def scale(self) -> float:
-        if self.score_scale_factor is None:
-            return self.num_experts / self.top_k
-        return float(self.score_scale_factor)
+        return topk_scale(self.num_experts, self.top_k, self.score_scale_factor)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,24 +100,12 @@ def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + eps)
 
 
-def smooth_load(
-    clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_values: torch.Tensor, k: int
-) -> torch.Tensor:
-    """Load_i = Σ_x P(x, i), P(x, i) = Φ((clean_i − kth_excluding(noisy, k, i)) / std_i) (Shazeer et al., eqs. 8–10).
+class TopKMoEMLP(TopKGatedSwiGLU):
+    """y = s · Σ_{i ∈ topk(H(x))} softmax(H(x)_topk)_i · (act(x·W_i) ⊙ x·U_i)·V_i, exactly k experts per token.
 
-    ``top_values`` are the k+1 largest noisy logits per token. kth_excluding is the (k+1)-th largest
-    for an expert now in the top k and the k-th largest otherwise. (LLaMA-MoE's code decides "in the
-    top k" from the noise term alone; this follows the paper's definition.)
+    The gate and routing are :class:`TopKGatedSwiGLU`'s (the HF remote code of saved models); this class
+    computes only the selected experts and keeps the balance loss of the last forward.
     """
-    threshold_in, threshold_out = top_values[:, k : k + 1], top_values[:, k - 1 : k]
-    is_in = noisy > threshold_in
-    p_in = torch.special.ndtr((clean - threshold_in) / noise_std)
-    p_out = torch.special.ndtr((clean - threshold_out) / noise_std)
-    return torch.where(is_in, p_in, p_out).sum(0)
-
-
-class TopKMoEMLP(nn.Module):
-    """y = s · Σ_{i ∈ topk(H(x))} softmax(H(x)_topk)_i · (act(x·W_i) ⊙ x·U_i)·V_i, exactly k experts per token."""
 
     def __init__(
         self,
@@ -126,46 +115,18 @@ class TopKMoEMLP(nn.Module):
         act_fn: nn.Module,
         config: TopKMoEConfig,
     ) -> None:
-        super().__init__()
-        hidden_size, n = gate_proj.in_features, config.num_experts
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
-        self.num_experts, self.top_k = n, config.top_k
-        self.expert_size = expert_size(gate_proj.out_features, n)
+        super().__init__(
+            SwiGLUParts(gate_proj, up_proj, down_proj, act_fn),
+            config.num_experts,
+            config.top_k,
+            config.score_scale_factor,
+            config.noisy_gating,
+            config.noise_epsilon,
+            config.gate_network,
+        )
         self.fast_cache: fast.ExpertBlocks | None = None  # run views of the experts, see dsmoe.fast
-        self.scale = config.scale
-        self.noisy_gating, self.noise_epsilon = config.noisy_gating, float(config.noise_epsilon)
-        if config.gate_network == "linear":
-            self.router = nn.Linear(hidden_size, n, bias=False)
-            nn.init.zeros_(self.router.weight)  # LLaMA-MoE's linear gate starts at zero
-        else:
-            self.router = nn.Sequential(nn.Linear(hidden_size, n, bias=False), nn.Tanh(), nn.Linear(n, n, bias=False))
-        self.router.to(device=gate_proj.weight.device, dtype=gate_proj.weight.dtype)
-        self.noise: nn.Linear | None = None  # W_noise, zero-initialised as in LLaMA-MoE; absent without noise
-        if self.noisy_gating:
-            self.noise = nn.Linear(hidden_size, n, bias=False)
-            nn.init.zeros_(self.noise.weight)
-            self.noise.to(device=gate_proj.weight.device, dtype=gate_proj.weight.dtype)
         self.last_balance_loss: torch.Tensor | None = None  # unweighted cv²(I) + cv²(L), with its graph
         self.last_indices: torch.Tensor | None = None  # [tokens, k] experts of the last forward
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k expert indices [T, k], their softmax scores [T, k], Importance [n] and Load [n]."""
-        clean = self.router(x).float()
-        noisy_training = self.training and self.noisy_gating
-        if noisy_training:
-            noise_std = F.softplus(self.noise(x).float()) + self.noise_epsilon
-            logits = clean + torch.randn_like(clean) * noise_std
-        else:
-            logits = clean
-        k, n = self.top_k, self.num_experts
-        top_values, top_indices = logits.topk(min(k + 1, n), dim=-1)
-        indices, scores = top_indices[:, :k], top_values[:, :k].softmax(-1)
-        importance = torch.zeros_like(logits).scatter(1, indices, scores).sum(0)
-        if noisy_training and k < n:
-            load = smooth_load(clean, logits, noise_std, top_values, k)
-        else:  # not differentiable: LLaMA-MoE's fallback without noise
-            load = torch.bincount(indices.flatten(), minlength=n).float()
-        return indices, scores, importance, load
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -183,12 +144,6 @@ class TopKMoEMLP(nn.Module):
         active = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, indices, True)
         return fast.sparse_forward(self, x, dense, active)
 
-    def ffn_params(self) -> int:
-        return sum(p.numel() for m in (self.gate_proj, self.up_proj, self.down_proj) for p in m.parameters())
-
-    def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, expert_size={self.expert_size}, scale={self.scale}"
-
 
 def topk_moe_layers(model: nn.Module) -> list[TopKMoEMLP]:
     return [m for m in model.modules() if isinstance(m, TopKMoEMLP)]
@@ -198,15 +153,7 @@ def convert_to_topk_moe(model: PreTrainedModel, config: TopKMoEConfig) -> PreTra
     """Replace every SwiGLU MLP by a TopKMoEMLP sharing its weights; records ``model.config.llama_moe``."""
     if topk_moe_layers(model):
         raise ValueError("model is already converted to a top-k MoE")
-    targets = [(name, m) for name, m in model.named_modules() if is_swiglu(m)]
-    if not targets:
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise ValueError(f"no SwiGLU FFN (gate_proj, up_proj, down_proj, act_fn) found in a {kind!r} model")
-    for name, mlp in targets:
-        new = TopKMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, config)
-        new.train(mlp.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+    replace_swiglu(model, lambda mlp: TopKMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, config))
     model.config.llama_moe = config.to_dict()
     return model
 
@@ -253,10 +200,11 @@ def predicted_activated_params(model: nn.Module, config: TopKMoEConfig) -> float
 
 
 def save_topk_moe(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
-    """HF format: the dense weights plus router/noise tensors; config.json carries the "llama_moe" entry."""
+    """HF format: the dense weights plus router/noise tensors; config.json carries the "llama_moe" entry, and
+    HF remote code opens the directory as this model (``from_pretrained(dir, trust_remote_code=True)``)."""
     if not hasattr(model.config, "llama_moe"):
         raise ValueError("save_topk_moe() expects a model converted with convert_to_topk_moe()")
-    return save_hf(model, directory, tokenizer)
+    return save_hf(model, directory, tokenizer, remote_model_type="dsmoe_llama_moe")
 
 
 def _is_gate(name: str) -> bool:
