@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-VARIANTS = ("dsmoe", "no_ste", "no_gate")
+from dsmoe.hf_remote.partitioned_swiglu import VARIANTS
 
 
 @dataclass

@@ -44,6 +44,14 @@ def set_tau(model: nn.Module, tau: float) -> None:
         model.config.dsmoe = {**model.config.dsmoe, "tau": float(tau)}
 
 
+def set_rescale(model: nn.Module, rescale: bool) -> None:
+    """Switch eq. 8's n/#active rescale of every DSMoE layer on or off (evaluation only: Fig. 2 reports the model
+    trained without G(x), which also trained without the rescale, both ways)."""
+    for m in model.modules():
+        if isinstance(m, DSMoEMLP):
+            m.rescale = bool(rescale)
+
+
 def dsmoe_config_of(model: nn.Module) -> DSMoEConfig:
     return DSMoEConfig.from_dict(dict(model.config.dsmoe))
 

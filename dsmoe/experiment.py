@@ -260,11 +260,18 @@ def evaluate_model(
 
 
 def evaluate(
-    scale: str, run: str, tau: float | None = None, model_dir: Path | None = None, tag: str = "", seed: int = 0
+    scale: str,
+    run: str,
+    tau: float | None = None,
+    model_dir: Path | None = None,
+    tag: str = "",
+    seed: int = 0,
+    rescale: bool = True,
 ) -> dict[str, Any]:
     """Cached evaluation of a run's final model ("dense": the original model, untrained) at the scale's
-    validation windows; ``tau`` re-thresholds a DSMoE model first (Table 4, Fig. 2); ``seed``: which repetition."""
-    from dsmoe.convert import set_tau
+    validation windows; ``tau`` re-thresholds a DSMoE model first (Table 4, Fig. 2), ``rescale=False`` drops eq. 8's
+    n/#active (Fig. 2); ``seed``: which repetition."""
+    from dsmoe.convert import set_rescale, set_tau
     from dsmoe.models import load_tokenizer
 
     sc = scale_config(scale)
@@ -276,12 +283,13 @@ def evaluate(
         source, cfg = str(final), run_config(scale, run, seed)
         cfg_model, method, trained_seed = cfg.model, cfg.method, cfg.trainer.seed
         summary = json.loads((run_dir(cfg) / "train_summary.json").read_text()) if model_dir is None else {}
-    name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ".json"
+    name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ("" if rescale else "_norescale") + ".json"
 
     def compute() -> dict[str, Any]:
         model, _ = load_for_eval(source)
         if tau is not None:
             set_tau(model, tau)
+        set_rescale(model, rescale)
         info = runs_root(scale) / run_name(run, seed) / "init_model" / "dense_params.json"
         dense_total = json.loads(info.read_text())["dense_params"] if run != "dense" else count_params(model)
         windows = validation_windows(scale, load_tokenizer(source))

@@ -157,7 +157,7 @@ def decode_token(layer: DSMoEMLP, x: torch.Tensor) -> torch.Tensor:
     k = sum(used)
     out = x.new_zeros(1, layer.down_proj.out_features)
     if k:
-        scale, host_weights = layer.num_experts / k, not torch.is_grad_enabled()
+        scale, host_weights = (layer.num_experts / k if layer.rescale else 1.0), not torch.is_grad_enabled()
         gate_view, act, blocks = g.view(1, -1, 1), _activation(layer), expert_blocks(layer)
         for a, b in expert_runs(used):
             run = blocks.run(layer, a, b)

@@ -34,6 +34,7 @@ from dsmoe.cli import run as run_cli
 from dsmoe.experiment import ROOT, run_config, runs_root, scale_config
 from dsmoe.models import EMBEDDED, EMBEDDED_ALIASES, EMBEDDED_CACHE_NAME
 from dsmoe.packages import cache_dir
+from dsmoe.saving import base_config
 from dsmoe.stats import count_params
 from dsmoe.targets import DENSE, TARGETS, runs_in_order, target_labels
 from dsmoe.train import export_dtype, resolved_precision, source_dtype
@@ -60,7 +61,7 @@ def model_config(name: str) -> PretrainedConfig:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model {name!r}: the directory holds no config.json (not an HF model directory)")
-        return AutoConfig.from_pretrained(path)
+        return base_config(path)  # a saved DSMoE / baseline directory too
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except OSError as err:

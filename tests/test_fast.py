@@ -94,9 +94,11 @@ def test_layer_eval_sparse_equals_masked_for_2d_and_3d_inputs(shape):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("grad", [False, True])  # with autograd, no expert weight may become a host float
-def test_decode_token_equals_masked_layer_for_every_pattern(bias, grad):
+@pytest.mark.parametrize("rescale", [True, False])  # eq. 8 on or off (Fig. 2)
+def test_decode_token_equals_masked_layer_for_every_pattern(bias, grad, rescale):
     """One token through the layer (fast.decode_token) for all 2^n activity patterns, 0 and n active included."""
     layer = make_layer(bias=bias)
+    layer.rescale = rescale
     x = torch.randn(1, D_MODEL, generator=torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(3)
     counts = torch.zeros(N, dtype=torch.float64)

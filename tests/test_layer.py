@@ -191,3 +191,40 @@ def test_bad_config_values_are_named():
         DSMoEConfig(sparsity_weight=-1)
     with pytest.raises(ValueError, match="D=32 is not divisible by num_experts=5"):
         DSMoEMLP(nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 16), nn.SiLU(), DSMoEConfig(num_experts=5))
+
+
+def test_without_rescale_eval_output_is_the_plain_gated_sum():
+    """set_rescale(model, False) (Fig. 2's second curve): h = Σ_active o_i·g_i, eq. 8's n/#active left out."""
+    from dsmoe.convert import set_rescale
+
+    layer = make_layer("no_gate", 0.5).eval()
+    x = torch.randn(7, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        rescaled = reference_forward(layer, x, training=False)
+        set_rescale(nn.Sequential(layer), False)
+        plain = layer(x)
+    g = torch.sigmoid(x @ layer.router.weight.T)
+    k = (g > 0.5).sum(-1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(plain * N / k, rescaled)
+    assert not torch.allclose(plain, rescaled)
+
+
+def test_zero_active_token_gates_learn_with_slope_n():
+    """The paper leaves k = 0 undefined: such a token outputs 0 and, under S(x), each gate's gradient is
+    n·(c·o_i)·σ'(x·Y_i)·x — the factor n where a token with k active experts has n/k."""
+    layer = make_layer("dsmoe", 0.5).train()
+    with torch.no_grad():
+        layer.router.weight.fill_(0).add_(-5.0)  # every gate ≈ σ(-5·Σx): make them all inactive below
+    x = torch.rand(1, D_MODEL, dtype=torch.float64) + 0.1  # positive: x·Y_i < 0, g_i < 0.5
+    c = torch.randn(1, D_MODEL, dtype=torch.float64)
+    out = layer(x)
+    assert layer.last_active.sum() == 0 and torch.equal(out, torch.zeros_like(out))
+    (out * c).sum().backward()
+    expected = hand_gradients(layer, x, c, training=True)["Y"]
+    torch.testing.assert_close(layer.router.weight.grad, expected)
+    W, U, V = layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight
+    m, g = D_FF // N, torch.sigmoid(layer.router.weight @ x[0])
+    s = slice(0, m)
+    o0 = (F.silu(W[s] @ x[0]) * (U[s] @ x[0])) @ V[:, s].T
+    slope_n = N * (c[0] @ o0) * g[0] * (1 - g[0]) * x[0]
+    torch.testing.assert_close(layer.router.weight.grad[0], slope_n.detach())

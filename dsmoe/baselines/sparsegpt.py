@@ -12,6 +12,9 @@ and re-applied after every optimizer step, so pruned weights stay exactly zero. 
 writes the zeros through ``save_pretrained``; :func:`load_sparsegpt` (or :func:`restore_masks` after any
 ``from_pretrained``) rebuilds the masks from those zeros and checks them against the pruned count recorded
 in ``config.json`` (entry "sparsegpt").
+
+Saved as a plain dense HF model on purpose: the pruned weights are zeros, so plain transformers (lm-eval, any HF
+tool) opens it as exactly the pruned model; the masks only matter for continued training.
 """
 
 from __future__ import annotations

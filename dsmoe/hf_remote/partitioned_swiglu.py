@@ -106,6 +106,7 @@ class ThresholdGatedSwiGLU(PartitionedSwiGLU):
         super().__init__(ffn, num_experts)
         self.tau = float(tau)
         self.variant = variant
+        self.rescale = True  # eq. 8's n/#active; an evaluation knob (Fig. 2's no-G(x) model trained without it)
         self.router = self._gate_linear(num_experts)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,15 +115,21 @@ class ThresholdGatedSwiGLU(PartitionedSwiGLU):
         return torch.sigmoid(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
 
     def expert_weights(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert output weights and the activity mask for gates g [..., n] (eqs. 7, 8, 10, 11, 20)."""
+        """Per-expert output weights and the activity mask for gates g [..., n] (eqs. 7, 8, 10, 11, 20).
+
+        A token with no active expert (k = 0, which the paper leaves undefined) outputs 0; its scale is taken as
+        n/max(k, 1) = n, so under S(x) each of its gates still learns, with slope n·o_i where an active token's gates
+        have n/k·o_i (eq. 16 times eq. 8's factor)."""
         active = g > self.tau
         if self.training and self.variant == "no_gate":
             return g, active
         gated = g * active  # G(g)
         if self.training and self.variant == "dsmoe":
             gated = gated.detach() + g - g.detach()  # S(g)
+        if not self.rescale:
+            return gated, active
         count = active.sum(-1, keepdim=True)
-        scale = self.num_experts / count.clamp(min=1).to(g.dtype)  # a token with no expert outputs 0
+        scale = self.num_experts / count.clamp(min=1).to(g.dtype)
         return gated * scale, active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
