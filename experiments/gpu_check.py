@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from dsmoe.models import load_tokenizer
 
         data = PretrainDataModule(
-            DataConfig.from_dict(dict(OmegaConf.load(RUNS / "bf16" / "launch.yaml").data)), load_tokenizer(model)
+            DataConfig.from_dict(OmegaConf.to_container(OmegaConf.load(RUNS / "bf16" / "launch.yaml").data)),
+            load_tokenizer(model),
         )
         data.prepare_data()
         data.setup("validate")

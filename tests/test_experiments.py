@@ -123,10 +123,13 @@ def test_every_figure_and_table_target(tiny_scale_all):
     assert [float(r["tau"]) for r in taus] == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8] and acts == sorted(acts, reverse=True)
     run_script("ablation_no_gate")
     fig2 = read_csv(tiny_scale_all / "results" / "tiny" / "fig2_no_gate.csv")
-    assert fig2[-1]["run"] == "DSMoE" and len(fig2) == 20
+    assert fig2[-1]["run"] == "DSMoE" and len(fig2) == 2 * 19 + 1
+    assert [r["rescale"] for r in fig2[:-1]] == ["True"] * 19 + ["False"] * 19
     assert (tiny_scale_all / "results" / "tiny" / "fig2_no_gate.png").stat().st_size > 0
     run_script("heatmap")
-    assert [r["source"] for r in read_csv(tiny_scale_all / "results" / "tiny" / "fig3_heatmap.csv")] == ["a", "b"]
+    heat = read_csv(tiny_scale_all / "results" / "tiny" / "fig3_heatmap.csv")
+    assert [r["source"] for r in heat] == ["a", "b", "a sd", "b sd"]
+    assert all(float(r["layer_00"]) == 0 for r in heat[2:])  # one seed: no spread
     run_script("token_curve")
     curve = read_csv(tiny_scale_all / "results" / "tiny" / "tables5_6_tokens.csv")
     assert [int(r["steps"]) for r in curve] == [1, 2, 4] and [int(r["Tokens"]) for r in curve] == [128, 256, 512]
