@@ -306,17 +306,6 @@ def corpus_manifest(root: str | Path | None = None) -> dict:
     return json.loads((root / "manifest.json").read_text())
 
 
-def corpus_sources(weights: dict[str, float] | None = None) -> list:
-    """``SourceConfig``s for the embedded corpus (equal weights unless ``weights`` maps domain -> weight)."""
-    from dsmoe.data.datamodule import SourceConfig
-
-    weights = dict(weights) if weights is not None else dict.fromkeys(DOMAINS, 1.0)
-    unknown = sorted(set(weights) - set(DOMAINS))
-    if unknown:
-        raise ValueError(f"unknown corpus domain(s) {unknown} in weights; choose from {list(DOMAINS)}")
-    return [SourceConfig(name=d, weight=w, path=f"embedded:{d}") for d, w in weights.items()]
-
-
 if __name__ == "__main__":
     build_corpus()
     print(json.dumps(corpus_manifest(), indent=2))
