@@ -253,8 +253,8 @@ def test_validation_sample_is_random_seeded_and_excluded_exactly(tmp_path):
 
 
 def test_file_errors_name_the_file_and_source(tmp_path):
-    def check(name, **source):
-        return check_data_files(DataConfig(sources=[SourceConfig(name=name, **source)], val_docs_per_source=1))
+    def check(name, **source):  # what dsmoe.train calls before any model work
+        return DataConfig(sources=[SourceConfig(name=name, **source)], val_docs_per_source=1).check_files()
 
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataFileError, match=r"source 'e', file '.*empty\.jsonl': the file is empty"):

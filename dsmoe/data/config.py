@@ -7,31 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsmoe.data.corpus import DOMAINS
+from dsmoe.data.files import check_data_files, file_format
 
 EMBEDDED_PREFIX, PAPER_PREFIX = "embedded:", "paper:"
-FILE_FORMATS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-    ".txt": "text",
-    ".csv": "csv",
-    ".arrow": "arrow",
-}
-COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 VAL_POOL_FACTOR = 10  # default validation pool: this many times val_docs_per_source (see DataConfig)
-
-
-def file_format(pattern: str, source_name: str) -> str:
-    """The ``datasets`` packaged builder that reads ``pattern`` (json, parquet, text, csv, arrow)."""
-    name = str(pattern).lower()
-    for ext in COMPRESSIONS:
-        name = name.removesuffix(ext)
-    for ext, fmt in FILE_FORMATS.items():
-        if name.endswith(ext):
-            return fmt
-    raise ValueError(
-        f"source {source_name!r}: cannot tell the format of {pattern!r}; use one of {sorted(FILE_FORMATS)}"
-    )
 
 
 @dataclass
@@ -202,6 +181,11 @@ class DataConfig:
         if unknown:
             raise ValueError(f"unknown data config key(s) {unknown}; allowed: {sorted(allowed)}")
         return cls(**values)
+
+    def check_files(self) -> dict[str, list[str]]:
+        """Check every data file of every source before any model work starts; ``{source: files}``.
+        Errors name the file and the source (see :func:`dsmoe.data.files.check_data_files`)."""
+        return check_data_files(self)
 
     def stream_fingerprint(self) -> dict[str, Any]:
         """The settings that determine the training stream: a resumed run must have the same."""

@@ -270,7 +270,7 @@ def build_corpus(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"domains": {}}
     paths = {}
     for domain in domains:
-        path = root / f"{domain}.jsonl"
+        path = corpus_path(domain, root)
         paths[domain] = path
         if _is_current(manifest["domains"].get(domain), path, max_docs):
             continue
@@ -299,6 +299,11 @@ def build_corpus(
         write_json(manifest_path, manifest)
         _log(f"{domain}: {len(docs)} documents, {manifest['domains'][domain]['chars']:,} characters -> {path}")
     return paths
+
+
+def corpus_path(domain: str, root: str | Path | None = None) -> Path:
+    """Where ``build_corpus`` writes a domain's jsonl (it may not be built yet)."""
+    return (Path(root) if root is not None else cache_dir("corpus")) / f"{domain}.jsonl"
 
 
 def corpus_manifest(root: str | Path | None = None) -> dict:

@@ -12,14 +12,40 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from dsmoe.data.config import DataConfig, SourceConfig, file_format
-from dsmoe.data.corpus import build_corpus
+from dsmoe.data.corpus import build_corpus, corpus_path
+
+if TYPE_CHECKING:  # config imports this module (SourceConfig checks formats, DataConfig.check_files)
+    from dsmoe.data.config import DataConfig, SourceConfig
+
+FILE_FORMATS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 READ_BATCH = 1024  # rows per Arrow batch
 CHECK_BYTES = 1 << 20  # bytes of a text-like file decoded by check_data_files
+
+
+def file_format(pattern: str, source_name: str) -> str:
+    """The ``datasets`` packaged builder that reads ``pattern`` (json, parquet, text, csv, arrow)."""
+    name = str(pattern).lower()
+    for ext in COMPRESSIONS:
+        name = name.removesuffix(ext)
+    for ext, fmt in FILE_FORMATS.items():
+        if name.endswith(ext):
+            return fmt
+    raise ValueError(
+        f"source {source_name!r}: cannot tell the format of {pattern!r}; use one of {sorted(FILE_FORMATS)}"
+    )
 
 
 class DataFileError(ValueError):
@@ -180,7 +206,7 @@ def _check_local_file(files: SourceFiles, index: int) -> None:
             head = f.read(CHECK_BYTES)
     except OSError as err:
         raise DataFileError(f"{where}: cannot open it: {err}") from err
-    compressed = path.name.lower().endswith(tuple(".gz .bz2 .xz .zst".split()))
+    compressed = path.name.lower().endswith(COMPRESSIONS)
     if files.format == "parquet":
         import pyarrow.parquet as pq
 
@@ -219,11 +245,17 @@ def _check_local_file(files: SourceFiles, index: int) -> None:
 def check_data_files(config: DataConfig) -> dict[str, list[str]]:
     """Check, before any model work, that every source resolves and that every local file exists, is non-empty
     and readable (parquet: its footer; jsonl: UTF-8 and a first record with the text field). Hub sources are
-    checked as far as the hub's file listing allows without downloading data. Returns ``{source: files}``."""
+    checked as far as the hub's file listing allows without downloading data; the embedded corpus only once built.
+    Returns ``{source: files}``."""
     resolved = {}
     for source in config.sources:
-        files = resolve_files(source)
-        if source.data_files is not None or source.embedded_domain is not None or Path(source.path).is_dir():
+        if source.embedded_domain is not None:  # built by PretrainDataModule.prepare_data (once per node)
+            files = SourceFiles(source.name, "json", (str(corpus_path(source.embedded_domain)),), source.text_field)
+            local = Path(files.files[0]).exists()
+        else:
+            files = resolve_files(source)
+            local = source.data_files is not None or Path(source.path).is_dir()
+        if local:
             for index in range(len(files.files)):
                 _check_local_file(files, index)
         resolved[source.name] = list(files.files)
