@@ -222,6 +222,22 @@ def test_too_few_files_deal_documents_round_robin_with_a_warning(tmp_path):
     assert len(seen) == len(set(seen)) == 45 and set(seen) == set(docs) - set(dm.val_documents[0])
 
 
+def test_each_epoch_has_a_new_seeded_order(tmp_path):
+    docs = numbered_docs("d", 60)
+    files = resolve_files(SourceConfig(name="s", data_files=write_jsonl(tmp_path / "s.jsonl", docs)))
+    reader = SourceReader(files, 0, 1, frozenset(), seed=0, block_size=8, max_unusable_fraction=0.0)
+    first = [text for _, text in reader.next_documents(60)]
+    second = [text for _, text in reader.next_documents(60)]
+    assert sorted(first) == sorted(second) == sorted(docs)
+    assert first != docs and second != first
+    blocks = [{docs.index(t) // 8 for t in epoch[k : k + 8]} for epoch in (first, second) for k in (8, 16)]
+    assert blocks[0] == {1} and blocks[1] == {2} and blocks[2:] != blocks[:2], "blocks must differ between epochs"
+    again = SourceReader(files, 0, 1, frozenset(), seed=0, block_size=8, max_unusable_fraction=0.0)
+    assert [text for _, text in again.next_documents(120)] == first + second
+    other = SourceReader(files, 0, 1, frozenset(), seed=1, block_size=8, max_unusable_fraction=0.0)
+    assert [text for _, text in other.next_documents(60)] != first
+
+
 # ---------------------------------------------------------------- validation hold-out
 
 

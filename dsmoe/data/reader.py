@@ -8,7 +8,7 @@ Readers are the ranks × DataLoader workers (reader = rank * num_workers + worke
 
 Held-out validation rows, given as (file index, row) pairs, are skipped. Each epoch reads the reader's files in a
 seeded order; its documents are cut into blocks of ``block_size`` (the first block of epoch e > 0 is shorter by a
-seeded phase, so blocks differ between epochs) and each block is permuted by an RNG seeded from
+seeded phase, so later epochs cut blocks elsewhere) and each block is permuted by an RNG seeded from
 (seed, source, reader, epoch, block). A :class:`Position` therefore says where a document is without storing any
 document: resuming re-reads one block from its start (at most one file is skipped through to reach it).
 """
@@ -117,9 +117,11 @@ class SourceReader:
         return random.Random(":".join(map(str, (self.seed, self.files.name, self.reader, *parts))))
 
     def _block_size(self, epoch: int, block: int) -> int:
-        if epoch == 0 or block > 0:
+        """Blocks of ``block_size``; after the first epoch the first block is shorter by a seeded phase in
+        [1, block_size), so no later epoch cuts its blocks where the first one did."""
+        if epoch == 0 or block > 0 or self.block_size == 1:
             return self.block_size
-        return self.block_size - self._rng(epoch, "phase").randrange(self.block_size)
+        return self.block_size - self._rng(epoch, "phase").randrange(1, self.block_size)
 
     def _start(self, position: Position) -> None:
         """Read the block ``position`` lies in and stand at its document ``offset``."""
