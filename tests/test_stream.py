@@ -7,6 +7,7 @@ import sys
 from itertools import islice
 from types import SimpleNamespace
 
+import lightning as L
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,14 +24,16 @@ ROWS, FILES = 40, 6
 pytestmark = pytest.mark.filterwarnings(r"ignore:source 'j' has 1 file\(s\) for:UserWarning")  # tested in test_data
 
 
-def write_sources(root):
+def write_sources(root, write=True):
     """Two sources: 6 parquet files (length-varying documents) and one jsonl; words name the document."""
     words = []
     for f in range(FILES):
         texts = [" ".join([f"p{f}r{r}"] * (1 + (r * 7) % 11)) for r in range(ROWS)]
-        pq.write_table(pa.table({"text": texts, "id": list(range(ROWS))}), root / f"part-{f}.parquet")
+        if write:
+            pq.write_table(pa.table({"text": texts, "id": list(range(ROWS))}), root / f"part-{f}.parquet")
         words += [f"p{f}r{r}" for r in range(ROWS)]
-    (root / "j.jsonl").write_text("".join(json.dumps({"text": f"j{k} " * (2 + k % 5)}) + "\n" for k in range(90)))
+    if write:
+        (root / "j.jsonl").write_text("".join(json.dumps({"text": f"j{k} " * (2 + k % 5)}) + "\n" for k in range(90)))
     words += [f"j{k}" for k in range(90)]
     sources = [
         SourceConfig("p", data_files=str(root / "part-*.parquet"), weight=2.0),
@@ -185,3 +188,101 @@ def test_batched_tokenisation_equals_one_document_per_call():
     texts += ["", " leading space", "trailing\n\n"]
     batched = tokenize_documents(tok, texts, 0)
     assert batched == [tokenize_documents(tok, [t], 0)[0] for t in texts]
+
+
+class _RecordBatches(L.LightningModule):
+    """Trains one parameter and records every batch it trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        assert set(batch) == {"input_ids", "labels"}
+        self.seen.append(batch["input_ids"].clone())
+        return (self.weight - batch["input_ids"].float().mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(cfg, tok, root, max_steps, ckpt_path=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = _RecordBatches()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        accumulate_grad_batches=3,
+        callbacks=[ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=PretrainDataModule(cfg, tok), ckpt_path=ckpt_path)
+    return module.seen
+
+
+def test_lightning_resume_with_workers_trains_the_same_batches(tmp_path):
+    """Through Lightning's own loop (prefetching, 2 workers, 3 batches per step, checkpoint at step 3 of 6, so the
+    next batch is worker 1's): the resumed run trains exactly the batches the uninterrupted run trained after it."""
+    sources, tok = write_sources(tmp_path)
+    cfg = DataConfig(sources=sources, seq_len=11, micro_batch_size=2, val_docs_per_source=4, num_workers=2)
+    full = _fit(cfg, tok, tmp_path / "full", max_steps=6)
+    assert len(full) == 18
+    (checkpoint,) = (tmp_path / "full").glob("*step=3.ckpt")
+    resumed = _fit(cfg, tok, tmp_path / "resumed", max_steps=6, ckpt_path=checkpoint)
+    assert len(resumed) == 9
+    for k, batch in enumerate(resumed):
+        assert torch.equal(batch, full[9 + k]), k
+
+
+DDP_SCRIPT = """
+import sys, torch, lightning as L
+sys.path.insert(0, {tests!r})
+from test_stream import _RecordBatches, write_sources
+from dsmoe.data import DataConfig, PretrainDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from pathlib import Path
+
+root, out, ckpt = Path({root!r}), sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+sources, tok = write_sources(root, write=False)  # the test wrote them: ranks only read
+cfg = DataConfig(sources=sources, seq_len=11, micro_batch_size=2, val_docs_per_source=4, num_workers=2)
+module = _RecordBatches()
+trainer = L.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_steps=6, accumulate_grad_batches=3, logger=False,
+    callbacks=[ModelCheckpoint(dirpath=root / out, every_n_train_steps=3, save_top_k=-1)],
+    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+)
+trainer.fit(module, datamodule=PretrainDataModule(cfg, tok), ckpt_path=ckpt)
+torch.save(module.seen, root / f"{{out}}-rank{{trainer.global_rank}}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_resume_restores_each_rank_its_own_stream(tmp_path):
+    """2 DDP ranks (gloo) x 2 workers through Lightning: the checkpoint holds both ranks' states (gathered when it
+    is dumped), and after a resume each rank trains exactly the batches it trained in the uninterrupted run."""
+    import subprocess
+
+    write_sources(tmp_path)
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=str(tmp_path)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(script), "full"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (checkpoint,) = (tmp_path / "full").glob("*step=3.ckpt")
+    state = torch.load(checkpoint, weights_only=True)["PretrainDataModule"]
+    assert set(state["ranks"]) == {0, 1} and state["ranks"][0] != state["ranks"][1]
+    run = subprocess.run(
+        [sys.executable, str(script), "resumed", str(checkpoint)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in range(2):
+        full = torch.load(tmp_path / f"full-rank{rank}.pt")
+        resumed = torch.load(tmp_path / f"resumed-rank{rank}.pt")
+        assert len(full) == 18 and len(resumed) == 9
+        assert all(torch.equal(a, b) for a, b in zip(resumed, full[9:], strict=True)), rank
+    assert not torch.equal(torch.load(tmp_path / "full-rank0.pt")[0], torch.load(tmp_path / "full-rank1.pt")[0])
