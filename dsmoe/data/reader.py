@@ -179,7 +179,7 @@ class SourceReader:
         self.unusable.check(self.files.name, where, self.max_unusable_fraction)
 
     def _load_block(self, cursor: int, row: int) -> None:
-        """Read the next block from (cursor, row) and permute it; a new epoch starts when the files run out."""
+        """Read up to one block of documents from (cursor, row) on (fewer at the epoch's end) and permute them."""
         self._block_start = (cursor, row)
         size = self._block_size(self.epoch, self.block)
         docs, self._head = [], (cursor, row)
@@ -194,6 +194,7 @@ class SourceReader:
         self.docs = docs
 
     def _next_block(self) -> None:
+        """Move to the next block, or to the next epoch when the files are used up."""
         self.block, self.offset = self.block + 1, 0
         self._load_block(*self._head)
         if not self.docs:  # the epoch's files are used up
