@@ -1,4 +1,5 @@
-"""Data layer: sources and their validation, held-out/train split, sharding, mixture, packing, corpus."""
+"""Data layer: sources and their validation, hub-shaped local files, the random validation hold-out, disjoint
+reading by ranks x workers, errors that name their cause, mixture, packing, the DataModule, the embedded corpus."""
 
 import json
 import os
@@ -6,24 +7,31 @@ from collections import Counter
 from itertools import islice
 from types import SimpleNamespace
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 from dsmoe.data import (
     DataConfig,
+    DataFileError,
     MixtureStream,
     PretrainDataModule,
     SourceConfig,
     build_corpus,
+    check_data_files,
     corpus_sources,
     document_separator_id,
     packed_eval_windows,
+    prepare_sources,
+    resolve_files,
+    validation_sample,
 )
 from dsmoe.data.corpus import EVAL_ONLY, _check_not_eval, split_paragraphs
-from dsmoe.data.datamodule import collate, pack, shard_texts, source_texts, training_texts, validation_texts
+from dsmoe.data.reader import SourceReader
+from dsmoe.data.tokens import pack
 
 
 def word_tokenizer(words, eos="<eos>", extra=()) -> PreTrainedTokenizerFast:
@@ -34,14 +42,62 @@ def word_tokenizer(words, eos="<eos>", extra=()) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, unk_token="<unk>")
 
 
-def write_jsonl(path, texts, field="text"):
-    path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts))
+def write_jsonl(path, texts, field="text", **columns):
+    rows = [{field: t, **{k: v[i] for k, v in columns.items()}} for i, t in enumerate(texts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
 def numbered_docs(prefix, n, length=3):
     """Document k is the word f"{prefix}{k}" repeated ``length`` times: its tokens name it."""
     return [" ".join([f"{prefix}{k}"] * length) for k in range(n)]
+
+
+def hub_shaped_sources(root, rows_per_file=30) -> list[SourceConfig]:
+    """Local files with the columns of the paper's hub sets; document words name source, file and row."""
+    root.mkdir(parents=True, exist_ok=True)
+
+    def texts(prefix, f):
+        return [" ".join([f"{prefix}{f}x{r}"] * (2 + r % 4)) for r in range(rows_per_file)]
+
+    n = rows_per_file
+    for f in range(4):  # fineweb-edu: parquet, text + id, dump, url, ..., score
+        cols = {"text": texts("fw", f), "id": [f"<urn:{f}:{r}>" for r in range(n)], "dump": ["CC-MAIN-2024-10"] * n}
+        cols |= {"url": [f"https://e.org/{f}/{r}" for r in range(n)], "language": ["en"] * n}
+        cols |= {"language_score": [0.9] * n, "token_count": [5] * n, "score": [3.1] * n, "int_score": [3] * n}
+        pq.write_table(pa.table(cols), root / f"fineweb-edu-{f:03d}.parquet")
+    for f in range(3):  # open-web-math: jsonl, text + url, date, metadata
+        meta = [json.dumps({"extraction_info": {"found_math": True}}) for _ in range(n)]
+        write_jsonl(root / f"owm-{f}.jsonl", texts("owm", f), url=[f"u{r}" for r in range(n)], metadata=meta)
+    for f in range(5):  # starcoderdata (python): parquet, the text is in `content`
+        cols = {"max_stars_repo_path": [f"p{r}.py" for r in range(n)], "max_stars_repo_name": ["a/b"] * n}
+        cols |= {"max_stars_count": list(range(n)), "id": [str(r) for r in range(n)], "content": texts("sc", f)}
+        pq.write_table(pa.table(cols), root / f"train-{f:05d}-of-00005.parquet")
+    for f in range(3):  # cosmopedia: parquet, text + prompt, audience, format, ...
+        cols = {"prompt": ["write"] * n, "text_token_length": [9] * n, "text": texts("cp", f)}
+        cols |= {"seed_data": ["web"] * n, "format": ["textbook"] * n, "audience": ["students"] * n}
+        pq.write_table(pa.table(cols), root / f"cosmopedia-{f}.parquet")
+    return [
+        SourceConfig("fineweb-edu", data_files=str(root / "fineweb-edu-*.parquet")),
+        SourceConfig("open-web-math", data_files=str(root / "owm-*.jsonl")),
+        SourceConfig("starcoder", data_files=str(root / "train-*.parquet"), text_field="content"),
+        SourceConfig("cosmopedia", data_files=[str(root / f"cosmopedia-{f}.parquet") for f in range(3)]),
+    ]
+
+
+def hub_words(rows_per_file=30) -> list[str]:
+    files = {"fw": 4, "owm": 3, "sc": 5, "cp": 3}
+    return [f"{p}{f}x{r}" for p, n in files.items() for f in range(n) for r in range(rows_per_file)]
+
+
+def one_epoch(reader: SourceReader) -> list[str]:
+    """The reader's documents until its next epoch starts."""
+    docs = []
+    while True:
+        ((position, text),) = reader.next_documents(1)
+        if position.epoch == 1:
+            return docs
+        docs.append(text)
 
 
 # ---------------------------------------------------------------- configuration
@@ -70,6 +126,11 @@ def test_source_config_validation_names_the_bad_value(tmp_path):
         DataConfig(sources=["embedded:math"], seq_len=0)
     with pytest.raises(ValueError, match="source names must be unique"):
         DataConfig(sources=["embedded:math", "embedded:math"])
+    with pytest.raises(ValueError, match="val_pool_docs must be an integer >= val_docs_per_source=10"):
+        DataConfig(sources=["embedded:math"], val_docs_per_source=10, val_pool_docs=5)
+    with pytest.raises(ValueError, match=r"max_unusable_fraction must be a number in \[0, 1\], got 2"):
+        DataConfig(sources=["embedded:math"], max_unusable_fraction=2)
+    assert DataConfig(sources=["embedded:math"], val_docs_per_source=7).val_pool_docs == 70
 
 
 def test_source_shorthands_and_presets():
@@ -97,77 +158,206 @@ def test_source_shorthands_and_presets():
         corpus_sources({"poetry": 1.0})
 
 
-def test_missing_text_field_is_reported(tmp_path):
-    source = SourceConfig(name="q", data_files=write_jsonl(tmp_path / "q.jsonl", ["a"], field="body"))
-    with pytest.raises(ValueError, match=r"source 'q' has no text field 'text'; its columns are \['body'\]"):
-        next(source_texts(source))
-    assert next(source_texts(SourceConfig(name="q", data_files=source.data_files, text_field="body"))) == "a"
+# ---------------------------------------------------------------- hub-shaped local files
+
+
+def test_hub_shaped_files_resolve_in_order_and_a_dataset_folder_resolves_like_a_hub_id(tmp_path):
+    sources = hub_shaped_sources(tmp_path / "hub")
+    resolved = check_data_files(DataConfig(sources=sources, val_docs_per_source=2))
+    assert [len(files) for files in resolved.values()] == [4, 3, 5, 3]
+    assert resolved["starcoder"] == sorted(resolved["starcoder"])
+    code = resolve_files(sources[2])
+    assert (code.format, code.text_field) == ("parquet", "content")
+    folder = tmp_path / "starcoderdata"  # laid out like a hub repo: <data_dir>/train-*.parquet
+    (folder / "python").mkdir(parents=True)
+    for f in range(5):
+        os.link(code.files[f], folder / "python" / os.path.basename(code.files[f]))
+    as_hub = resolve_files(SourceConfig("starcoder", path=str(folder), data_dir="python", text_field="content"))
+    assert as_hub.format == "parquet" and [os.path.basename(f) for f in as_hub.files] == [
+        os.path.basename(f) for f in code.files
+    ]
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (1, 3)])
+def test_readers_read_disjoint_files_and_cover_the_training_documents(tmp_path, world_size, num_workers):
+    sources = hub_shaped_sources(tmp_path / "hub")
+    cfg = DataConfig(sources=sources, val_docs_per_source=6, shuffle_buffer=7, seed=3)
+    prepared, held_out = prepare_sources(cfg)
+    readers = world_size * num_workers
+    for source, val in zip(prepared, held_out, strict=True):
+        seen = {}
+        for r in range(readers):
+            reader = SourceReader(source.files, r, readers, source.held_out, cfg.seed, cfg.shuffle_buffer, 0.01)
+            seen[r] = one_epoch(reader)
+            files = {text.split()[0].split("x")[0] for text in seen[r]}  # e.g. "fw2": the file the doc came from
+            assert len(files) == len(reader.assigned), "a reader read documents of a file it is not assigned"
+            assert reader.deals == (len(source.files.files) < readers)
+        docs = [d for r in seen for d in seen[r]]
+        assert len(docs) == len(set(docs)), f"{source.files.name}: readers overlap"
+        all_docs = {t for f in range(len(source.files.files)) for t in _file_texts(source.files.files[f])}
+        assert set(docs) | set(val) == all_docs and not set(docs) & set(val)
+
+
+def _file_texts(path):
+    if path.endswith(".jsonl"):
+        return [json.loads(line)["text"] for line in open(path)]
+    table = pq.read_table(path)
+    return table.column("content" if "content" in table.column_names else "text").to_pylist()
+
+
+def test_too_few_files_deal_documents_round_robin_with_a_warning(tmp_path):
+    docs = numbered_docs("d", 50)
+    source = SourceConfig(name="one-file", data_files=write_jsonl(tmp_path / "s.jsonl", docs))
+    cfg = DataConfig(sources=[source], seq_len=5, micro_batch_size=2, val_docs_per_source=5, num_workers=2)
+    dm = PretrainDataModule(cfg, word_tokenizer([f"d{k}" for k in range(50)]))
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2, training=True)
+    dm.setup("fit")
+    with pytest.warns(UserWarning, match=r"source 'one-file' has 1 file\(s\) for 4 readers"):
+        dm.train_dataloader()
+    seen = []
+    for r in range(4):
+        reader = SourceReader(dm.sources[0].files, r, 4, dm.sources[0].held_out, 0, 4, 0.01)
+        assert reader.deals
+        seen += one_epoch(reader)
+    assert len(seen) == len(set(seen)) == 45 and set(seen) == set(docs) - set(dm.val_documents[0])
+
+
+def test_each_epoch_has_a_new_seeded_order(tmp_path):
+    docs = numbered_docs("d", 60)
+    files = resolve_files(SourceConfig(name="s", data_files=write_jsonl(tmp_path / "s.jsonl", docs)))
+    reader = SourceReader(files, 0, 1, frozenset(), seed=0, block_size=8, max_unusable_fraction=0.0)
+    first = [text for _, text in reader.next_documents(60)]
+    second = [text for _, text in reader.next_documents(60)]
+    assert sorted(first) == sorted(second) == sorted(docs)
+    assert first != docs and second != first
+    blocks = [{docs.index(t) // 8 for t in epoch[k : k + 8]} for epoch in (first, second) for k in (8, 16)]
+    assert blocks[0] == {1} and blocks[1] == {2} and blocks[2:] != blocks[:2], "blocks must differ between epochs"
+    again = SourceReader(files, 0, 1, frozenset(), seed=0, block_size=8, max_unusable_fraction=0.0)
+    assert [text for _, text in again.next_documents(120)] == first + second
+    other = SourceReader(files, 0, 1, frozenset(), seed=1, block_size=8, max_unusable_fraction=0.0)
+    assert [text for _, text in other.next_documents(60)] != first
+
+
+# ---------------------------------------------------------------- validation hold-out
+
+
+def test_validation_sample_is_random_seeded_and_excluded_exactly(tmp_path):
+    docs = numbered_docs("d", 400)
+    files = resolve_files(SourceConfig(name="s", data_files=write_jsonl(tmp_path / "s.jsonl", docs)))
+    held = validation_sample(files, n_docs=20, pool_docs=200, seed=0, max_unusable_fraction=0.01)
+    assert len(held.texts) == 20 and held.texts != docs[:20], "the first documents, not a random sample"
+    assert all(docs.index(t) < 200 for t in held.texts), "drawn from outside the pool"
+    assert held.texts == sorted(held.texts, key=docs.index)  # stored order
+    assert held.positions == {(0, docs.index(t)) for t in held.texts}
+    assert validation_sample(files, 20, 200, seed=0, max_unusable_fraction=0.01) == held
+    assert validation_sample(files, 20, 200, seed=1, max_unusable_fraction=0.01).texts != held.texts
+    small = validation_sample(files, 20, 1000, seed=0, max_unusable_fraction=0.01)  # pool larger than the source
+    assert small.pool_docs == 400 and len(small.texts) == 20
+    with pytest.raises(ValueError, match="source 's' has only 400 documents, not more than val_docs_per_source=400"):
+        validation_sample(files, 400, 400, seed=0, max_unusable_fraction=0.01)
+
+    # the training seed does not move the held-out set; ranks and workers never train on it
+    cfg = dict(sources=[SourceConfig(name="s", data_files=files.files[0])], val_docs_per_source=20, shuffle_buffer=9)
+    (a,), (val_a,) = prepare_sources(DataConfig(**cfg, seed=1))
+    (b,), (val_b,) = prepare_sources(DataConfig(**cfg, seed=2))
+    assert val_a == val_b and a.held_out == b.held_out
+    trained = [d for r in range(3) for d in one_epoch(SourceReader(a.files, r, 3, a.held_out, 1, 9, 0.01))]
+    assert len(trained) == 380 and not set(trained) & set(val_a)
+
+
+# ---------------------------------------------------------------- errors that name their cause
+
+
+def test_file_errors_name_the_file_and_source(tmp_path):
+    def check(name, **source):  # what dsmoe.train calls before any model work
+        return DataConfig(sources=[SourceConfig(name=name, **source)], val_docs_per_source=1).check_files()
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataFileError, match=r"source 'e', file '.*empty\.jsonl': the file is empty"):
+        check("e", data_files=str(tmp_path / "empty.jsonl"))
+    with pytest.raises(DataFileError, match=r"source 'e', file '.*empty\.jsonl': the file is empty"):
+        SourceReader(
+            resolve_files(SourceConfig("e", data_files=str(tmp_path / "empty.jsonl"))), 0, 1, frozenset(), 0, 4, 0.01
+        )
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "caf\xe9 au lait"}\n')
+    with pytest.raises(
+        DataFileError, match=r"source 'l', file '.*latin\.jsonl': not UTF-8 text \(byte 13 is b'.xe9'\)"
+    ):
+        check("l", data_files=str(latin))
+    with pytest.raises(DataFileError, match=r"source 'l', file '.*latin\.jsonl': the text is not valid UTF-8"):
+        SourceReader(resolve_files(SourceConfig("l", data_files=str(latin))), 0, 1, frozenset(), 0, 4, 0.01)
+    binary = tmp_path / "binary.parquet"
+    binary.write_bytes(os.urandom(2000))
+    with pytest.raises(DataFileError, match=r"source 'b', file '.*binary\.parquet': not a readable parquet file"):
+        check("b", data_files=str(binary))
+    with pytest.raises(DataFileError, match=r"source 'b', file '.*binary\.parquet': cannot read it as parquet"):
+        SourceReader(resolve_files(SourceConfig("b", data_files=str(binary))), 0, 1, frozenset(), 0, 4, 0.01)
+    with pytest.raises(DataFileError, match=r"source 'm', file '.*missing\.jsonl': no such file"):
+        check("m", data_files=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataFileError, match=r"source 'g': no file matches '.*nothing-\*\.parquet'"):
+        check("g", data_files=str(tmp_path / "nothing-*.parquet"))
+    body = write_jsonl(tmp_path / "body.jsonl", ["a"], field="body")
+    with pytest.raises(DataFileError, match=r"file '.*body\.jsonl': line 1 has no text field 'text'; its keys are"):
+        check("q", data_files=body)
+    with pytest.raises(
+        DataFileError, match=r"file '.*body\.jsonl' has no text field 'text'; its columns are \['body'\]"
+    ):
+        prepare_sources(DataConfig(sources=[SourceConfig("q", data_files=body)], val_docs_per_source=1))
+
+
+def test_non_string_text_names_the_source_file_and_type(tmp_path):
+    ints = tmp_path / "ints.jsonl"
+    ints.write_text("".join(json.dumps({"text": k}) + "\n" for k in range(5)))
+    with pytest.raises(
+        DataFileError, match=r"source 'n', file '.*ints\.jsonl': text field 'text' holds int64 values.*of type int"
+    ):
+        prepare_sources(DataConfig(sources=[SourceConfig("n", data_files=str(ints))], val_docs_per_source=1))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps({"text": [1, 2]}) + "\n")
+    with pytest.raises(DataFileError, match=r"file '.*mixed\.jsonl': .* mixed types.*\[1, 2\] of type list"):
+        prepare_sources(DataConfig(sources=[SourceConfig("x", data_files=str(mixed))], val_docs_per_source=1))
+
+
+def test_rows_without_text_are_counted_reported_and_stop_the_run_above_the_threshold(tmp_path):
+    rows = [{"text": f"doc {k}"} if k % 2 else {"title": "no text"} for k in range(40)]  # half lack the field
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = SourceConfig("half", data_files=str(half))
+    with pytest.raises(DataFileError, match=r"source 'half': 20 of 40 rows have no usable text \(20 missing or null"):
+        prepare_sources(DataConfig(sources=[source], val_docs_per_source=2))
+    with (
+        pytest.warns(UserWarning, match="20 of 40 rows have no usable text"),
+        pytest.raises(
+            DataFileError, match=r"source 'half': .* in file '.*half\.jsonl', more than max_unusable_fraction=0\.01"
+        ),
+    ):
+        one_epoch(SourceReader(resolve_files(source), 0, 1, frozenset(), 0, 4, 0.01))
+    texts = [f"doc {k}" for k in range(97)] + ["", "   ", None]
+    some = tmp_path / "some.jsonl"
+    some.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    reader = SourceReader(resolve_files(SourceConfig("some", data_files=str(some))), 0, 1, frozenset(), 0, 8, 0.05)
+    with pytest.warns(
+        UserWarning, match=r"file '.*some\.jsonl': 3 of 100 rows have no usable text \(1 missing or null, 2 empty"
+    ):
+        assert sorted(text for _, text in reader.next_documents(97)) == sorted(texts[:97])
+    assert (reader.unusable.rows, reader.unusable.missing, reader.unusable.blank) == (100, 1, 2)
+
+
+# ---------------------------------------------------------------- tokens
 
 
 def test_local_formats_load_through_datasets(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     texts = ["first doc", "second doc", "third doc"]
     pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet")
     for i, t in enumerate(texts):
         (tmp_path / f"d{i}.txt").write_text(t + "\nwith a second line")
-    write_jsonl(tmp_path / "d.jsonl", texts[:1] + ["", "  "] + texts[1:])  # empty documents are skipped
-    assert list(source_texts(SourceConfig(name="p", data_files=str(tmp_path / "d.parquet")))) == texts
-    assert list(source_texts(SourceConfig(name="j", data_files=str(tmp_path / "d.jsonl")))) == texts
-    txt = list(source_texts(SourceConfig(name="t", data_files=str(tmp_path / "d*.txt"))))  # a glob; one doc per file
-    assert sorted(txt) == sorted(t + "\nwith a second line" for t in texts)
-
-
-# ---------------------------------------------------------------- held-out split, sharding, looping
-
-
-def test_validation_and_shards_are_disjoint_and_cover(tmp_path):
-    docs = numbered_docs("d", 103)
-    source = SourceConfig(name="s", data_files=write_jsonl(tmp_path / "s.jsonl", docs))
-    val = validation_texts(source, 10)
-    assert val == docs[:10]
-    for num_shards in (1, 2, 4):
-        shards = [list(shard_texts(source, 10, k, num_shards)) for k in range(num_shards)]
-        seen = [d for shard in shards for d in shard]
-        assert len(seen) == len(set(seen)) == 93, "shards overlap or lose documents"
-        assert set(seen) == set(docs[10:]) and not set(seen) & set(val)
-
-
-def test_training_texts_loop_forever_with_a_new_order(tmp_path):
-    docs = numbered_docs("d", 12)
-    source = SourceConfig(name="s", data_files=write_jsonl(tmp_path / "s.jsonl", docs))
-    stream = training_texts(source, val_docs=2, shard=0, num_shards=1, seed=0, shuffle_buffer=4)
-    first, second = list(islice(stream, 10)), list(islice(stream, 10))
-    assert sorted(first) == sorted(second) == sorted(docs[2:])
-    assert first != second and first != docs[2:]  # shuffled, and differently in the next pass
-    again = list(islice(training_texts(source, 2, 0, 1, seed=0, shuffle_buffer=4), 10))
-    assert again == first  # seeded
-    with pytest.raises(ValueError, match="has no training documents for shard 1 of 2"):
-        next(training_texts(source, val_docs=11, shard=1, num_shards=2, seed=0, shuffle_buffer=4))
-
-
-def test_ranks_and_workers_read_disjoint_documents_that_cover_the_source(tmp_path):
-    docs = numbered_docs("d", 48, length=2)
-    tok = word_tokenizer([f"d{k}" for k in range(48)])
-    cfg = DataConfig(
-        sources=[SourceConfig(name="s", data_files=write_jsonl(tmp_path / "s.jsonl", docs))],
-        seq_len=5,
-        micro_batch_size=2,
-        val_docs_per_source=8,
-        shuffle_buffer=3,
-    )
-    seen = Counter()
-    for rank in range(2):
-        loader = DataLoader(MixtureStream(cfg, tok, rank, 2), batch_size=1, num_workers=2, collate_fn=collate)
-        # 4 shards x 10 docs; a doc is 3 tokens, a window 6: 5 windows per worker make exactly one pass
-        windows = torch.cat([b["input_ids"] for b in islice(loader, 10)])
-        seen.update(n for n in tok.convert_ids_to_tokens(windows.flatten().tolist()) if n != "<eos>")
-    assert set(seen) == {f"d{k}" for k in range(8, 48)}, "held-out documents were read or training ones missed"
-    assert set(seen.values()) == {2}, "a document was read twice in one pass (shards overlap)"
-
-
-# ---------------------------------------------------------------- tokens
+    write_jsonl(tmp_path / "d.jsonl", texts)
+    for name, pattern in (("p", "d.parquet"), ("j", "d.jsonl"), ("t", "d*.txt")):
+        files = resolve_files(SourceConfig(name=name, data_files=str(tmp_path / pattern)))
+        got = one_epoch(SourceReader(files, 0, 1, frozenset(), 0, 8, 0.0))
+        expected = texts if name != "t" else [t + "\nwith a second line" for t in texts]
+        assert sorted(got) == sorted(expected), name
 
 
 def test_document_separator_choice():
@@ -210,7 +400,8 @@ def test_mixture_follows_token_shares(tmp_path):
     ]
     tok = word_tokenizer(list(lengths))
     cfg = DataConfig(sources=sources, seq_len=63, micro_batch_size=1, val_docs_per_source=5, shuffle_buffer=8)
-    windows = list(islice(MixtureStream(cfg, tok), 100))  # 6400 tokens, several passes over each source
+    prepared, _ = prepare_sources(cfg)
+    windows = [w for w, _ in islice(MixtureStream(cfg, tok, prepared), 100)]  # 6400 tokens, several passes
     counts = Counter(tok.convert_ids_to_tokens(torch.cat(windows).tolist()))
     words = sum(counts[n] for n in lengths)
     docs = {n: counts[n] / lengths[n] for n in lengths}
@@ -230,22 +421,55 @@ def test_datamodule_batches_and_validation_loaders(tmp_path):
         val_docs_per_source=4,
     )
     dm = PretrainDataModule(cfg, tok)
-    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)  # what Lightning sets before setup()
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, training=True)  # what Lightning sets before setup()
     dm.setup("fit")
     assert (dm.rank, dm.world_size) == (1, 2)
     assert dm.val_source_names == ["x", "y"]
     loaders = dm.val_dataloader()
     assert len(loaders) == 2
-    for loader, source in zip(loaders, cfg.sources, strict=True):
-        held_out = validation_texts(source, 4)
+    for loader, source, held_out in zip(loaders, cfg.sources, dm.val_documents, strict=True):
+        assert held_out == validation_sample(resolve_files(source), 4, 40, seed=0, max_unusable_fraction=0.01).texts
         expected = packed_eval_windows(tok, held_out, 8)
         got = torch.cat([b["input_ids"] for b in loader])
         assert torch.equal(got, expected) and len(got) == 3  # 4 docs x (7 words + separator) // 9 per window
     with pytest.raises(ValueError, match="source 'x' has only 20 documents, not more than val_docs_per_source=20"):
         PretrainDataModule(DataConfig(sources=cfg.sources, val_docs_per_source=20), tok).setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert set(batch) == {"input_ids", "labels"}, "the stream state must not reach the model"
     assert batch["input_ids"].shape == (3, 9) and batch["input_ids"].dtype == torch.long
     assert torch.equal(batch["input_ids"], batch["labels"])
+
+
+def test_ranks_and_workers_of_the_datamodule_read_disjoint_files(tmp_path):
+    docs = {f: numbered_docs(f"f{f}d", 12, length=2) for f in range(4)}
+    for f, texts in docs.items():
+        pq.write_table(pa.table({"text": texts}), tmp_path / f"part-{f}.parquet")
+    tok = word_tokenizer([w.split()[0] for texts in docs.values() for w in texts])
+    cfg = DataConfig(
+        sources=[SourceConfig(name="s", data_files=str(tmp_path / "part-*.parquet"))],
+        seq_len=5,
+        micro_batch_size=1,
+        val_docs_per_source=0,
+        shuffle_buffer=5,
+        num_workers=2,
+    )
+    seen = Counter()
+    for rank in range(2):
+        dm = PretrainDataModule(cfg, tok)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, training=True)
+        dm.setup("fit")
+        # a doc is 3 tokens, a window 6: 6 windows per worker are one pass over its file's 12 documents
+        for batch in islice(dm.train_dataloader(), 12):
+            reader = 2 * rank + batch["stream_state"]["worker"]
+            seen.update((reader, t) for t in tok.convert_ids_to_tokens(batch["input_ids"].flatten().tolist()))
+    words = Counter(w for (_, w), n in seen.items() for _ in range(n) if w != "<eos>")
+    assert set(words) == {text.split()[0] for texts in docs.values() for text in texts}
+    assert set(words.values()) == {2}, "a document was read twice in one pass"
+    readers_of_file = {}
+    for reader, word in seen:
+        if word != "<eos>":
+            readers_of_file.setdefault(word[:2], set()).add(reader)
+    assert sorted(map(len, readers_of_file.values())) == [1, 1, 1, 1], readers_of_file
 
 
 # ---------------------------------------------------------------- embedded corpus (real packages)
@@ -279,8 +503,8 @@ def test_embedded_corpus_with_real_tokenizer(tmp_path):
 
     tok = load_tokenizer()
     assert document_separator_id(tok) == 0 == tok.convert_tokens_to_ids("<|endoftext|>")
-    source = SourceConfig(name="math", data_files=str(paths["math"]))
-    texts = validation_texts(source, 10)
+    files = resolve_files(SourceConfig(name="math", data_files=str(paths["math"])))
+    texts = validation_sample(files, 10, 30, seed=0, max_unusable_fraction=0.0).texts
     windows = packed_eval_windows(tok, texts, seq_len=64)
     flat = [t for text in texts for t in tok(text, add_special_tokens=False)["input_ids"] + [0]]
     assert windows.shape[1] == 65 and windows.flatten().tolist() == flat[: windows.numel()]

@@ -1,4 +1,5 @@
-"""Continued pre-training data (paper §5.1): the embedded offline corpus and the LightningDataModule.
+"""Continued pre-training data (paper §5.1): configuration, files, the training stream, the LightningDataModule
+and the embedded offline corpus.
 
 Names are imported lazily so that ``python -m dsmoe.data.corpus`` runs the module only once.
 """
@@ -9,14 +10,21 @@ _EXPORTS = {
     "DOMAINS": "corpus",
     "build_corpus": "corpus",
     "corpus_manifest": "corpus",
-    "corpus_sources": "corpus",
-    "PAPER_SOURCES": "datamodule",
-    "DataConfig": "datamodule",
-    "MixtureStream": "datamodule",
+    "PAPER_SOURCES": "config",
+    "DataConfig": "config",
+    "SourceConfig": "config",
+    "corpus_sources": "config",
+    "DataFileError": "files",
+    "check_data_files": "files",
+    "resolve_files": "files",
+    "validation_sample": "holdout",
+    "MixtureStream": "stream",
+    "WindowStream": "stream",
+    "prepare_sources": "stream",
     "PretrainDataModule": "datamodule",
-    "SourceConfig": "datamodule",
-    "document_separator_id": "datamodule",
-    "packed_eval_windows": "datamodule",
+    "document_separator_id": "tokens",
+    "packed_eval_windows": "tokens",
+    "tokenize_documents": "tokens",
 }
 __all__ = sorted(_EXPORTS)
 

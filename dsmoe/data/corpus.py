@@ -270,7 +270,7 @@ def build_corpus(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"domains": {}}
     paths = {}
     for domain in domains:
-        path = root / f"{domain}.jsonl"
+        path = corpus_path(domain, root)
         paths[domain] = path
         if _is_current(manifest["domains"].get(domain), path, max_docs):
             continue
@@ -301,20 +301,14 @@ def build_corpus(
     return paths
 
 
+def corpus_path(domain: str, root: str | Path | None = None) -> Path:
+    """Where ``build_corpus`` writes a domain's jsonl (it may not be built yet)."""
+    return (Path(root) if root is not None else cache_dir("corpus")) / f"{domain}.jsonl"
+
+
 def corpus_manifest(root: str | Path | None = None) -> dict:
     root = Path(root) if root is not None else cache_dir("corpus")
     return json.loads((root / "manifest.json").read_text())
-
-
-def corpus_sources(weights: dict[str, float] | None = None) -> list:
-    """``SourceConfig``s for the embedded corpus (equal weights unless ``weights`` maps domain -> weight)."""
-    from dsmoe.data.datamodule import SourceConfig
-
-    weights = dict(weights) if weights is not None else dict.fromkeys(DOMAINS, 1.0)
-    unknown = sorted(set(weights) - set(DOMAINS))
-    if unknown:
-        raise ValueError(f"unknown corpus domain(s) {unknown} in weights; choose from {list(DOMAINS)}")
-    return [SourceConfig(name=d, weight=w, path=f"embedded:{d}") for d, w in weights.items()]
 
 
 if __name__ == "__main__":

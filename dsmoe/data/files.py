@@ -1,0 +1,262 @@
+"""A source's data files: resolving them (local globs, the embedded corpus, hub datasets), reading one file as
+Arrow batches through ``datasets`` streaming, and checking every file before any model work starts.
+
+Every error about a file names the file and its source (``DataFileError``, a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from dsmoe.data.corpus import build_corpus, corpus_path
+
+if TYPE_CHECKING:  # config imports this module (SourceConfig checks formats, DataConfig.check_files)
+    from dsmoe.data.config import DataConfig, SourceConfig
+
+FILE_FORMATS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+READ_BATCH = 1024  # rows per Arrow batch
+CHECK_BYTES = 1 << 20  # bytes of a text-like file decoded by check_data_files
+
+
+def file_format(pattern: str, source_name: str) -> str:
+    """The ``datasets`` packaged builder that reads ``pattern`` (json, parquet, text, csv, arrow)."""
+    name = str(pattern).lower()
+    for ext in COMPRESSIONS:
+        name = name.removesuffix(ext)
+    for ext, fmt in FILE_FORMATS.items():
+        if name.endswith(ext):
+            return fmt
+    raise ValueError(
+        f"source {source_name!r}: cannot tell the format of {pattern!r}; use one of {sorted(FILE_FORMATS)}"
+    )
+
+
+class DataFileError(ValueError):
+    """A data file is missing, unreadable or malformed, or holds no usable text; the message names it."""
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """A source resolved to its data files, in stored order (file index = position in ``files``)."""
+
+    name: str
+    format: str
+    files: tuple[str, ...]
+    text_field: str
+    streaming: bool = True
+
+    def describe(self, index: int) -> str:
+        return f"source {self.name!r}, file {self.files[index]!r}"
+
+
+def _expand(pattern: str, source: str) -> list[str]:
+    if glob.has_magic(pattern):
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise DataFileError(f"source {source!r}: no file matches {pattern!r}")
+        return matches
+    return [os.path.expanduser(pattern)]
+
+
+def _hub_files(source: SourceConfig) -> tuple[str, list[str]]:
+    """The packaged builder name and data file URLs of a hub dataset (or local dataset folder): metadata only."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(source.path, name=source.config_name, data_dir=source.data_dir)
+    except Exception as err:  # noqa: BLE001 - any failure here means the dataset cannot be found or reached
+        raise DataFileError(
+            f"source {source.name!r}: cannot resolve dataset {source.path!r} (config {source.config_name!r}, "
+            f"data_dir {source.data_dir!r}): {type(err).__name__}: {err}"
+        ) from err
+    data_files = builder.config.data_files or {}
+    if source.split not in data_files:
+        raise DataFileError(
+            f"source {source.name!r}: dataset {source.path!r} has no split {source.split!r}; "
+            f"its splits are {sorted(map(str, data_files))}"
+        )
+    files = [str(f) for f in data_files[source.split]]
+    if not files:
+        raise DataFileError(f"source {source.name!r}: dataset {source.path!r} lists no files for {source.split!r}")
+    return builder.name, files
+
+
+def resolve_files(source: SourceConfig) -> SourceFiles:
+    """The source's files and format. The embedded corpus is built if needed; hub ids are resolved from
+    the hub's file listing without downloading data."""
+    if source.embedded_domain is not None:
+        fmt, files = "json", [str(build_corpus([source.embedded_domain])[source.embedded_domain])]
+    elif source.data_files is not None:
+        files = [f for pattern in source.file_patterns for f in _expand(pattern, source.name)]
+        formats = {file_format(f, source.name) for f in files}
+        if len(formats) > 1:
+            raise DataFileError(f"source {source.name!r} mixes file formats {sorted(formats)}: split it into sources")
+        fmt = formats.pop()
+    else:
+        fmt, files = _hub_files(source)
+    return SourceFiles(source.name, fmt, tuple(files), source.text_field, source.streaming)
+
+
+_BUILDER_CLASSES: dict[str, type] = {}
+
+
+def _open_file(files: SourceFiles, index: int):
+    """File ``index`` as a ``datasets.IterableDataset``, through the packaged builder of its format.
+
+    The builder class is looked up once per format and process (``load_dataset`` per file would resolve
+    patterns and send a download-count request to the hub for every file opened)."""
+    import datasets
+
+    name = files.files[index]
+    extra = {"sample_by": "document"} if files.format == "text" else {}
+    if files.format not in _BUILDER_CLASSES:
+        _BUILDER_CLASSES[files.format] = type(datasets.load_dataset_builder(files.format, data_files=[name], **extra))
+    builder = _BUILDER_CLASSES[files.format](data_files={"train": [name]}, **extra)
+    if files.streaming:
+        return builder.as_streaming_dataset(split="train")
+    builder.download_and_prepare()
+    return builder.as_dataset(split="train").to_iterable_dataset()
+
+
+def read_batches(files: SourceFiles, index: int) -> Iterator[pa.Table]:
+    """File ``index`` of the source as Arrow tables of up to READ_BATCH rows, in stored order.
+
+    Reading goes through the ``datasets`` packaged builder of the format (streaming), so local files and
+    hub files are read the same way. Any failure is re-raised as a DataFileError naming the file."""
+    try:
+        yield from _open_file(files, index).with_format("arrow").iter(batch_size=READ_BATCH)
+    except DataFileError:
+        raise
+    except StopIteration as err:  # the json builder's schema inference on a file without rows
+        raise DataFileError(f"{files.describe(index)}: the file is empty (no rows)") from err
+    except Exception as err:  # noqa: BLE001 - decoding errors of every kind: name the file, keep the cause
+        raise DataFileError(
+            f"{files.describe(index)}: cannot read it as {files.format}: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _json_extension_example(column: pa.ChunkedArray) -> object:
+    """The first non-string value of a column that ``datasets`` keeps as JSON because its types are mixed."""
+    for value in column.to_pylist():
+        decoded = json.loads(value) if isinstance(value, str) else value
+        if decoded is not None and not isinstance(decoded, str):
+            return decoded
+    return None
+
+
+def text_values(table: pa.Table, files: SourceFiles, index: int, rows: list[int] | None = None) -> list[str | None]:
+    """The text field of a batch as Python strings (None where missing), only ``rows`` if given.
+
+    Errors name the file: no such field, non-string values (with the value's type), text that is not UTF-8."""
+    if files.text_field not in table.column_names:
+        raise DataFileError(
+            f"{files.describe(index)} has no text field {files.text_field!r}; its columns are {sorted(table.column_names)}"
+        )
+    column = table.column(files.text_field)
+    kind = column.type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        if getattr(kind, "extension_name", None) == "arrow.json":
+            example = _json_extension_example(column)
+            what = "JSON values of mixed types"
+        else:
+            example = next((v for v in column.to_pylist() if v is not None), None)
+            what = f"{kind} values"
+        raise DataFileError(
+            f"{files.describe(index)}: text field {files.text_field!r} holds {what}, not strings "
+            f"(e.g. {example!r} of type {type(example).__name__}); point text_field at the text column"
+        )
+    if rows is not None:
+        column = column.take(pa.array(rows, type=pa.int64()))
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError as err:
+        raise DataFileError(
+            f"{files.describe(index)}: the text is not valid UTF-8 ({err}); re-encode it as UTF-8"
+        ) from err
+
+
+def _check_local_file(files: SourceFiles, index: int) -> None:
+    path = Path(files.files[index])
+    where = files.describe(index)
+    if not path.exists():
+        raise DataFileError(f"{where}: no such file")
+    if not path.is_file():
+        raise DataFileError(f"{where}: not a regular file")
+    if path.stat().st_size == 0:
+        raise DataFileError(f"{where}: the file is empty")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(CHECK_BYTES)
+    except OSError as err:
+        raise DataFileError(f"{where}: cannot open it: {err}") from err
+    compressed = path.name.lower().endswith(COMPRESSIONS)
+    if files.format == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(path)
+        except Exception as err:  # noqa: BLE001
+            raise DataFileError(f"{where}: not a readable parquet file: {type(err).__name__}: {err}") from err
+        if files.text_field not in schema.names:
+            raise DataFileError(
+                f"{where} has no text field {files.text_field!r}; its columns are {sorted(schema.names)}"
+            )
+    elif files.format in ("json", "text", "csv") and not compressed:
+        if len(head) == CHECK_BYTES:  # a multi-byte character may be cut at the end of the sample
+            head = head[: head.rfind(b"\n") + 1] or head[:-4]
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataFileError(
+                f"{where}: not UTF-8 text (byte {err.start} is {head[err.start : err.start + 1]!r}); "
+                "re-encode it as UTF-8"
+            ) from err
+        if files.format == "json" and path.suffix.lower() == ".jsonl":
+            first = next((line for line in text.splitlines() if line.strip()), None)
+            try:
+                record = json.loads(first) if first is not None else None
+            except json.JSONDecodeError as err:
+                raise DataFileError(f"{where}: line 1 is not JSON: {err}") from err
+            if not isinstance(record, dict):
+                raise DataFileError(f"{where}: line 1 is not a JSON object, got {type(record).__name__}")
+            if files.text_field not in record:
+                raise DataFileError(
+                    f"{where}: line 1 has no text field {files.text_field!r}; its keys are {sorted(record)}"
+                )
+
+
+def check_data_files(config: DataConfig) -> dict[str, list[str]]:
+    """Check, before any model work, that every source resolves and that every local file exists, is non-empty
+    and readable (parquet: its footer; jsonl: UTF-8 and a first record with the text field). Hub sources are
+    checked as far as the hub's file listing allows without downloading data; the embedded corpus only once built.
+    Returns ``{source: files}``."""
+    resolved = {}
+    for source in config.sources:
+        if source.embedded_domain is not None:  # built by PretrainDataModule.prepare_data (once per node)
+            files = SourceFiles(source.name, "json", (str(corpus_path(source.embedded_domain)),), source.text_field)
+            local = Path(files.files[0]).exists()
+        else:
+            files = resolve_files(source)
+            local = source.data_files is not None or Path(source.path).is_dir()
+        if local:
+            for index in range(len(files.files)):
+                _check_local_file(files, index)
+        resolved[source.name] = list(files.files)
+    return resolved
