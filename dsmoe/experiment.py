@@ -154,25 +154,42 @@ def cached(path: Path, compute) -> Any:
     return value
 
 
-_WINDOWS: dict[tuple, dict[str, torch.Tensor]] = {}
+_WINDOWS: dict[tuple, dict[str, Any]] = {}
+PROTOCOLS = ("windows", "documents")
 
 
-def validation_windows(scale: str, tokenizer) -> dict[str, torch.Tensor]:
-    """The scale's held-out windows per source (the same split training holds out), first ``val_windows``.
+def eval_protocol(scale: str) -> str:
+    """How validation PPL is measured at a scale (``eval.protocol``): "documents", the paper's (§5.1: each held-out
+    document its own sequence of at most seq_len tokens), or "windows" (the held-out documents packed into seq_len+1
+    windows like training, the first ``eval.val_windows`` of them: fewer, fuller sequences for small runs)."""
+    protocol = scale_config(scale).eval.get("protocol", "windows")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"eval.protocol of scale {scale!r} is {protocol!r}; choose one of {list(PROTOCOLS)}")
+    return protocol
+
+
+def validation_windows(scale: str, tokenizer) -> dict[str, Any]:
+    """The scale's held-out sequences per source (the seeded random sample training holds out), under the scale's
+    protocol (:func:`eval_protocol`): a [N, seq_len + 1] tensor of packed windows, or a list of document sequences.
 
     Read and tokenised once per process for the same data config and tokenizer: the τ sweeps evaluate one
-    model up to 20 times."""
+    model up to 38 times."""
     sc = scale_config(scale)
     data_config = OmegaConf.to_container(sc.base.data)
-    n = sc.eval.val_windows
-    key = (json.dumps(data_config, sort_keys=True), n, tokenizer.name_or_path, len(tokenizer))
+    protocol, n = eval_protocol(scale), sc.eval.get("val_windows")
+    key = (json.dumps(data_config, sort_keys=True), protocol, n, tokenizer.name_or_path, len(tokenizer))
     if key not in _WINDOWS:
-        from dsmoe.data import DataConfig, PretrainDataModule
+        from dsmoe.data import DataConfig, PretrainDataModule, document_eval_sequences
 
         data = PretrainDataModule(DataConfig.from_dict(data_config), tokenizer)
         data.prepare_data()
         data.setup("validate")
-        _WINDOWS[key] = {name: w[:n] for name, w in zip(data.val_source_names, data.val_windows, strict=True)}
+        if protocol == "documents":
+            seq_len = data.config.seq_len
+            held_out = [document_eval_sequences(tokenizer, docs, seq_len) for docs in data.val_documents]
+        else:
+            held_out = [w[:n] for w in data.val_windows]
+        _WINDOWS[key] = dict(zip(data.val_source_names, held_out, strict=True))
     return _WINDOWS[key]
 
 
@@ -306,6 +323,7 @@ def evaluate(
             steps=summary.get("global_step", ""),
             tau=result["tau"],
             seed=trained_seed,
+            protocol=f"PPL: {eval_protocol(scale)}",
         )
         return result
 

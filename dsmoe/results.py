@@ -14,7 +14,7 @@ import torch
 
 from dsmoe.packages import write_atomic
 
-PROVENANCE = ["model", "method", "tokens", "steps", "tau", "seed", "hardware", "git_commit", "date"]
+PROVENANCE = ["model", "method", "tokens", "steps", "tau", "seed", "protocol", "hardware", "git_commit", "date"]
 
 
 def hardware() -> str:

@@ -239,3 +239,26 @@ def test_gpu_check_script_runs_its_checks_on_the_cpu(tmp_path, monkeypatch):
         "lm-eval on the accelerator": "ok",
     }, rows
     assert float(next(r["value"] for r in rows if r["check"] == "export reloaded anywhere")) < 1e-4
+
+
+def test_documents_protocol_evaluates_each_held_out_document(tiny_scale, assets):  # noqa: F811
+    from dsmoe.data import DataConfig, PretrainDataModule
+    from dsmoe.experiment import validation_windows
+    from dsmoe.models import load_tokenizer
+
+    path = tiny_scale / "scales" / "tiny.yaml"
+    scale = yaml.safe_load(path.read_text())
+    scale["eval"]["protocol"] = "documents"
+    path.write_text(yaml.safe_dump(scale))
+    tok = load_tokenizer(str(assets / "model"))
+    sequences = validation_windows("tiny", tok)
+    data = PretrainDataModule(DataConfig.from_dict(scale["base"]["data"]), tok)
+    data.prepare_data()
+    data.setup("validate")
+    for name, docs in zip(data.val_source_names, data.val_documents, strict=True):
+        expected = [tok(d, add_special_tokens=False).input_ids[:33] for d in docs]  # seq_len 32 + 1, no BOS here
+        assert [s.tolist() for s in sequences[name]] == expected
+    scale["eval"]["protocol"] = "packed"
+    path.write_text(yaml.safe_dump(scale))
+    with pytest.raises(ValueError, match="eval.protocol of scale 'tiny' is 'packed'"):
+        validation_windows("tiny", tok)

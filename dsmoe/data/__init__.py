@@ -24,6 +24,7 @@ _EXPORTS = {
     "PretrainDataModule": "datamodule",
     "document_separator_id": "tokens",
     "packed_eval_windows": "tokens",
+    "document_eval_sequences": "tokens",
     "tokenize_documents": "tokens",
 }
 __all__ = sorted(_EXPORTS)

@@ -51,3 +51,13 @@ def packed_eval_windows(tokenizer, texts: Sequence[str], seq_len: int) -> torch.
     docs = tokenize_documents(tokenizer, texts, document_separator_id(tokenizer))
     windows = list(pack(docs, seq_len + 1))
     return torch.tensor(windows, dtype=torch.long).reshape(len(windows), seq_len + 1)
+
+
+def document_eval_sequences(tokenizer, texts: Sequence[str], seq_len: int) -> list[torch.Tensor]:
+    """Held-out documents each as its own sequence (the paper's validation instances, §5.1: at most seq_len
+    tokens each): BOS when the tokenizer has one, the document's tokens, cut to seq_len + 1 (the first token is
+    context only). Documents under two tokens are left out."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    sequences = [(bos + doc)[: seq_len + 1] for doc in ids]
+    return [torch.tensor(seq, dtype=torch.long) for seq in sequences if len(seq) >= 2]
