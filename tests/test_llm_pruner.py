@@ -311,3 +311,14 @@ def test_embedded_smollm2_block_prune_and_round_trip(tmp_path):
     loaded = lp.load_pruned(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+
+
+def test_calibration_sample_takes_llm_pruners_own_setting():
+    from dsmoe.baselines.llm_pruner import calibration_sample
+
+    batches = [torch.arange(4 * 100).view(4, 100), 1000 + torch.arange(4 * 100).view(4, 100)]
+    (sample,) = calibration_sample(batches, 6, 64)
+    assert sample.shape == (6, 64) and torch.equal(sample[4], batches[1][0, :64])
+    assert calibration_sample(batches, None, None) == batches
+    with pytest.raises(ValueError, match="calibration_samples=9 but the calibration batches hold 8 sequences"):
+        calibration_sample(batches, 9, 64)

@@ -443,7 +443,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> PreT
 # ---------------------------------------------------------------------------------------------- methods
 
 _TARGETS = ("target_fraction", "target_params", "pruning_ratio")
-_COMMON = {*_TARGETS, "num_calib_batches"}
+_COMMON = {*_TARGETS, "num_calib_batches", "calibration_samples", "calibration_seq_len"}
 _ALLOWED = {"channel": _COMMON | {"round_to"}, "block": _COMMON | {"keep_first", "keep_last", "prune_attention"}}
 
 
@@ -479,6 +479,21 @@ def options_plan(model: PreTrainedModel, mode: str, options: dict[str, Any]) -> 
     return target, plan(model, mode, **target, **rest)
 
 
+def calibration_sample(batches: Iterable[torch.Tensor], samples: int | None, seq_len: int | None) -> list[torch.Tensor]:
+    """The first ``samples`` sequences of the calibration batches, each cut to ``seq_len`` tokens, as one batch
+    (LLM-Pruner's own setting: 10 samples of 64 tokens); the batches unchanged when both are None."""
+    batches = list(batches)
+    if samples is None and seq_len is None:
+        return batches
+    rows = torch.cat([b[:, :seq_len] if seq_len else b for b in batches])
+    for name, value in (("calibration_samples", samples), ("calibration_seq_len", seq_len)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
+    if samples is not None and samples > len(rows):
+        raise ValueError(f"calibration_samples={samples} but the calibration batches hold {len(rows)} sequences")
+    return [rows[:samples]]
+
+
 def _apply_for(
     mode: str,
 ) -> Callable[[PreTrainedModel, dict[str, Any], Iterable[torch.Tensor] | None], PreTrainedModel]:
@@ -487,6 +502,7 @@ def _apply_for(
         if calib is None:
             raise ValueError(f"llm_pruner_{mode} needs calibration batches (input_ids) for its Taylor importance")
         target, shapes = options_plan(model, mode, options)
+        calib = calibration_sample(calib, options.get("calibration_samples"), options.get("calibration_seq_len"))
         prune_with_plan(model, shapes, calib, options.get("num_calib_batches"))
         model.config.llm_pruner.update(target)
         return model
