@@ -20,6 +20,7 @@ Runs execute in order, each file exists from its write to its deletion, and the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -90,14 +91,14 @@ class Structure:
 def prepared_structure(cfg: DictConfig, config: PretrainedConfig, dsmoe_fraction: float) -> Structure:
     """What dsmoe.train's prepare_model would produce, built on the meta device: match_activated resolved as
     ``prepare_model`` does ("dsmoe" → ``dsmoe_fraction``), then the method applied to the structure."""
-    from dsmoe.baselines.llm_pruner import options_plan
+    from dsmoe.baselines.llm_pruner import options_plan, untie_lm_head
     from dsmoe.baselines.matching import match_options
     from dsmoe.methods import get_method
 
     method = cfg.method
     options = OmegaConf.to_container(cfg.method_options)
     target = options.pop("match_activated", None)
-    dense = meta_model(config)
+    dense = meta_model(copy.deepcopy(config))  # methods may change the config (LLM-Pruner's untying)
     note = ""
     if target is not None:
         match = match_options(method, dense, dsmoe_fraction if target == "dsmoe" else float(target), options)
@@ -108,6 +109,8 @@ def prepared_structure(cfg: DictConfig, config: PretrainedConfig, dsmoe_fraction
         return Structure(count_params(dense), f"sparsity={SparseGPTConfig(**options).sparsity:.3f}", note)
     if method.startswith("llm_pruner_"):
         mode = method.removeprefix("llm_pruner_")
+        if options.get("untie_lm_head"):
+            untie_lm_head(dense)
         _, shapes = options_plan(dense, mode, options)
         setting = (
             f"d={shapes['hidden_size']}"

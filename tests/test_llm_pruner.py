@@ -322,3 +322,19 @@ def test_calibration_sample_takes_llm_pruners_own_setting():
     assert calibration_sample(batches, None, None) == batches
     with pytest.raises(ValueError, match="calibration_samples=9 but the calibration batches hold 8 sequences"):
         calibration_sample(batches, 9, 64)
+
+
+def test_untie_lm_head_prunes_like_the_original_and_counts_both_matrices():
+    """The original LLM-Pruner unties lm_head before channel pruning; its count then holds vocab × d' twice."""
+    from dsmoe.baselines.llm_pruner import LLM_PRUNER_CHANNEL
+    from dsmoe.models import tiny_model
+    from dsmoe.stats import count_params
+
+    ids = [torch.randint(0, 256, (2, 16)) for _ in range(2)]
+    tied = tiny_model("llama", tie_word_embeddings=True)
+    pruned = LLM_PRUNER_CHANNEL.apply(tied, {"pruning_ratio": 0.25, "untie_lm_head": True}, ids)
+    d = pruned.config.llm_pruner["hidden_size"]
+    assert pruned.lm_head.weight is not pruned.model.embed_tokens.weight and not pruned.config.tie_word_embeddings
+    assert pruned.lm_head.weight.shape == pruned.model.embed_tokens.weight.shape == (256, d)
+    same = LLM_PRUNER_CHANNEL.apply(tiny_model("llama", tie_word_embeddings=True), {"pruning_ratio": 0.25}, ids)
+    assert same.config.llm_pruner["hidden_size"] == d and count_params(pruned) == count_params(same) + 256 * d

@@ -444,7 +444,10 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> PreT
 
 _TARGETS = ("target_fraction", "target_params", "pruning_ratio")
 _COMMON = {*_TARGETS, "num_calib_batches", "calibration_samples", "calibration_seq_len"}
-_ALLOWED = {"channel": _COMMON | {"round_to"}, "block": _COMMON | {"keep_first", "keep_last", "prune_attention"}}
+_ALLOWED = {
+    "channel": _COMMON | {"round_to", "untie_lm_head"},
+    "block": _COMMON | {"keep_first", "keep_last", "prune_attention"},
+}
 
 
 def _target(model: PreTrainedModel, options: dict[str, Any]) -> dict[str, float]:
@@ -470,12 +473,23 @@ def _check_options(mode: str, options: dict[str, Any]) -> None:
         )
 
 
+def untie_lm_head(model: PreTrainedModel) -> PreTrainedModel:
+    """Give lm_head its own copy of a tied embedding, as the original LLM-Pruner does before channel pruning (its
+    889M for Llama-3.2-1B, Table 1, counts both: 1215 × (603,425 + 128,256)); a no-op for untied models."""
+    embedding = model.get_input_embeddings().weight
+    if model.lm_head.weight is embedding:
+        model.lm_head.weight = nn.Parameter(embedding.detach().clone())
+        model.config.tie_word_embeddings = False
+    return model
+
+
 def options_plan(model: PreTrainedModel, mode: str, options: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     """The target (as :func:`plan` takes it) and the planned shapes for the options of method llm_pruner_<mode>
-    (one of target_fraction, target_params, pruning_ratio, plus the mode's plan options); no data, works on meta."""
+    (one of target_fraction, target_params, pruning_ratio, plus the mode's plan options); no data, works on meta.
+    ``untie_lm_head`` (channel): plan for the untied model (call :func:`untie_lm_head` first)."""
     _check_options(mode, options)
     target = _target(model, options)
-    rest = {k: v for k, v in options.items() if k not in _COMMON}
+    rest = {k: v for k, v in options.items() if k not in _COMMON and k != "untie_lm_head"}
     return target, plan(model, mode, **target, **rest)
 
 
@@ -501,6 +515,8 @@ def _apply_for(
         _check_options(mode, options)
         if calib is None:
             raise ValueError(f"llm_pruner_{mode} needs calibration batches (input_ids) for its Taylor importance")
+        if options.get("untie_lm_head"):
+            untie_lm_head(model)
         target, shapes = options_plan(model, mode, options)
         calib = calibration_sample(calib, options.get("calibration_samples"), options.get("calibration_seq_len"))
         prune_with_plan(model, shapes, calib, options.get("num_calib_batches"))
