@@ -388,6 +388,12 @@ def test_bad_config_fails_before_anything_is_written_and_a_changed_config_is_ref
     assert not (tmp_path / "run" / "init_model").exists()
     with pytest.raises(ValueError, match="trainer.micro_batch_size must be a positive integer, got 0"):
         train(make_cfg(assets, tmp_path, **{"trainer.micro_batch_size": 0}))
+    missing = make_cfg(assets, tmp_path)
+    missing.data.sources[1].data_files = str(tmp_path / "gone.jsonl")
+    with pytest.raises(Exception, match=r"gone.jsonl") as error:
+        train(missing)
+    assert "'b'" in str(error.value)  # names the source too
+    assert not (tmp_path / "run" / "init_model").exists()
     train(make_cfg(assets, tmp_path, **{"trainer.max_steps": 1, "trainer.checkpoint_every_n_steps": 1}))
     (tmp_path / "run" / "train_summary.json").unlink()  # as if it had stopped before finishing
     changed = make_cfg(assets, tmp_path, resume="last", **{"method_options.num_experts": 2})
