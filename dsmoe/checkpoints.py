@@ -27,13 +27,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dsmoe.cli import StepFailed
 from dsmoe.distributed import all_finite
 
 STEP = re.compile(r"step=(\d+)")
 SHARDED_METADATA = "meta.pt"  # written last by Lightning's FSDP strategy into a sharded checkpoint directory
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(StepFailed):
     """The loss or the weights stopped being finite; the message names the last finite checkpoint."""
 
 

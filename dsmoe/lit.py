@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 from transformers import get_scheduler
 
+from dsmoe.cli import StepFailed
 from dsmoe.distributed import all_reduce_sum, clean_name, clip_grad_norm, is_fsdp
 from dsmoe.losses import dsmoe_layers
 from dsmoe.methods import Method
@@ -28,8 +29,8 @@ class OptimConfig:
     schedule: str = "cosine"  # any transformers.get_scheduler name: cosine, linear, constant_with_warmup, ...
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(StepFailed):
+    """The loss stopped being finite (e.g. a learning rate far too high); training stops."""
 
 
 class LitCausalLM(L.LightningModule):
@@ -74,7 +75,7 @@ class LitCausalLM(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.global_step} (lm={lm_loss.item()}, "
-                f"aux={ {k: v.item() for k, v in aux.items()} }); stopping. The last good checkpoint is kept"
+                f"aux={ {k: v.item() for k, v in aux.items()} }); stopping"
             )
         self.log("train/lm_loss", lm_loss, prog_bar=True)
         for name, value in aux.items():

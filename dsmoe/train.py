@@ -40,7 +40,7 @@ from transformers import AutoConfig
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
-from dsmoe.lit import LitCausalLM, OptimConfig
+from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
 from dsmoe.methods import Method, get_method
 from dsmoe.models import EMBEDDED, load_model, load_tokenizer, resolve
 from dsmoe.packages import write_json
@@ -442,6 +442,11 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         )
     try:
         trainer.fit(lit, datamodule=data, ckpt_path=ckpt)
+    except NonFiniteLossError as error:
+        last = checkpoints._last_checkpoint_saved or ckpt or "none (no step finished with finite weights)"
+        raise NonFiniteLossError(
+            f"{error}. The last finite checkpoint is {last}; lower optim.lr, then resume=last"
+        ) from None
     except SIGTERMException:
         print(
             f"[dsmoe.train] stopped by SIGTERM; continue with resume=last ({checkpoints.last_model_path})",
