@@ -1,5 +1,7 @@
-"""LLaMA-MoE top-k baseline against token-by-token references, a hand-computed balance loss and Shazeer's P(x, i)."""
+"""LLaMA-MoE top-k baseline against a token-by-token reference of its routing (Zhu et al. 2024; noisy gating and
+load of Shazeer et al. 2017, written out plainly here), a hand-computed balance loss, and autograd through both."""
 
+import copy
 import math
 
 import pytest
@@ -14,7 +16,6 @@ from dsmoe.baselines.topk_moe import (
     TopKMoEConfig,
     TopKMoEMLP,
     activated_params,
-    balance_loss,
     predicted_activated_params,
     topk_moe_layers,
 )
@@ -23,6 +24,7 @@ from dsmoe.models import tiny_model
 from dsmoe.stats import count_params
 
 D_MODEL, D_FF, N = 16, 32, 4
+NOISE_EPSILON = 1e-2  # LLaMA-MoE's noise_epsilon
 
 
 def make_layer(top_k=2, seed=0, router_std=1.0, **cfg):
@@ -37,20 +39,59 @@ def make_layer(top_k=2, seed=0, router_std=1.0, **cfg):
 
 
 def expert_out(layer, x, i):
-    m, s = D_FF // N, slice(i * D_FF // N, (i + 1) * D_FF // N)
-    assert m == layer.expert_size
+    """E_i(x) = (silu(x·W_i) ⊙ x·U_i)·V_i, expert i owning intermediate channels [i·m, (i+1)·m)."""
+    m = layer.gate_proj.out_features // layer.num_experts
+    s = slice(i * m, (i + 1) * m)
     return (F.silu(layer.gate_proj.weight[s] @ x) * (layer.up_proj.weight[s] @ x)) @ layer.down_proj.weight[:, s].T
 
 
-def reference_forward(layer, x):
-    """Per token: logits = x·W_gᵀ, top-k by sorting, softmax over them, y = s·Σ score_j·E_j(x) (no noise)."""
-    out = []
+def gate_logits(layer, x, eps=None):
+    """(clean, H(x), std): clean = x·W_g, H(x) = clean + ε ⊙ (softplus(x·W_noise) + noise_epsilon) with noise."""
+    clean = x @ layer.router.weight.T
+    if eps is None:
+        return clean, clean, None
+    std = F.softplus(x @ layer.noise.weight.T) + NOISE_EPSILON
+    return clean, clean + eps.to(clean.dtype) * std, std
+
+
+def phi(z):
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def cv_squared(v):
+    """Unbiased variance over mean², as LLaMA-MoE's cv_squared."""
+    mean = sum(v) / len(v)
+    return sum((a - mean) ** 2 for a in v) / (len(v) - 1) / (mean**2 + 1e-10)
+
+
+def reference_layer(layer, x, scale, eps=None):
+    """LLaMA-MoE token by token, in autograd: (y [T, d], top-k experts per token, cv²(Importance) + cv²(Load)).
+
+    Per token: the k largest H(x) by sorting, softmax over them, y = scale · Σ_j score_j · E_j(x). Importance_i =
+    Σ_x score(x, i); Load_i = Σ_x P(x, i), P(x, i) = Φ((clean_i − k-th largest H(x)_j over j ≠ i) / std_i) with
+    noise (Shazeer et al. eqs. 8–10), else the number of tokens routed to i (LLaMA-MoE's fallback)."""
+    k = layer.top_k
+    clean, logits, std = gate_logits(layer, x, eps)
+    outputs, routes = [], []
+    importance, load = [x.new_zeros(()) for _ in range(N)], [x.new_zeros(()) for _ in range(N)]
     for t in range(x.shape[0]):
-        logits = (layer.router.weight @ x[t]).tolist()
-        top = sorted(range(N), key=lambda i: -logits[i])[: layer.top_k]
-        z = [math.exp(logits[i]) for i in top]
-        out.append(sum(layer.scale * z[j] / sum(z) * expert_out(layer, x[t], i) for j, i in enumerate(top)))
-    return torch.stack(out)
+        values = logits[t].tolist()
+        top = sorted(range(N), key=lambda i: -values[i])[:k]
+        scores = torch.stack([logits[t, i] for i in top]).softmax(0)
+        outputs.append(scale * sum(scores[j] * expert_out(layer, x[t], i) for j, i in enumerate(top)))
+        routes.append(set(top))
+        for j, i in enumerate(top):
+            importance[i] = importance[i] + scores[j]
+            if std is None:
+                load[i] = load[i] + 1
+        for i in range(N) if std is not None else ():
+            kth = sorted((logits[t, j] for j in range(N) if j != i), key=lambda v: -v.item())[k - 1]
+            load[i] = load[i] + phi((clean[t, i] - kth) / std[t, i])
+    return torch.stack(outputs), routes, cv_squared(importance) + cv_squared(load)
+
+
+def assert_routes(layer, routes):
+    assert [set(row) for row in layer.last_indices.tolist()] == routes
 
 
 @pytest.mark.parametrize("top_k", [1, 3, N])  # N: every expert on every token, computed as one run
@@ -60,47 +101,48 @@ def test_training_forward_and_gradients_match_reference(top_k):
     x = torch.randn(37, D_MODEL, dtype=torch.float64)
     w = torch.randn(37, D_MODEL, dtype=torch.float64)
     grads = {}
-    for name, fn in (("layer", layer), ("reference", lambda x: differentiable_reference(layer, x))):
+    for name, fn in (("layer", layer), ("reference", lambda x: reference_layer(layer, x, N / top_k)[0])):
         layer.zero_grad()
         y = fn(x)
         (y * w).sum().backward()
         grads[name] = (y.detach(), {k: p.grad.clone() for k, p in layer.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(grads["layer"][0], grads["reference"][0])
+    fp32 = {"rtol": 1e-5, "atol": 1e-6}  # the layer routes in fp32
+    torch.testing.assert_close(grads["layer"][0], grads["reference"][0], **fp32)
     assert grads["layer"][1].keys() == grads["reference"][1].keys()
     for k, g in grads["reference"][1].items():
-        torch.testing.assert_close(grads["layer"][1][k], g, msg=k)
-
-
-def differentiable_reference(layer, x):
-    """reference_forward with the top-k softmax kept in autograd (gradients reach the router)."""
-    out = []
-    for t in range(x.shape[0]):
-        logits = (layer.router.weight @ x[t]).float()  # the layer routes in fp32
-        top = logits.topk(layer.top_k).indices
-        scores = logits[top].softmax(0).to(x.dtype)
-        out.append(layer.scale * sum(scores[j] * expert_out(layer, x[t], i) for j, i in enumerate(top.tolist())))
-    return torch.stack(out)
+        torch.testing.assert_close(grads["layer"][1][k], g, **fp32, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_eval_forward_matches_reference_and_routes_exactly_k(top_k):
+def test_eval_forward_matches_reference_with_scale_n_over_k(top_k):
+    """The default score_scale_factor is n/k (LLaMA-MoE's released configurations), here from the hand value."""
     layer, _ = make_layer(top_k)
     layer.eval()
     x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
     y = layer(x)
-    torch.testing.assert_close(y.reshape(-1, D_MODEL), reference_forward(layer, x.reshape(-1, D_MODEL)))
-    idx = layer.last_indices
-    assert idx.shape == (14, top_k)
-    assert all(len(set(row.tolist())) == top_k for row in idx)
+    expected, routes, _ = reference_layer(layer, x.reshape(-1, D_MODEL), N / top_k)
+    torch.testing.assert_close(y.reshape(-1, D_MODEL), expected)
+    assert_routes(layer, routes)
 
 
-def test_training_routes_exactly_k_with_noise():
+def test_noisy_training_routing_matches_reference():
+    """Training routes by H(x) = x·W_g + ε ⊙ (softplus(x·W_noise) + 1e-2), ε the layer's N(0, 1) draw; eval by x·W_g."""
     layer, _ = make_layer(2)
     nn.init.normal_(layer.noise.weight, std=1.0)
+    x = torch.randn(50, D_MODEL, dtype=torch.float64)
     layer.train()
-    layer(torch.randn(50, D_MODEL, dtype=torch.float64))
-    assert layer.last_indices.shape == (50, 2)
-    assert all(len(set(row.tolist())) == 2 for row in layer.last_indices)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    eps = torch.randn(50, N)  # the layer draws ε [tokens, n] in fp32, its routing precision
+    expected, routes, _ = reference_layer(layer, x, N / 2, eps)
+    assert_routes(layer, routes)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    layer.eval()
+    clean, clean_routes, _ = reference_layer(layer, x, N / 2)
+    assert clean_routes != routes  # the noise does change the routing here
+    torch.testing.assert_close(layer(x), clean, rtol=1e-5, atol=1e-6)
+    assert_routes(layer, clean_routes)
 
 
 def test_only_selected_experts_are_computed():
@@ -108,16 +150,14 @@ def test_only_selected_experts_are_computed():
     layer, _ = make_layer(2)
     layer.eval()
     x = torch.randn(1, D_MODEL, dtype=torch.float64)
-    expected = reference_forward(layer, x)
-    layer(x)
-    chosen = set(layer.last_indices[0].tolist())
+    expected, (chosen,), _ = reference_layer(layer, x, N / 2)
     with torch.no_grad():
         for i in set(range(N)) - chosen:
             s = slice(i * layer.expert_size, (i + 1) * layer.expert_size)
             layer.gate_proj.weight[s] = float("nan")
             layer.up_proj.weight[s] = float("nan")
             layer.down_proj.weight[:, s] = float("nan")
-    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer(x), expected.detach())
 
 
 def test_all_experts_uniform_router_equals_dense_mlp():
@@ -140,12 +180,6 @@ def test_all_experts_with_router_equals_softmax_weighted_channels():
     torch.testing.assert_close(layer(x), expected)
 
 
-def test_default_scale_is_n_over_k():
-    assert TopKMoEConfig(8, 3).scale == pytest.approx(8 / 3)
-    assert TopKMoEConfig(16, 4).scale == 4.0  # LLaMA-MoE-3.5B (4/16)
-    assert TopKMoEConfig(8, 3, score_scale_factor=1.0).scale == 1.0
-
-
 def test_balance_loss_matches_hand_computation_without_noise():
     layer, _ = make_layer(2, noisy_gating=False)
     layer.train()
@@ -160,12 +194,7 @@ def test_balance_loss_matches_hand_computation_without_noise():
         for j, i in enumerate(top):
             importance[i] += z[j] / sum(z)
             load[i] += 1
-
-    def cv2(v):  # unbiased variance over mean², as LLaMA-MoE's cv_squared
-        mean = sum(v) / len(v)
-        return sum((a - mean) ** 2 for a in v) / (len(v) - 1) / (mean**2 + 1e-10)
-
-    assert layer.last_balance_loss.item() == pytest.approx(cv2(importance) + cv2(load), rel=1e-6)
+    assert layer.last_balance_loss.item() == pytest.approx(cv_squared(importance) + cv_squared(load), rel=1e-6)
 
 
 def test_smooth_load_is_shazeer_probability():
@@ -185,13 +214,26 @@ def test_smooth_load_is_shazeer_probability():
     torch.testing.assert_close(smooth_load(clean, noisy, std, top_values, k), expected)
 
 
-def test_noisy_balance_loss_trains_router_and_noise_network():
-    layer, _ = make_layer(2)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_noisy_balance_loss_and_its_gradients_match_reference(top_k):
+    """With noise the balance loss cv²(Importance) + cv²(Load) reaches W_g and W_noise through the softmax scores
+    and Shazeer's smooth Load: its value and both gradients equal autograd through the token-by-token reference."""
+    layer, _ = make_layer(top_k)
+    nn.init.normal_(layer.noise.weight, std=0.5)
     layer.train()
-    layer(torch.randn(40, D_MODEL, dtype=torch.float64))
+    x = torch.randn(20, D_MODEL, dtype=torch.float64)
+    torch.manual_seed(3)
+    layer(x)
     layer.last_balance_loss.backward()
-    assert layer.router.weight.grad.abs().sum() > 0
-    assert layer.noise.weight.grad.abs().sum() > 0  # through the smooth load estimator
+    got = {name: p.grad.clone() for name, p in (("router", layer.router.weight), ("noise", layer.noise.weight))}
+    layer.zero_grad()
+    torch.manual_seed(3)
+    _, _, expected = reference_layer(layer, x, N / top_k, torch.randn(20, N))
+    expected.backward()
+    torch.testing.assert_close(layer.last_balance_loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["router"], layer.router.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["noise"], layer.noise.weight.grad, rtol=1e-4, atol=1e-6)
+    assert got["noise"].abs().sum() > 0.1 * got["router"].abs().sum()  # W_noise does learn from the load
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -211,31 +253,39 @@ def test_activated_params_accounting(arch, gate):
     assert TOPK_MOE.activated_params(model) == pytest.approx(predicted)
 
 
-def test_balance_loss_sums_layers_with_weight():
-    model = tiny_model("llama")
-    TOPK_MOE.apply(model, {"balance_weight": 0.5}, None)
-    model.train()
-    model(torch.randint(0, 256, (2, 9)))
-    per_layer = [layer.last_balance_loss for layer in topk_moe_layers(model)]
-    torch.testing.assert_close(balance_loss(model), 0.5 * (per_layer[0] + per_layer[1]))
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_method_trains_a_few_steps(arch):
-    torch.manual_seed(0)
-    model = TOPK_MOE.apply(tiny_model(arch), {"num_experts": 4, "top_k": 2}, None)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = torch.randint(0, 256, (2, 12))
-    for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
-        aux = TOPK_MOE.aux_losses(model)
-        total = loss + sum(aux.values())
-        assert torch.isfinite(total) and set(aux) == {"balance"}
-        opt.zero_grad()
-        total.backward()
-        assert all(layer.router.weight.grad.abs().sum() > 0 for layer in topk_moe_layers(model))
-        opt.step()
+def test_method_loss_and_gradients_match_token_by_token_reference(arch):
+    """A training step of the converted model (noisy gate, LM loss + w·Σ_layers balance loss, w = 0.5): the loss
+    and every parameter's gradient equal those of the same model whose MoE layers run the reference."""
+    model = TOPK_MOE.apply(tiny_model(arch), {"num_experts": N, "top_k": 2, "balance_weight": 0.5}, None)
+    with torch.no_grad():
+        for layer in topk_moe_layers(model):
+            layer.router.weight.normal_(0, 0.3)
+            layer.noise.weight.normal_(0, 0.3)
+    reference = copy.deepcopy(model)
+    balance = []
+
+    def reference_forward(layer, x):  # draws ε as the layer does: one N(0, 1) [tokens, n] fp32 tensor per call
+        flat = x.reshape(-1, x.shape[-1])
+        y, _, loss = reference_layer(layer, flat, N / 2, torch.randn(flat.shape[0], N))
+        balance.append(loss)
+        return y.reshape(x.shape)
+
+    for layer in topk_moe_layers(reference):
+        layer.forward = lambda x, layer=layer: reference_forward(layer, x)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for name, m in (("model", model), ("reference", reference)):
+        m.train()
+        torch.manual_seed(11)
+        loss = m(input_ids=ids, labels=ids).loss
+        aux = TOPK_MOE.aux_losses(model)["balance"] if m is model else 0.5 * sum(balance)
+        (loss + aux).backward()
+        losses[name] = (loss.item(), aux.item())
+    assert losses["model"] == pytest.approx(losses["reference"], rel=1e-5)
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("gate", ["linear", "mlp"])
