@@ -1,18 +1,25 @@
-"""LLM-Pruner baseline: Taylor importance vs autograd, lossless pruning of dead structures, target matching,
-training through the Method interface, save/load, and the paper's Table 1 shapes for LLaMA-1B."""
+"""LLM-Pruner baseline: Taylor importance vs autograd, lossless pruning of dead structures, pruned sizes against
+closed-form parameter counts, training through the Method interface, save/load, and the pruner run on the paper's
+LLaMA-1B / 7B shapes (meta device) against Table 1."""
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from llama_shapes import LLAMA_1B, LLAMA_7B, TINY_LLAMA
+from transformers import AutoModelForCausalLM
 
 from dsmoe.baselines import llm_pruner as lp
 from dsmoe.models import tiny_model
 from dsmoe.stats import count_params
 
 ARCHS = [("llama", False), ("qwen2", True)]  # qwen2: q/k/v biases; tied embeddings; both GQA (4 heads, 2 KV)
+
+
+def tiny_shape(arch: str, tied: bool, layers: int = 2):
+    return replace(TINY_LLAMA, layers=layers, tied=tied, qkv_bias=arch == "qwen2")
 
 
 @pytest.fixture(autouse=True)
@@ -138,23 +145,29 @@ def test_channel_pruning_of_dead_dims_is_lossless_up_to_rmsnorm_scale(arch, tied
 
 @pytest.mark.parametrize("arch,tied", ARCHS)
 @pytest.mark.parametrize("mode,fraction", [("channel", 0.63), ("block", 0.8), ("block", 0.7)])
-def test_prune_to_target_meets_the_budget(arch, tied, mode, fraction):
+def test_prune_to_target_lands_on_the_nearest_closed_form_count(arch, tied, mode, fraction):
+    """The pruned model's parameters equal the closed-form count of its shapes, and no other d' (channel) or common
+    FFN width of the pruned layers (block) would come nearer the target."""
+    shape = tiny_shape(arch, tied, layers=4)
     model = tiny_model(arch, num_hidden_layers=4, tie_word_embeddings=tied)
-    dense = count_params(model)
-    target = fraction * dense
-    predicted = lp.plan(model, mode, target_params=target, keep_first=1, keep_last=1)["params"]
+    target = fraction * shape.params()
     lp.prune_to_target(model, target, mode, calib(), keep_first=1, keep_last=1)
     achieved = count_params(model)
-    assert achieved == predicted == model.config.llm_pruner["params"]
-    if mode == "channel":  # one hidden channel of this tiny model is ~1.6% of its params: nearest d'
-        per_channel = lp.channel_param_count(model, 2) - lp.channel_param_count(model, 1)
-        assert abs(achieved - target) <= per_channel / 2 and abs(achieved / target - 1) <= 0.01
-        assert lp.intermediate_sizes(model) == [128] * 4
+    if mode == "channel":  # one hidden channel of this tiny model is ~1.6% of its params
+        nearest = min(range(1, 65), key=lambda d: abs(shape.params(hidden=d) - target))
+        assert model.config.hidden_size == nearest and achieved == shape.params(hidden=nearest)
+        assert lp.intermediate_sizes(model) == [128] * 4 and lp.kv_heads(model) == [2] * 4
     else:
-        assert abs(achieved / target - 1) <= 0.01
         sizes, heads = lp.intermediate_sizes(model), lp.kv_heads(model)
         assert sizes[0] == sizes[3] == 128 and heads[0] == heads[3] == 2  # first/last layers kept whole
         assert sizes[1] == sizes[2] < 128 and heads[1] == heads[2] == 1  # r > 1/2 drops one of two KV groups
+        assert achieved == shape.params(intermediate=sizes, kv_heads=heads)
+
+        def miss(f: int) -> float:
+            return abs(shape.params(intermediate=[128, f, f, 128], kv_heads=heads) - target)
+
+        assert miss(sizes[1]) <= min(miss(sizes[1] - 1), miss(sizes[1] + 1))
+    assert abs(achieved / target - 1) <= 0.01
     ids = calib(1)[0]
     assert torch.isfinite(model(ids, labels=ids).loss)
     assert model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
@@ -163,14 +176,15 @@ def test_prune_to_target_meets_the_budget(arch, tied, mode, fraction):
 @pytest.mark.parametrize("method", [lp.LLM_PRUNER_CHANNEL, lp.LLM_PRUNER_BLOCK])
 def test_method_trains_and_round_trips(method, tmp_path):
     model = tiny_model("llama", num_hidden_layers=4)
-    dense = count_params(model)
+    shape = tiny_shape("llama", tied=False, layers=4)
+    dense = shape.params()
     options = {"target_fraction": 0.75, "num_calib_batches": 1}
     if method is lp.LLM_PRUNER_BLOCK:
         options |= {"keep_first": 1, "keep_last": 1}
     assert method.needs_calibration and method.aux_losses(model) == {} and method.after_optimizer_step is None
     model = method.apply(model, options, iter(calib(3)))
-    assert method.activated_params(model) == count_params(model)
-    assert abs(method.activated_params(model) / (0.75 * dense) - 1) <= 0.01
+    pruned = shape.params(model.config.hidden_size, lp.intermediate_sizes(model), lp.kv_heads(model))
+    assert method.activated_params(model) == pruned and abs(pruned / (0.75 * dense) - 1) <= 0.01
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = calib(1, seed=9)[0]
@@ -193,6 +207,8 @@ def test_method_trains_and_round_trips(method, tmp_path):
 def test_tied_channel_model_round_trips(tmp_path):
     model = tiny_model("qwen2", tie_word_embeddings=True)
     model = lp.prune_to_target(model, 0.6 * count_params(model), "channel", calib())
+    hidden = model.config.hidden_size  # the tied embedding / lm_head matrix is counted once
+    assert lp.LLM_PRUNER_CHANNEL.activated_params(model) == tiny_shape("qwen2", tied=True).params(hidden)
     lp.save_pruned(model, tmp_path / "m")
     loaded = lp.load_pruned(tmp_path / "m")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -208,44 +224,63 @@ def test_block_model_needs_load_pruned(tmp_path):
     assert lp.intermediate_sizes(lp.load_pruned(tmp_path / "m")) == [100, 128]
 
 
-def meta_llama(**overrides):
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(LlamaConfig(**overrides))
-
-
 def test_paper_table1_llama_1b_shapes():
-    """LLaMA-1B = Llama-3.2-1B (d=2048, D=8192, 16 layers, 32 heads / 8 KV, tied vocab 128256) at DSMoE's 735M."""
-    model = meta_llama(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-    )  # fmt: skip
-    assert round(count_params(model) / 1e6) == 1236  # Table 1: 1.24B
+    """LLaMA-1B = Llama-3.2-1B (d=2048, D=8192, 16 layers, 32 heads / 8 KV, tied vocab 128256) at DSMoE's 735M;
+    block pruning run (on the meta device) at the ratio giving Table 1's average D = 3896.4."""
+    model = LLAMA_1B.meta_model()
+    assert count_params(model) == LLAMA_1B.params() == 1_235_814_400  # Table 1: 1.24B
+    kv = [8] * 4 + [2] * 10 + [8] * 2
     block = lp.plan(model, "block", target_params=735e6)  # layers 4..13 pruned (keep_first=4, keep_last=2)
-    assert block["intermediate_sizes"][4:14] == [1321] * 10 and block["num_key_value_heads"][4:14] == [2] * 10
+    assert block["intermediate_sizes"] == [8192] * 4 + [1321] * 10 + [8192] * 2 and block["num_key_value_heads"] == kv
+    assert block["params"] == LLAMA_1B.params(intermediate=block["intermediate_sizes"], kv_heads=kv)
     assert abs(block["params"] / 735e6 - 1) < 1e-3
     # Table 1's D = 3896.4 (average) is LLM-Pruner's rule at the ratio keeping 1319 of 8192 channels: 735M
     at_ratio = lp.plan(model, "block", pruning_ratio=1 - 1319.5 / 8192)
-    assert at_ratio["intermediate_sizes"] == [8192] * 4 + [1319] * 10 + [8192] * 2
-    assert at_ratio["num_key_value_heads"] == [8] * 4 + [2] * 10 + [8] * 2
-    assert round(sum(at_ratio["intermediate_sizes"]) / 16, 1) == 3896.4 and round(at_ratio["params"] / 1e6) == 735
-    channel = lp.plan(model, "channel", target_params=735e6)
-    assert abs(channel["hidden_size"] - 1215) <= 5  # Table 1: d = 1215
-    # Table 1 lists 889M for d=1215: the lm_head counted apart from the (tied) embedding
-    assert round((lp.channel_param_count(model, 1215) + 128256 * 1215) / 1e6) == 889
+    ffn = [8192] * 4 + [1319] * 10 + [8192] * 2
+    assert at_ratio["intermediate_sizes"] == ffn and at_ratio["num_key_value_heads"] == kv
+    assert round(sum(ffn) / 16, 1) == 3896.4
+    lp.prune_with_plan(model, at_ratio, calib(1))
+    pruned = count_params(model)
+    assert pruned == LLAMA_1B.params(intermediate=ffn, kv_heads=kv) and round(pruned / 1e6) == 735
+    # channel mode matched to 735M: d' = 1218, the nearest of the closed form (Table 1 lists d' = 1215, see below)
+    nearest = min(range(1, 2049), key=lambda d: abs(LLAMA_1B.params(hidden=d) - 735e6))
+    assert lp.plan(LLAMA_1B.meta_model(), "channel", target_params=735e6)["hidden_size"] == nearest == 1218
+
+
+@pytest.mark.parametrize("tied,params", [(True, 733_161_375), (False, 888_992_415)])
+def test_channel_pruning_llama_1b_to_table1_width(tied, params):
+    """Table 1's LLM-Pruner-channel row: d' = 1215, 889M. A hidden channel of Llama-3.2-1B holds V + 1 + 16·(2 +
+    q 2048 + k 512 + v 512 + o 2048 + 3·8192) = 603,425 params with lm_head tied to the embedding, 128,256 more
+    untied. The suite keeps Llama-3.2-1B's lm_head tied: 1215 × 603,425 = 733.2M. The original pruner unties it:
+    1215 × (603,425 + 128,256) = 889.0M, Table 1's count (here from an untied Llama-3.2-1B)."""
+    shape = replace(LLAMA_1B, tied=tied)
+    model = shape.meta_model()
+    lp.prune_channel(model, 1215, calib(1))  # the pruner itself, on the meta device: real shapes, no memory
+    per_channel = 128256 * (1 if tied else 2) + 1 + 16 * (2 + 2048 + 512 + 512 + 2048 + 3 * 8192)
+    assert count_params(model) == 1215 * per_channel == shape.params(hidden=1215) == params
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert model.lm_head.weight.shape == (128256, 1215) and model.config.llm_pruner["hidden_size"] == 1215
 
 
 def test_paper_table1_llama_7b_shapes():
-    """LLaMA-7B (d=4096, D=11008, 32 layers, 32 heads, untied vocab 32000): D = 6256.5 (average), 3.94B;
-    d = 2401, 3.95B. LLM-Pruner's own script prunes layers 4..29, as keep_first=4, keep_last=2 does."""
-    model = meta_llama(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
-    )  # fmt: skip
+    """LLaMA-7B (d=4096, D=11008, 32 layers, 32 heads, untied vocab 32000), both pruners run on the meta device:
+    block D = 6256.5 (average), 3.94B; channel d = 2401, 3.95B. LLM-Pruner's own script prunes layers 4..29,
+    as keep_first=4, keep_last=2 does."""
+    model = LLAMA_7B.meta_model()
+    assert count_params(model) == LLAMA_7B.params() == 6_738_415_616  # Table 1: 6.74B
     block = lp.plan(model, "block", pruning_ratio=1 - 5160.5 / 11008)
-    assert block["pruned_layers"] == [4, 30] and block["num_key_value_heads"][4:30] == [15] * 26
-    assert sum(block["intermediate_sizes"]) / 32 == 6256.5 and round(block["params"] / 1e7) == 394
-    assert round(lp.channel_param_count(model, 2401) / 1e7) == 395
-    assert abs(lp.plan(model, "channel", target_params=3.95e9)["hidden_size"] - 2401) <= 3
+    ffn, kv = [11008] * 4 + [5160] * 26 + [11008] * 2, [32] * 4 + [15] * 26 + [32] * 2
+    assert block["pruned_layers"] == [4, 30] and sum(ffn) / 32 == 6256.5
+    assert block["intermediate_sizes"] == ffn and block["num_key_value_heads"] == kv
+    lp.prune_with_plan(model, block, calib(1))
+    pruned = count_params(model)
+    assert pruned == LLAMA_7B.params(intermediate=ffn, kv_heads=kv) and round(pruned / 1e7) == 394
+    model = LLAMA_7B.meta_model()
+    lp.prune_channel(model, 2401, calib(1))
+    per_channel = 2 * 32000 + 1 + 32 * (2 + 4 * 4096 + 3 * 11008)  # untied embedding and lm_head
+    assert count_params(model) == 2401 * per_channel and round(count_params(model) / 1e7) == 395
+    nearest = min(range(1, 4097), key=lambda d: abs(LLAMA_7B.params(hidden=d) - 3.95e9))
+    assert lp.plan(LLAMA_7B.meta_model(), "channel", target_params=3.95e9)["hidden_size"] == nearest == 2401
 
 
 def test_bad_inputs_raise_clear_errors():
