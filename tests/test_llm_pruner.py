@@ -247,18 +247,19 @@ def test_paper_table1_llama_1b_shapes():
     assert lp.plan(LLAMA_1B.meta_model(), "channel", target_params=735e6)["hidden_size"] == nearest == 1218
 
 
-@pytest.mark.parametrize("tied,params", [(True, 733_161_375), (False, 888_992_415)])
-def test_channel_pruning_llama_1b_to_table1_width(tied, params):
+@pytest.mark.parametrize("untie,params", [(False, 733_161_375), (True, 888_992_415)])
+def test_channel_pruning_llama_1b_to_table1_width(untie, params):
     """Table 1's LLM-Pruner-channel row: d' = 1215, 889M. A hidden channel of Llama-3.2-1B holds V + 1 + 16·(2 +
     q 2048 + k 512 + v 512 + o 2048 + 3·8192) = 603,425 params with lm_head tied to the embedding, 128,256 more
-    untied. The suite keeps Llama-3.2-1B's lm_head tied: 1215 × 603,425 = 733.2M. The original pruner unties it:
-    1215 × (603,425 + 128,256) = 889.0M, Table 1's count (here from an untied Llama-3.2-1B)."""
-    shape = replace(LLAMA_1B, tied=tied)
-    model = shape.meta_model()
+    untied. By default the suite keeps the lm_head tied: 1215 × 603,425 = 733.2M. With untie_lm_head (the original
+    pruner's behaviour, used at the paper scales): 1215 × (603,425 + 128,256) = 889.0M, Table 1's count."""
+    model = LLAMA_1B.meta_model()
+    if untie:
+        lp.untie_lm_head(model)
     lp.prune_channel(model, 1215, calib(1))  # the pruner itself, on the meta device: real shapes, no memory
-    per_channel = 128256 * (1 if tied else 2) + 1 + 16 * (2 + 2048 + 512 + 512 + 2048 + 3 * 8192)
-    assert count_params(model) == 1215 * per_channel == shape.params(hidden=1215) == params
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    per_channel = 128256 * (2 if untie else 1) + 1 + 16 * (2 + 2048 + 512 + 512 + 2048 + 3 * 8192)
+    assert count_params(model) == 1215 * per_channel == replace(LLAMA_1B, tied=not untie).params(1215) == params
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) != untie
     assert model.lm_head.weight.shape == (128256, 1215) and model.config.llm_pruner["hidden_size"] == 1215
 
 
@@ -372,4 +373,6 @@ def test_untie_lm_head_prunes_like_the_original_and_counts_both_matrices():
     assert pruned.lm_head.weight is not pruned.model.embed_tokens.weight and not pruned.config.tie_word_embeddings
     assert pruned.lm_head.weight.shape == pruned.model.embed_tokens.weight.shape == (256, d)
     same = LLM_PRUNER_CHANNEL.apply(tiny_model("llama", tie_word_embeddings=True), {"pruning_ratio": 0.25}, ids)
-    assert same.config.llm_pruner["hidden_size"] == d and count_params(pruned) == count_params(same) + 256 * d
+    assert same.config.llm_pruner["hidden_size"] == d
+    assert count_params(pruned) == replace(TINY_LLAMA, tied=False).params(d)  # V·d' twice
+    assert count_params(same) == replace(TINY_LLAMA, tied=True).params(d)
