@@ -1,9 +1,15 @@
-"""Matching each baseline to a target activated-parameter count, on tiny models and the paper's LLaMA shapes."""
+"""Matching each baseline to a target activated-parameter count, against closed-form counts of the tiny models and
+of the paper's LLaMA shapes (Table 1)."""
+
+import math
+from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from llama_shapes import LLAMA_1B, LLAMA_7B, TINY_LLAMA, LlamaShape
+from torch import nn
 
+from dsmoe.baselines import llm_pruner as lp
 from dsmoe.baselines.matching import match_options, match_sparsegpt, match_topk_moe, resolve_target
 from dsmoe.baselines.sparsegpt import SPARSEGPT
 from dsmoe.baselines.topk_moe import TOPK_MOE
@@ -11,24 +17,16 @@ from dsmoe.models import tiny_model
 from dsmoe.stats import count_params
 
 
-def meta_llama(d, D, layers, heads, kv, vocab, tied):
-    """A paper-sized LLaMA built on the meta device: shapes and counts only, no memory."""
-    cfg = LlamaConfig(
-        hidden_size=d,
-        intermediate_size=D,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
-    )
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg)
-
-
 @pytest.fixture(scope="module")
-def llama_1b():  # LLaMA-3.2-1B shapes: 1.24B params (Table 1)
-    return meta_llama(2048, 8192, 16, 32, 8, 128256, True)
+def llama_1b():
+    return LLAMA_1B.meta_model()
+
+
+def topk_activated(shape: LlamaShape, n: int, k: int, gate: str = "linear") -> float:
+    """LLaMA-MoE per token: every parameter but the training-only noise networks, each FFN at k/n, plus the routers
+    (d·n per layer, and n·n more for the MLP gate)."""
+    router = shape.hidden * n + (n * n if gate == "mlp" else 0)
+    return shape.params() + shape.layers * router - shape.ffn_params() * (n - k) / n
 
 
 def test_resolve_target():
@@ -43,12 +41,19 @@ def test_resolve_target():
 
 
 def test_sparsegpt_match_is_what_pruning_achieves():
+    """s = (total − target) / decoder Linear weights; pruning then zeroes round(s · numel) of each matrix (each is
+    one block of ≤ 128 columns here): the zeros counted in the pruned model are the hand count."""
     model = tiny_model("llama")
+    total = TINY_LLAMA.params()
     match = match_sparsegpt(model, 0.7)
-    assert match.within_tolerance and abs(match.rel_error) < 1e-3
-    calib = [torch.randint(0, 256, (2, 16))]
-    pruned = SPARSEGPT.apply(model, match.options, calib)
-    assert SPARSEGPT.activated_params(pruned) == match.achieved
+    numels = (64 * 64, 32 * 64, 32 * 64, 64 * 64, 128 * 64, 128 * 64, 64 * 128)  # q, k, v, o, gate, up, down
+    s = match.options["sparsity"]
+    assert s == pytest.approx(0.3 * total / (2 * sum(numels)), rel=1e-12)
+    pruned = SPARSEGPT.apply(model, match.options, [torch.randint(0, 256, (2, 16))])
+    zeros = sum(int((m.weight == 0).sum()) for m in pruned.model.layers.modules() if isinstance(m, nn.Linear))
+    assert zeros == 2 * sum(math.floor(s * numel + 0.5) for numel in numels)
+    assert match.achieved == total - zeros == SPARSEGPT.activated_params(pruned)
+    assert abs(match.achieved - match.target) <= 0.5 * 14  # one rounding to the nearest per matrix
 
 
 def test_sparsegpt_match_rejects_unreachable_target():
@@ -56,47 +61,56 @@ def test_sparsegpt_match_rejects_unreachable_target():
         match_sparsegpt(tiny_model("llama"), 0.1)  # the embeddings alone are 30% of the tiny model
 
 
-def test_topk_match_is_what_conversion_achieves():
+def test_topk_match_is_the_nearest_k_of_the_closed_form():
+    shape = replace(TINY_LLAMA, qkv_bias=True)  # tiny Qwen2
+    hand = {k: topk_activated(shape, 4, k) for k in range(1, 5)}
     model = tiny_model("qwen2")
     match = match_topk_moe(model, 0.8, num_experts=4)
+    nearest = min(hand, key=lambda k: abs(hand[k] - 0.8 * shape.params()))
+    assert match.candidates == pytest.approx(hand, rel=1e-12)
+    assert match.options == {"num_experts": 4, "top_k": nearest} and match.achieved == pytest.approx(hand[nearest])
     converted = TOPK_MOE.apply(model, match.options, None)
-    assert TOPK_MOE.activated_params(converted) == pytest.approx(match.achieved)
-    assert match.achieved == pytest.approx(match.candidates[match.options["top_k"]])
-    assert all(abs(c - match.target) >= abs(match.achieved - match.target) for c in match.candidates.values())
+    assert TOPK_MOE.activated_params(converted) == pytest.approx(hand[nearest], rel=1e-12)
 
 
 def test_paper_llama_1b_targets(llama_1b):
-    """Table 1: 1.24B total, 735M activated. SparseGPT ≈ 52% sparsity; LLaMA-MoE k=3 of 8 (736M in the paper)."""
-    total = count_params(llama_1b)
-    assert total == pytest.approx(1.24e9, rel=0.005)
+    """Table 1: 1.24B total, 735M activated. SparseGPT: s = (1,235,814,400 − 735M) / 973,078,528 decoder weights
+    ≈ 51.5%. LLaMA-MoE top-3 of 8: 1,235,814,400 + 16·2048·8 (routers) − 805,306,368·5/8 (FFNs) = 732,760,064
+    (1,024 more with the MLP gate); Table 1 lists 736M, which no counting gives."""
+    assert count_params(llama_1b) == LLAMA_1B.params() == 1_235_814_400
     sgpt = match_sparsegpt(llama_1b, 735e6)
-    assert abs(sgpt.rel_error) < 1e-6 and 0.5 < sgpt.options["sparsity"] < 0.55
+    prunable = 16 * (2 * 2048 * 2048 + 2 * 512 * 2048 + 3 * 2048 * 8192)
+    assert prunable == 973_078_528 and sgpt.options["sparsity"] == pytest.approx(500_814_400 / prunable, rel=1e-12)
+    assert abs(sgpt.rel_error) < 1e-6
     moe = match_topk_moe(llama_1b, 735e6)
     assert moe.options == {"num_experts": 8, "top_k": 3}
-    assert moe.within_tolerance and moe.achieved == pytest.approx(736e6, rel=0.005)
+    assert moe.achieved == topk_activated(LLAMA_1B, 8, 3) == 732_760_064 and moe.within_tolerance
+    assert match_topk_moe(llama_1b, 735e6, gate_network="mlp").achieved == 732_761_088
 
 
 def test_paper_llama_7b_topk_granularity_is_reported():
-    """LLaMA-7B (6.74B): the paper's 3.93B target lies between k=2 and k=3; the nearest k misses by > 1%."""
-    llama_7b = meta_llama(4096, 11008, 32, 32, 32, 32000, False)
-    assert count_params(llama_7b) == pytest.approx(6.74e9, rel=0.005)
+    """LLaMA-7B (6.74B): the paper's 3.93B target lies between k=2 (3,493,072,896) and k=3 (4,034,138,112, Table 1
+    lists 3.98B); the nearest k misses by +2.65%, and the note says so."""
+    llama_7b = LLAMA_7B.meta_model()
+    assert count_params(llama_7b) == LLAMA_7B.params() == 6_738_415_616
     moe = match_topk_moe(llama_7b, 3.93e9)
-    assert moe.options["top_k"] == 3 and not moe.within_tolerance
-    assert "k is discrete" in moe.note and f"{100 * moe.rel_error:+.2f}%" in moe.note
+    assert moe.candidates[2] == topk_activated(LLAMA_7B, 8, 2) == 3_493_072_896
+    assert moe.options["top_k"] == 3 and moe.achieved == topk_activated(LLAMA_7B, 8, 3) == 4_034_138_112
+    assert not moe.within_tolerance and "k is discrete" in moe.note and "+2.65%" in moe.note
     assert abs(match_sparsegpt(llama_7b, 3.93e9).rel_error) < 1e-6
 
 
 @pytest.mark.parametrize("mode", ["channel", "block"])
 def test_llm_pruner_match_uses_its_planner_and_the_pruned_size_agrees(mode):
-    from dsmoe.baselines.llm_pruner import prune_to_target
-
     model = tiny_model("llama", num_hidden_layers=12)
+    shape = replace(TINY_LLAMA, layers=12)
     match = match_options(f"llm_pruner_{mode}", model, 0.85)
-    assert match.target == pytest.approx(0.85 * count_params(model))
+    assert match.target == pytest.approx(0.85 * shape.params())
     assert abs(match.rel_error) < 0.02  # one hidden channel of the tiny model is ~1.5% of its params
     calib = [torch.randint(0, 256, (2, 16))]
-    pruned = prune_to_target(model, match.options["target_params"], mode, calib)
-    assert count_params(pruned) == match.achieved
+    pruned = lp.prune_to_target(model, match.options["target_params"], mode, calib)
+    shapes = (pruned.config.hidden_size, lp.intermediate_sizes(pruned), lp.kv_heads(pruned))
+    assert count_params(pruned) == match.achieved == shape.params(*shapes)
 
 
 def test_match_options_refuses_dsmoe():
