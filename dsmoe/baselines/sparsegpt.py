@@ -54,7 +54,8 @@ class SparseGPTConfig:
 
 
 def block_prune_count(numel: int, sparsity: float) -> int:
-    """Weights pruned in one block of ``numel`` weights."""
+    """Weights pruned in one block of ``numel`` weights: round(s·numel), the paper's p%. (IST-DASLab's fasterprune
+    prunes ``tmp <= sort(tmp)[int(n·s)]``, i.e. int(n·s) + 1; the difference is at most one weight per block.)"""
     return int(numel * sparsity + 0.5)
 
 
