@@ -1,8 +1,9 @@
-"""Dense HF Llama-family model ↔ DSMoE: conversion, save and load."""
+"""Dense HF Llama-family model ↔ DSMoE: conversion, save and load, and DSMoE as a :class:`~dsmoe.method.Method`."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,7 +12,15 @@ from transformers import PreTrainedModel
 from dsmoe.config import DSMoEConfig
 from dsmoe.hf_remote.partitioned_swiglu import replace_swiglu
 from dsmoe.layer import DSMoEMLP
+from dsmoe.losses import sparsity_loss
+from dsmoe.method import Batches, DynamicActivation, Method, ffn_widths
 from dsmoe.saving import load_with_extra_params, save_hf, saved_entry
+from dsmoe.stats import (
+    activation_stats,
+    all_reduce_activation_counts,
+    merge_activation_counts,
+    reset_activation_stats,
+)
 
 
 def convert(model: PreTrainedModel, config: DSMoEConfig) -> PreTrainedModel:
@@ -75,3 +84,41 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrai
     return load_with_extra_params(
         directory, lambda m: convert(m, config), lambda k: k.endswith("router.weight"), dtype, **from_pretrained_kwargs
     )
+
+
+def describe(model: nn.Module) -> str:
+    """Table 1's Configuration: d and the expert width × n."""
+    n = dsmoe_config_of(model).num_experts
+    return f"d={model.config.hidden_size}, D={ffn_widths(model)[0] // n}x{n}"
+
+
+def _apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:
+    return convert(model, DSMoEConfig(**options))
+
+
+def _aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """λ · L_sparse (eq. 18), added to L_LM (eq. 19)."""
+    return {"sparsity": dsmoe_config_of(model).sparsity_weight * sparsity_loss(model)}
+
+
+DYNAMIC_ACTIVATION = DynamicActivation(
+    reset=reset_activation_stats,
+    stats=lambda model, last=False, params=None: activation_stats(model, last=last, params=params),
+    merge=merge_activation_counts,
+    all_reduce=all_reduce_activation_counts,
+    set_threshold=set_tau,
+    set_rescale=set_rescale,
+    threshold=lambda model: dsmoe_config_of(model).tau,
+)
+
+DSMOE = Method(
+    "dsmoe",
+    _apply,
+    _aux_losses,
+    lambda model: activation_stats(model).activated_params,  # accumulated since the last reset
+    save,
+    load,
+    recognises=lambda config: "dsmoe" in config,
+    describe=describe,
+    dynamic=DYNAMIC_ACTIVATION,
+)

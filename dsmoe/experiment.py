@@ -30,10 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsmoe.cli import StepFailed
 from dsmoe.evaluate import perplexity
-from dsmoe.losses import dsmoe_layers
+from dsmoe.methods import method_of_model
 from dsmoe.packages import write_json
 from dsmoe.results import provenance
-from dsmoe.stats import activation_stats, count_params, merge_activation_counts, reset_activation_stats
+from dsmoe.stats import count_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALES_DIR = ROOT / "experiments" / "configs" / "scales"
@@ -193,22 +193,6 @@ def validation_windows(scale: str, tokenizer) -> dict[str, Any]:
     return _WINDOWS[key]
 
 
-def configuration(model: torch.nn.Module) -> str:
-    """Table 1's Configuration column: d, D (mean over layers) and the expert layout."""
-    cfg = model.config
-    layers = model.model.layers
-    d = cfg.llm_pruner["hidden_size"] if hasattr(cfg, "llm_pruner") else cfg.hidden_size
-    sizes = [layer.mlp.down_proj.in_features for layer in layers]
-    mean_d = sum(sizes) / len(sizes)
-    if hasattr(cfg, "dsmoe"):
-        n = cfg.dsmoe["num_experts"]
-        return f"d={d}, D={sizes[0] // n}x{n}"
-    if hasattr(cfg, "llama_moe"):
-        n = cfg.llama_moe["num_experts"]
-        return f"d={d}, D={sizes[0] // n}x{n}, topK={cfg.llama_moe['top_k']}"
-    return f"d={d}, D={mean_d:g}"
-
-
 def eval_devices() -> list[torch.device]:
     """Where evaluation runs: every visible GPU (restrict them with CUDA_VISIBLE_DEVICES), else the CPU."""
     if torch.cuda.is_available():
@@ -234,34 +218,33 @@ def replicas(model: torch.nn.Module, devices: list[torch.device]) -> list[torch.
 def evaluate_model(
     models: torch.nn.Module | list[torch.nn.Module], windows: dict[str, torch.Tensor], batch_size: int
 ) -> dict[str, Any]:
-    """PPL per source and overall (token-weighted); params; activated params (DSMoE: measured here);
-    DSMoE mean active experts per layer per source (Fig. 3). ``models``: one model, or replicas on several devices
-    that share the batches (the counts of their DSMoE layers are summed)."""
-    from dsmoe.methods import get_method, method_of_saved
-
+    """PPL per source and overall (token-weighted); params; activated params (measured here for a method whose
+    activation is dynamic, DSMoE's, with its mean active experts per layer per source for Fig. 3); Table 1's
+    configuration. ``models``: one model, or replicas on several devices that share the batches (the activation
+    counts of the replicas are summed)."""
     models = models if isinstance(models, list) else [models]
     model = models[0]
-    method = get_method(method_of_saved(model.config.to_dict()))
-    is_dsmoe = bool(dsmoe_layers(model))
+    method = method_of_model(model)
+    dynamic = method.dynamic
     out: dict[str, Any] = {"ppl_per_source": {}, "active_per_layer": {}}
     nll, tokens = 0.0, 0
     for name, w in windows.items():
-        if is_dsmoe:
+        if dynamic:
             for m in models:
-                reset_activation_stats(m)
+                dynamic.reset(m)
         result = perplexity(models, list(w), batch_size, desc=name)
         nll, tokens = nll + result.nll_sum, tokens + result.tokens
         out["ppl_per_source"][name] = result.ppl
         out.setdefault("tokens_per_source", {})[name] = result.tokens
-        if is_dsmoe:
-            merge_activation_counts(model, models[1:])
-            stats = activation_stats(model)
+        if dynamic:
+            dynamic.merge(model, models[1:])
+            stats = dynamic.stats(model, False, None)
             out["active_per_layer"][name] = stats.mean_active_per_layer
             out.setdefault("activated_per_source", {})[name] = stats.activated_params
     out["ppl"] = math.exp(nll / tokens)
     out["eval_tokens"] = tokens
     out["params"] = count_params(model)
-    if is_dsmoe:  # token-weighted means over the sources
+    if dynamic:  # token-weighted means over the sources
         share = {name: t / tokens for name, t in out["tokens_per_source"].items()}
         out["activated_params"] = sum(share[k] * v for k, v in out.pop("activated_per_source").items())
         per_layer = [
@@ -272,7 +255,7 @@ def evaluate_model(
         out["mean_active"] = sum(per_layer) / len(per_layer)
     else:
         out["activated_params"] = method.activated_params(model)
-    out["configuration"] = configuration(model)
+    out["configuration"] = method.describe(model)
     return out
 
 
@@ -288,7 +271,6 @@ def evaluate(
     """Cached evaluation of a run's final model ("dense": the original model, untrained) at the scale's
     validation windows; ``tau`` re-thresholds a DSMoE model first (Table 4, Fig. 2), ``rescale=False`` drops eq. 8's
     n/#active (Fig. 2); ``seed``: which repetition."""
-    from dsmoe.convert import set_rescale, set_tau
     from dsmoe.models import load_tokenizer
 
     sc = scale_config(scale)
@@ -304,18 +286,20 @@ def evaluate(
 
     def compute() -> dict[str, Any]:
         model, _ = load_for_eval(source)
-        if tau is not None:
-            set_tau(model, tau)
-        set_rescale(model, rescale)
+        dynamic = method_of_model(model).dynamic
+        if (tau is not None or not rescale) and dynamic is None:
+            raise ValueError(f"run {run!r} has no dynamic activation: tau and rescale apply to DSMoE models only")
+        if dynamic:
+            if tau is not None:
+                dynamic.set_threshold(model, tau)
+            dynamic.set_rescale(model, rescale)
         info = runs_root(scale) / run_name(run, seed) / "init_model" / "dense_params.json"
         dense_total = json.loads(info.read_text())["dense_params"] if run != "dense" else count_params(model)
         windows = validation_windows(scale, load_tokenizer(source))
         result = evaluate_model(replicas(model, eval_devices()), windows, sc.eval.batch_size)
         result["activated_fraction"] = result["activated_params"] / dense_total
         result["dense_params"] = dense_total
-        result["tau"] = (
-            tau if tau is not None else (model.config.dsmoe["tau"] if hasattr(model.config, "dsmoe") else "")
-        )
+        result["tau"] = tau if tau is not None else (dynamic.threshold(model) if dynamic else "")
         result["provenance"] = provenance(
             model=cfg_model,
             method=method,
@@ -358,7 +342,9 @@ def benchmark_scores(results: list[dict[str, dict]], task: str) -> list[float] |
 def parse_scale(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--scale", default="demo", help=f"one of {SCALES} (demo: embedded model on CPU, the default)")
-    parser.add_argument("--limit", type=int, default=None, help="benchmark items per task (default: the scale's)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="benchmark items per task (default: the scale's eval.benchmark_limit)"
+    )
     parser.add_argument(
         "--seeds", type=int, default=None, help="repetitions of every trained run (default: the scale's)"
     )
@@ -366,6 +352,7 @@ def parse_scale(description: str, argv: list[str] | None = None) -> argparse.Nam
     sc = scale_config(args.scale)  # fail early on an unknown scale
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of benchmark items per task, got {args.limit}")
+    args.limit = args.limit if args.limit is not None else sc.eval.get("benchmark_limit")
     args.seeds = args.seeds if args.seeds is not None else int(sc.eval.get("seeds", 1))
     if args.seeds < 1:
         raise ValueError(f"--seeds must be a positive number of repetitions, got {args.seeds}")

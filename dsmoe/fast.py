@@ -21,15 +21,13 @@ plain attribute ``layer.fast_cache``, not a buffer, so the state dict, save/load
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers.activations import SiLUActivation
 
-if TYPE_CHECKING:
-    from dsmoe.layer import DSMoEMLP
+from dsmoe.hf_remote.partitioned_swiglu import PartitionedSwiGLU, ThresholdGatedSwiGLU
 
 DECODE_MAX_TOKENS = 4  # up to this many tokens every used expert is computed for all of them: fewest ops
 DENSE_EXPERT_FRACTION = 0.9  # in larger batches, experts used by this share of tokens skip the gather/scatter
@@ -38,7 +36,7 @@ _SILU_MODULES = (nn.SiLU, SiLUActivation)
 RunWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 
-def _weights(layer: DSMoEMLP) -> tuple[torch.Tensor, ...]:
+def _weights(layer: PartitionedSwiGLU) -> tuple[torch.Tensor, ...]:
     # through the module dicts: nn.Module.__getattr__ would cost ~3 µs per decode step and layer
     modules = layer._modules
     return tuple(modules[name]._parameters["weight"] for name in ("gate_proj", "up_proj", "down_proj"))
@@ -55,7 +53,7 @@ class ExpertBlocks:
     otherwise (gradients wanted in eval mode) they are strided views of the live parameters.
     """
 
-    def __init__(self, layer: DSMoEMLP, cached: bool) -> None:
+    def __init__(self, layer: PartitionedSwiGLU, cached: bool) -> None:
         self.cached = cached
         self.sources = [(w, w.data_ptr(), _version(w)) for w in _weights(layer)]
         down = layer.down_proj.weight.t()
@@ -64,13 +62,13 @@ class ExpertBlocks:
         self.down = down.view(layer.num_experts, layer.expert_size, -1)  # [n, m, d_out]
         self.runs: dict[tuple[int, int], RunWeights] = {}
 
-    def is_current(self, layer: DSMoEMLP) -> bool:
+    def is_current(self, layer: PartitionedSwiGLU) -> bool:
         for (old, ptr, version), w in zip(self.sources, _weights(layer), strict=True):
             if old is not w or ptr != w.data_ptr() or version != _version(w):
                 return False
         return True
 
-    def run(self, layer: DSMoEMLP, a: int, b: int) -> RunWeights:
+    def run(self, layer: PartitionedSwiGLU, a: int, b: int) -> RunWeights:
         weights = self.runs.get((a, b))
         if weights is None:
             m = layer.expert_size
@@ -87,7 +85,7 @@ class ExpertBlocks:
         return weights
 
 
-def expert_blocks(layer: DSMoEMLP) -> ExpertBlocks:
+def expert_blocks(layer: PartitionedSwiGLU) -> ExpertBlocks:
     """The layer's cached :class:`ExpertBlocks`, rebuilt if stale; uncached views when autograd needs them and
     off the CPU (the expert-major copy is a CPU GEMV layout gain; on a GPU, and under FSDP, whose weights are
     gathered per forward, a copy would only cost memory).
@@ -119,7 +117,7 @@ def expert_runs(used: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
-def _activation(layer: DSMoEMLP) -> Callable[[torch.Tensor], torch.Tensor]:
+def _activation(layer: PartitionedSwiGLU) -> Callable[[torch.Tensor], torch.Tensor]:
     """The layer's activation, as the plain function for SiLU modules (a module call costs µs per decode run)."""
     act = layer.act_fn
     return F.silu if type(act) in _SILU_MODULES else act
@@ -137,12 +135,13 @@ def _expert_chain(
     return act(gate).mul_(up)
 
 
-def _finish(layer: DSMoEMLP, out: torch.Tensor) -> torch.Tensor:
+def _finish(layer: PartitionedSwiGLU, out: torch.Tensor) -> torch.Tensor:
     return out if layer.down_proj.bias is None else out.add_(layer.down_proj.bias)
 
 
-def decode_token(layer: DSMoEMLP, x: torch.Tensor) -> torch.Tensor:
-    """h for one token x [1, d] (batch-1 decode), gates to output, equal to the masked reference.
+def decode_token(layer: ThresholdGatedSwiGLU, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """h for one token x [1, d] (batch-1 decode), gates to output, equal to the masked reference; returns h, the
+    gates σ(xY) and which experts were active (the layer records the last two).
 
     The gate logic of eqs. 7–8 runs on the n gate values as Python floats (one host read). An active expert's
     weight g_i·n/k is applied as the down GEMM's alpha for an expert alone in its run (when no gradient is
@@ -152,8 +151,6 @@ def decode_token(layer: DSMoEMLP, x: torch.Tensor) -> torch.Tensor:
     g = layer.gates(x)
     gates = g[0].tolist()
     used = [v > layer.tau for v in gates]
-    layer.__dict__["last_gates"] = g
-    layer.count_active(used, 1)
     k = sum(used)
     out = x.new_zeros(1, layer.down_proj.out_features)
     if k:
@@ -166,11 +163,11 @@ def decode_token(layer: DSMoEMLP, x: torch.Tensor) -> torch.Tensor:
                 out = torch.addmm(out, _expert_chain(act, x, run, None), run[2], alpha=gates[a] * scale)
             else:
                 out = torch.addmm(out, _expert_chain(act, x, run, gate_view[:, a:b]), run[2], alpha=scale)
-    return _finish(layer, out)
+    return _finish(layer, out), g, used
 
 
 def sparse_forward(
-    layer: DSMoEMLP,
+    layer: PartitionedSwiGLU,
     x: torch.Tensor,
     weights: torch.Tensor,
     active: torch.Tensor,

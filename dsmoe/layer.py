@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsmoe import fast
+import dsmoe.fast as fast
 from dsmoe.config import DSMoEConfig
 from dsmoe.hf_remote.partitioned_swiglu import SwiGLUParts, ThresholdGatedSwiGLU
 
@@ -59,7 +59,9 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
         if impl == "auto":
             impl = "sparse" if x.device.type == "cpu" else "masked"
         if x2.shape[0] == 1 and not self.training and impl == "sparse":
-            out = fast.decode_token(self, x2)
+            out, g, used = fast.decode_token(self, x2)
+            self.__dict__["last_gates"] = g
+            self.count_active(used, 1)
             return out.reshape(*shape[:-1], out.shape[-1])
         g = self.gates(x2)
         weights, active = self.expert_weights(g)

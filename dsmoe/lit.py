@@ -12,10 +12,9 @@ from torchmetrics.text import Perplexity
 from transformers import get_scheduler
 
 from dsmoe.cli import StepFailed
-from dsmoe.distributed import all_reduce_sum, clean_name, clip_grad_norm, is_fsdp
-from dsmoe.losses import dsmoe_layers
-from dsmoe.methods import Method
-from dsmoe.stats import activation_stats, param_counts, reset_activation_stats
+from dsmoe.distributed import clean_name, clip_grad_norm, is_fsdp
+from dsmoe.method import Method
+from dsmoe.stats import param_counts
 
 
 @dataclass
@@ -56,10 +55,9 @@ class LitCausalLM(L.LightningModule):
         self.model.train()  # loaders return eval-mode models; Lightning keeps the modes it is given
         self.dense_params = dense_params
         self.clip_norm = clip_norm
-        self.is_dsmoe = bool(dsmoe_layers(model))
         self.param_counts = param_counts(model)
-        # methods other than DSMoE: fixed once the method is applied (masks, pruned shapes, k of n)
-        self.static_activated_params = None if self.is_dsmoe else method.activated_params(model)
+        # methods whose activation is not dynamic: fixed once the method is applied (masks, pruned shapes, k of n)
+        self.static_activated_params = None if method.dynamic else method.activated_params(model)
         # weight decay on matrices only; names decided here because FSDP flattens parameters to 1-D shards
         self.no_decay = {name for name, p in model.named_parameters() if p.ndim < 2 or "norm" in name}
         self.val_source_names = list(val_source_names or ["val"])
@@ -87,8 +85,8 @@ class LitCausalLM(L.LightningModule):
     def _log_activation(self, stage: str, last: bool) -> None:
         """Mean active experts (overall, per layer) and activated params / dense params. In training this process's
         last batch; in validation every batch of every process."""
-        if self.is_dsmoe:
-            stats = activation_stats(self.model, last=last, params=self.param_counts)
+        if self.method.dynamic:
+            stats = self.method.dynamic.stats(self.model, last, self.param_counts)
             self.log(f"{stage}/mean_active_experts", stats.mean_active, prog_bar=stage == "train")
             for i, value in enumerate(stats.mean_active_per_layer):
                 self.log(f"{stage}/active_experts/layer_{i:02d}", value)
@@ -117,8 +115,8 @@ class LitCausalLM(L.LightningModule):
             self.method.after_optimizer_step(self.model)
 
     def on_validation_epoch_start(self) -> None:
-        if self.is_dsmoe:
-            reset_activation_stats(self.model)
+        if self.method.dynamic:
+            self.method.dynamic.reset(self.model)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch["input_ids"]).logits[:, :-1].float()
@@ -136,8 +134,8 @@ class LitCausalLM(L.LightningModule):
             metric.reset()
         if tokens:
             self.log("val/ppl", math.exp(nll / tokens), prog_bar=True)
-        if self.is_dsmoe:
-            sum_activation_counts(self.model)
+        if self.method.dynamic:  # the counts of every process
+            self.method.dynamic.all_reduce(self.model)
         self._log_activation("val", last=False)
 
     def configure_optimizers(self):
@@ -154,13 +152,3 @@ class LitCausalLM(L.LightningModule):
             )
         scheduler = get_scheduler(self.optim.schedule, optimizer, self.optim.warmup_steps, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def sum_activation_counts(model: nn.Module) -> None:
-    """Replace each DSMoE layer's eval-mode counters (tokens per expert, tokens) by their sums over all processes."""
-    layers = dsmoe_layers(model)
-    device = layers[0].router.weight.device
-    counts = torch.tensor([[*layer.expert_tokens, layer.tokens_seen] for layer in layers], dtype=torch.float64)
-    counts = all_reduce_sum(counts.to(device)).cpu()
-    for layer, row in zip(layers, counts.tolist(), strict=True):
-        layer.reset_stats([round(c) for c in row[:-1]], round(row[-1]))

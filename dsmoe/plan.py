@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from dsmoe.cli import run as run_cli
 from dsmoe.experiment import ROOT, run_config, runs_root, scale_config
+from dsmoe.methods import get_method, match_options
 from dsmoe.models import EMBEDDED, EMBEDDED_ALIASES, EMBEDDED_CACHE_NAME
 from dsmoe.packages import cache_dir
 from dsmoe.saving import base_config
@@ -91,37 +92,16 @@ class Structure:
 def prepared_structure(cfg: DictConfig, config: PretrainedConfig, dsmoe_fraction: float) -> Structure:
     """What dsmoe.train's prepare_model would produce, built on the meta device: match_activated resolved as
     ``prepare_model`` does ("dsmoe" → ``dsmoe_fraction``), then the method applied to the structure."""
-    from dsmoe.baselines.llm_pruner import options_plan, untie_lm_head
-    from dsmoe.baselines.matching import match_options
-    from dsmoe.methods import get_method
-
-    method = cfg.method
+    method = get_method(cfg.method)
     options = OmegaConf.to_container(cfg.method_options)
     target = options.pop("match_activated", None)
     dense = meta_model(copy.deepcopy(config))  # methods may change the config (LLM-Pruner's untying)
     note = ""
     if target is not None:
-        match = match_options(method, dense, dsmoe_fraction if target == "dsmoe" else float(target), options)
+        match = match_options(method.name, dense, dsmoe_fraction if target == "dsmoe" else float(target), options)
         options, note = {**options, **match.options}, match.note
-    if method == "sparsegpt":  # pruned weights are stored as zeros
-        from dsmoe.baselines.sparsegpt import SparseGPTConfig
-
-        return Structure(count_params(dense), f"sparsity={SparseGPTConfig(**options).sparsity:.3f}", note)
-    if method.startswith("llm_pruner_"):
-        mode = method.removeprefix("llm_pruner_")
-        if options.get("untie_lm_head"):
-            untie_lm_head(dense)
-        _, shapes = options_plan(dense, mode, options)
-        setting = (
-            f"d={shapes['hidden_size']}"
-            if mode == "channel"
-            else f"r={shapes['ratio']:.3f} in layers {shapes['pruned_layers'][0]}..{shapes['pruned_layers'][1] - 1}"
-        )
-        return Structure(shapes["params"], setting, note)
-    with torch.device("meta"):
-        model = get_method(method).apply(dense, options, None)
-    setting = ", ".join(f"{k}={v}" for k, v in options.items())
-    return Structure(count_params(model), setting, note)
+    params, setting = method.planned_structure(dense, options)
+    return Structure(params, setting, note)
 
 
 # ---------------------------------------------------------------------------------------------- training files

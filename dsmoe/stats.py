@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsmoe.distributed import all_reduce_sum
 from dsmoe.losses import dsmoe_layers
 
 
@@ -113,3 +114,13 @@ def merge_activation_counts(model: nn.Module, replicas: list[nn.Module]) -> None
     for replica in replicas:
         for layer, other in zip(dsmoe_layers(model), dsmoe_layers(replica), strict=True):
             layer.count_active(other.expert_tokens, other.tokens_seen)
+
+
+def all_reduce_activation_counts(model: nn.Module) -> None:
+    """Replace each DSMoE layer's eval-mode counters (tokens per expert, tokens) by their sums over all processes."""
+    layers = dsmoe_layers(model)
+    device = layers[0].router.weight.device
+    counts = torch.tensor([[*layer.expert_tokens, layer.tokens_seen] for layer in layers], dtype=torch.float64)
+    counts = all_reduce_sum(counts.to(device)).cpu()
+    for layer, row in zip(layers, counts.tolist(), strict=True):
+        layer.reset_stats([round(c) for c in row[:-1]], round(row[-1]))

@@ -41,7 +41,7 @@ from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeChec
 from dsmoe.cli import run as run_cli
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
-from dsmoe.methods import Method, get_method
+from dsmoe.methods import Method, get_method, match_options
 from dsmoe.models import EMBEDDED, load_model, load_tokenizer, resolve
 from dsmoe.packages import write_json
 from dsmoe.stats import count_params
@@ -270,8 +270,6 @@ def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
     options = dict(cfg.method_options)
     target = options.pop("match_activated", None)  # fraction of the dense params, or an absolute count
     if target is not None:
-        from dsmoe.baselines.matching import match_options
-
         match = match_options(cfg.method, dense, float(target), options)
         print(
             f"[dsmoe.train] {cfg.method} matched to {match.target:.4g} activated params: {match.options} "

@@ -14,7 +14,6 @@ from dsmoe.experiment import (
     evaluate,
     parse_scale,
     results_dir,
-    scale_config,
     seeds_provenance,
     with_spread,
 )
@@ -24,8 +23,7 @@ from dsmoe.targets import ABLATION_STE_RUNS
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_scale(__doc__, argv)
-    sc = scale_config(args.scale)
-    limit = args.limit if args.limit is not None else sc.eval.benchmark_limit
+    limit = args.limit
     seeds = range(args.seeds)
     evals = {run: [evaluate(args.scale, run, seed=s) for s in seeds] for run, _ in ABLATION_STE_RUNS}
     bench = {run: [benchmark(args.scale, run, limit, s) for s in seeds] for run, _ in ABLATION_STE_RUNS}

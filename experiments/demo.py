@@ -14,39 +14,33 @@ dense one; the paper trains 10B tokens, this demo a few ten thousand.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 
 import dsmoe
 from dsmoe.cli import run as run_cli
-from dsmoe.evaluate import perplexity
-from dsmoe.experiment import ensure_run, run_config, validation_windows
+from dsmoe.experiment import ensure_run, evaluate_model, run_config, scale_config, validation_windows
 from dsmoe.models import load_model
 
 PROMPT = "def fibonacci(n):\n    "
 
 
-def report(title: str, model: torch.nn.Module, val: dict[str, torch.Tensor]) -> None:
-    """PPL per source and overall (token-weighted); DSMoE activation accumulated over all sources."""
+def report(title: str, model: torch.nn.Module, val: dict[str, torch.Tensor], batch_size: int) -> None:
+    """PPL per source and overall (token-weighted); for DSMoE, its measured activation (dsmoe.experiment's
+    evaluation, the one Table 1 uses)."""
     print(f"\n== {title}")
-    is_dsmoe = bool(dsmoe.dsmoe_layers(model))
-    if is_dsmoe:
-        dsmoe.reset_activation_stats(model)
-    tokens, nll = 0, 0.0
-    for name, windows in val.items():
-        result = perplexity(model, list(windows), desc=name)
-        tokens, nll = tokens + result.tokens, nll + result.nll_sum
-        print(f"  PPL {name:9s} {result.ppl:10.2f}   ({result.tokens} tokens)")
-    print(f"  PPL overall   {math.exp(nll / tokens):10.2f}")
-    if is_dsmoe:
-        stats = dsmoe.activation_stats(model)
-        per_layer = " ".join(f"{a:.1f}" for a in stats.mean_active_per_layer)
-        print(f"  mean active experts per layer (of {stats.num_experts}): {per_layer}")
+    result = evaluate_model(model, val, batch_size)
+    for name, ppl in result["ppl_per_source"].items():
+        print(f"  PPL {name:9s} {ppl:10.2f}   ({result['tokens_per_source'][name]} tokens)")
+    print(f"  PPL overall   {result['ppl']:10.2f}")
+    if "mean_active" in result:
+        per_layer = " ".join(f"{a:.1f}" for a in result["mean_active_per_layer"])
+        print(f"  mean active experts per layer: {per_layer}   ({result['configuration']})")
         print(
-            f"  mean active experts {stats.mean_active:.2f}; activated params {stats.activated_params / 1e6:.1f}M "
-            f"of {stats.total_params / 1e6:.1f}M ({100 * stats.activated_fraction:.1f}%)"
+            f"  mean active experts {result['mean_active']:.2f}; activated params "
+            f"{result['activated_params'] / 1e6:.1f}M of {result['params'] / 1e6:.1f}M "
+            f"({100 * result['activated_params'] / result['params']:.1f}%)"
         )
 
 
@@ -57,16 +51,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = run_config("demo", "dsmoe")  # experiments/configs/scales/demo.yaml: the same run table1 --scale demo uses
     dense, tokenizer = load_model(cfg.model)
     val = validation_windows("demo", tokenizer)
+    batch_size = scale_config("demo").eval.batch_size
     print(f"SmolLM2-135M (embedded, dequantised Q4_1): {sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M params")
-    report("dense model", dense, val)
+    report("dense model", dense, val, batch_size)
 
     converted = dsmoe.convert(dense, dsmoe.DSMoEConfig(**cfg.method_options)).eval()
-    report("converted to DSMoE (n=8, τ=0.5), before training", converted, val)
+    report("converted to DSMoE (n=8, τ=0.5), before training", converted, val, batch_size)
 
     print(f"\n== continued pre-training: {cfg.trainer.max_tokens:.0f} tokens, L = L_LM + L_sparse (eq. 19) ...")
     final = ensure_run("demo", "dsmoe")
     trained, _ = load_model(str(final))
-    report("DSMoE after continued pre-training", trained, val)
+    report("DSMoE after continued pre-training", trained, val, batch_size)
 
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():

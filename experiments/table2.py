@@ -26,11 +26,10 @@ from dsmoe.targets import DENSE, TABLE1_RUNS
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_scale(__doc__, argv)
-    sc = scale_config(args.scale)
-    limit = args.limit if args.limit is not None else sc.eval.benchmark_limit
+    limit, methods = args.limit, scale_config(args.scale).methods
     rows = []
     for run, label in TABLE1_RUNS:
-        if run != DENSE and run not in sc.methods:
+        if run != DENSE and run not in methods:
             continue
         seeds = range(args.seeds) if run != DENSE else [0]
         results = [benchmark(args.scale, run, limit, s) for s in seeds]

@@ -10,9 +10,10 @@ from llama_shapes import LLAMA_1B, LLAMA_7B, TINY_LLAMA, LlamaShape
 from torch import nn
 
 from dsmoe.baselines import llm_pruner as lp
-from dsmoe.baselines.matching import match_options, match_sparsegpt, match_topk_moe, resolve_target
-from dsmoe.baselines.sparsegpt import SPARSEGPT
-from dsmoe.baselines.topk_moe import TOPK_MOE
+from dsmoe.baselines.llama_moe import LLAMA_MOE, match_llama_moe
+from dsmoe.baselines.sparsegpt import SPARSEGPT, match_sparsegpt
+from dsmoe.matching import resolve_target
+from dsmoe.methods import match_options
 from dsmoe.models import tiny_model
 from dsmoe.stats import count_params
 
@@ -65,12 +66,12 @@ def test_topk_match_is_the_nearest_k_of_the_closed_form():
     shape = replace(TINY_LLAMA, qkv_bias=True)  # tiny Qwen2
     hand = {k: topk_activated(shape, 4, k) for k in range(1, 5)}
     model = tiny_model("qwen2")
-    match = match_topk_moe(model, 0.8, num_experts=4)
+    match = match_llama_moe(model, 0.8, num_experts=4)
     nearest = min(hand, key=lambda k: abs(hand[k] - 0.8 * shape.params()))
     assert match.candidates == pytest.approx(hand, rel=1e-12)
     assert match.options == {"num_experts": 4, "top_k": nearest} and match.achieved == pytest.approx(hand[nearest])
-    converted = TOPK_MOE.apply(model, match.options, None)
-    assert TOPK_MOE.activated_params(converted) == pytest.approx(hand[nearest], rel=1e-12)
+    converted = LLAMA_MOE.apply(model, match.options, None)
+    assert LLAMA_MOE.activated_params(converted) == pytest.approx(hand[nearest], rel=1e-12)
 
 
 def test_paper_llama_1b_targets(llama_1b):
@@ -82,10 +83,10 @@ def test_paper_llama_1b_targets(llama_1b):
     prunable = 16 * (2 * 2048 * 2048 + 2 * 512 * 2048 + 3 * 2048 * 8192)
     assert prunable == 973_078_528 and sgpt.options["sparsity"] == pytest.approx(500_814_400 / prunable, rel=1e-12)
     assert abs(sgpt.rel_error) < 1e-6
-    moe = match_topk_moe(llama_1b, 735e6)
+    moe = match_llama_moe(llama_1b, 735e6)
     assert moe.options == {"num_experts": 8, "top_k": 3}
     assert moe.achieved == topk_activated(LLAMA_1B, 8, 3) == 732_760_064 and moe.within_tolerance
-    assert match_topk_moe(llama_1b, 735e6, gate_network="mlp").achieved == 732_761_088
+    assert match_llama_moe(llama_1b, 735e6, gate_network="mlp").achieved == 732_761_088
 
 
 def test_paper_llama_7b_topk_granularity_is_reported():
@@ -93,7 +94,7 @@ def test_paper_llama_7b_topk_granularity_is_reported():
     lists 3.98B); the nearest k misses by +2.65%, and the note says so."""
     llama_7b = LLAMA_7B.meta_model()
     assert count_params(llama_7b) == LLAMA_7B.params() == 6_738_415_616
-    moe = match_topk_moe(llama_7b, 3.93e9)
+    moe = match_llama_moe(llama_7b, 3.93e9)
     assert moe.candidates[2] == topk_activated(LLAMA_7B, 8, 2) == 3_493_072_896
     assert moe.options["top_k"] == 3 and moe.achieved == topk_activated(LLAMA_7B, 8, 3) == 4_034_138_112
     assert not moe.within_tolerance and "k is discrete" in moe.note and "+2.65%" in moe.note

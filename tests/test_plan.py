@@ -173,8 +173,7 @@ def test_bad_input_is_named(offline, tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_planned_final_size_matches_a_real_save(tmp_path, assets, monkeypatch, method, dtype):  # noqa: F811
     from dsmoe.baselines.llm_pruner import options_plan, prune_with_plan
-    from dsmoe.baselines.matching import match_options
-    from dsmoe.methods import get_method
+    from dsmoe.methods import get_method, match_options
     from dsmoe.models import load_model
 
     write_scale(tmp_path, assets, monkeypatch, ["dsmoe", method])

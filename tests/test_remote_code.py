@@ -13,7 +13,7 @@ import torch
 
 import dsmoe
 from dsmoe.baselines import llm_pruner as lp
-from dsmoe.baselines.topk_moe import TOPK_MOE, TopKMoEConfig, convert_to_topk_moe, topk_moe_layers
+from dsmoe.baselines.llama_moe import LLAMA_MOE, LlamaMoEConfig, convert_to_llama_moe, llama_moe_layers
 from dsmoe.methods import get_method, method_of_saved
 from dsmoe.models import load_model, load_tokenizer, tiny_model
 from dsmoe.stats import count_params
@@ -87,7 +87,7 @@ def dsmoe_model(arch: str, tau: float, variant: str) -> torch.nn.Module:
 
 
 def llama_moe_model(arch: str, **options) -> torch.nn.Module:
-    model = convert_to_topk_moe(tiny_model(arch), TopKMoEConfig(num_experts=4, top_k=2, **options))
+    model = convert_to_llama_moe(tiny_model(arch), LlamaMoEConfig(num_experts=4, top_k=2, **options))
     trained_like_routers(model)
     return model
 
@@ -166,10 +166,10 @@ def test_dsmoe_cases_route_a_mix_of_experts(saved, ids, name):
 
 
 def test_llama_moe_cases_route_more_than_k_experts_in_total(saved, ids):
-    model = TOPK_MOE.load(saved[0] / "llama_moe_llama")
+    model = LLAMA_MOE.load(saved[0] / "llama_moe_llama")
     with torch.no_grad():
         model(ids)
-    assert all(len(layer.last_indices.unique()) > layer.top_k for layer in topk_moe_layers(model))
+    assert all(len(layer.last_indices.unique()) > layer.top_k for layer in llama_moe_layers(model))
 
 
 def test_old_format_directories_still_load(tmp_path, ids):

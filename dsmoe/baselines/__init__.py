@@ -1,32 +1,40 @@
-"""Baselines of Tables 1-2, each a dsmoe.methods.Method: LLaMA-MoE top-k MoE, SparseGPT, LLM-Pruner
-(channel, block), plus matching to a target activated-parameter count."""
+"""Baselines of Tables 1-2, each a dsmoe.method.Method in its own file: LLaMA-MoE top-k MoE, SparseGPT, LLM-Pruner
+(channel, block), each with its matching to a target activated-parameter count."""
 
-from dsmoe.baselines.matching import Match, match_llm_pruner, match_options, match_sparsegpt, match_topk_moe
-from dsmoe.baselines.sparsegpt import SPARSEGPT, SparseGPTConfig, load_sparsegpt, restore_masks, sparsegpt_prune
-from dsmoe.baselines.topk_moe import (
-    TOPK_MOE,
-    TopKMoEConfig,
-    TopKMoEMLP,
-    convert_to_topk_moe,
-    load_topk_moe,
-    save_topk_moe,
+from dsmoe.baselines.llama_moe import (
+    LLAMA_MOE,
+    LlamaMoEConfig,
+    LlamaMoEMLP,
+    convert_to_llama_moe,
+    load_llama_moe,
+    match_llama_moe,
+    save_llama_moe,
+)
+from dsmoe.baselines.llm_pruner import LLM_PRUNER_BLOCK, LLM_PRUNER_CHANNEL, match_llm_pruner
+from dsmoe.baselines.sparsegpt import (
+    SPARSEGPT,
+    SparseGPTConfig,
+    load_sparsegpt,
+    match_sparsegpt,
+    restore_masks,
+    sparsegpt_prune,
 )
 
 __all__ = [
+    "LLAMA_MOE",
+    "LLM_PRUNER_BLOCK",
+    "LLM_PRUNER_CHANNEL",
     "SPARSEGPT",
-    "TOPK_MOE",
-    "Match",
+    "LlamaMoEConfig",
+    "LlamaMoEMLP",
     "SparseGPTConfig",
-    "TopKMoEConfig",
-    "TopKMoEMLP",
-    "convert_to_topk_moe",
+    "convert_to_llama_moe",
+    "load_llama_moe",
     "load_sparsegpt",
-    "load_topk_moe",
+    "match_llama_moe",
     "match_llm_pruner",
-    "match_options",
     "match_sparsegpt",
-    "match_topk_moe",
     "restore_masks",
-    "save_topk_moe",
+    "save_llama_moe",
     "sparsegpt_prune",
 ]

@@ -49,7 +49,8 @@ from dsmoe.hf_remote.pruned_shapes import (
     qkv_projections,
     shrink_to_spec,
 )
-from dsmoe.methods import Method, no_aux_losses
+from dsmoe.matching import Match, resolve_target
+from dsmoe.method import Method, all_params, ffn_widths, no_aux_losses
 from dsmoe.saving import base_config, read_tensors, save_hf
 from dsmoe.stats import count_params
 
@@ -526,19 +527,56 @@ def _apply_for(
     return apply
 
 
-def _activated(model: nn.Module) -> float:
-    return float(count_params(model))
+_PLAN_KEYS = ("keep_first", "keep_last", "prune_attention", "round_to")
 
 
-LLM_PRUNER_CHANNEL = Method(
-    "llm_pruner_channel",
-    _apply_for("channel"),
-    no_aux_losses,
-    _activated,
-    save_pruned,
-    load_pruned,
-    needs_calibration=True,
-)
-LLM_PRUNER_BLOCK = Method(
-    "llm_pruner_block", _apply_for("block"), no_aux_losses, _activated, save_pruned, load_pruned, needs_calibration=True
-)
+def match_llm_pruner(model: nn.Module, target: float, mode: str, **plan_options: Any) -> Match:
+    """LLM-Pruner's pruned size for the target, from its own planner (channel: closed form over d';
+    block: bisection over the layer ratio); granularity is one hidden channel or one FFN channel."""
+    goal = resolve_target(model, target)
+    shapes = plan(model, mode, target_params=goal, **plan_options)
+    match = Match(f"llm_pruner_{mode}", {"target_params": goal, **plan_options}, goal, float(shapes["params"]))
+    if not match.within_tolerance:
+        note = f"one {mode} channel is too coarse here: nearest misses by {100 * match.rel_error:+.2f}%"
+        match = Match(match.method, match.options, goal, match.achieved, note=note)
+    return match
+
+
+def describe(model: nn.Module) -> str:
+    """Table 1's Configuration: the pruned hidden size d and the mean FFN width D over layers."""
+    widths = ffn_widths(model)
+    return f"d={model.config.llm_pruner['hidden_size']}, D={sum(widths) / len(widths):g}"
+
+
+def _method(mode: str) -> Method:
+    def structure(dense: PreTrainedModel, options: dict[str, Any]) -> tuple[int, str]:
+        if options.get("untie_lm_head"):
+            untie_lm_head(dense)
+        _, shapes = options_plan(dense, mode, options)
+        setting = (
+            f"d={shapes['hidden_size']}"
+            if mode == "channel"
+            else f"r={shapes['ratio']:.3f} in layers {shapes['pruned_layers'][0]}..{shapes['pruned_layers'][1] - 1}"
+        )
+        return shapes["params"], setting
+
+    def match(model: nn.Module, target: float, options: dict[str, Any]) -> Match:
+        return match_llm_pruner(model, target, mode, **{k: v for k, v in options.items() if k in _PLAN_KEYS})
+
+    return Method(
+        f"llm_pruner_{mode}",
+        _apply_for(mode),
+        no_aux_losses,
+        all_params,
+        save_pruned,
+        load_pruned,
+        recognises=lambda config: config.get("llm_pruner", {}).get("mode") == mode,
+        describe=describe,
+        match=match,
+        structure=structure,
+        needs_calibration=True,
+    )
+
+
+LLM_PRUNER_CHANNEL = _method("channel")
+LLM_PRUNER_BLOCK = _method("block")

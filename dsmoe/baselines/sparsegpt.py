@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from dsmoe.methods import Batches, Method, no_aux_losses, save_pretrained
+from dsmoe.matching import Match, resolve_target
+from dsmoe.method import Batches, Method, describe_dense, no_aux_losses, save_pretrained
 from dsmoe.stats import count_params
 
 MASK = "sparsegpt_pruned"  # buffer name: True where the weight is pruned
@@ -279,10 +280,31 @@ def load_sparsegpt(
     return restore_masks(model)
 
 
+def match_sparsegpt(model: nn.Module, target: float, blocksize: int = 128) -> Match:
+    """SparseGPT's sparsity s over the decoder Linears so that total − pruned ≈ target (exact up to rounding)."""
+    goal = resolve_target(model, target)
+    total = count_params(model)
+    shapes = [tuple(m.weight.shape) for m in decoder_layers(model).modules() if isinstance(m, nn.Linear)]
+    prunable = sum(r * c for r, c in shapes)
+    sparsity = (total - goal) / prunable
+    if not 0 <= sparsity < 1:
+        raise ValueError(
+            f"target {goal:.0f} needs pruning {total - goal:.0f} weights but the decoder Linears hold {prunable}; "
+            f"SparseGPT can reach activated params in ({total - prunable}, {total}]"
+        )
+    achieved = total - sum(pruned_count_for(s, sparsity, blocksize) for s in shapes)
+    return Match("sparsegpt", {"sparsity": sparsity, "blocksize": blocksize}, goal, float(achieved))
+
+
 def _apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:
     if calib is None:
         raise ValueError("method 'sparsegpt' needs calibration batches (input_ids tensors)")
     return sparsegpt_prune(model, calib, SparseGPTConfig(**options))
+
+
+def _structure(dense: PreTrainedModel, options: dict[str, Any]) -> tuple[int, str]:
+    """Pruned weights are stored as zeros: the saved model has every dense parameter."""
+    return count_params(dense), f"sparsity={SparseGPTConfig(**options).sparsity:.3f}"
 
 
 SPARSEGPT = Method(
@@ -292,6 +314,10 @@ SPARSEGPT = Method(
     activated_params,
     save=save_pretrained,  # the zeros are the saved state; load_sparsegpt rebuilds the masks from them
     load=load_sparsegpt,
+    recognises=lambda config: "sparsegpt" in config,
+    describe=describe_dense,
+    match=lambda model, target, options: match_sparsegpt(model, target, options.get("blocksize", 128)),
+    structure=_structure,
     after_optimizer_step=enforce_masks,
     needs_calibration=True,
     on_train_start=take_training_masks,

@@ -4,7 +4,7 @@ Expert i owns intermediate channels [i·m, (i+1)·m), m = D/n, of gate_proj (W),
 so the three pre-trained matrices are kept as they are (paper eq. 6) and a layer's state dict is the dense one
 plus its gate. This file is HF remote code: it is copied into every saved DSMoE / LLaMA-MoE directory and
 imports only torch and transformers. The library's layers (dsmoe.layer.DSMoEMLP,
-dsmoe.baselines.topk_moe.TopKMoEMLP) subclass these and add fast inference paths and statistics.
+dsmoe.baselines.llama_moe.LlamaMoEMLP) subclass these and add fast inference paths and statistics.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from dsmoe import fast
+import dsmoe.fast as fast
 from dsmoe.hf_remote.partitioned_swiglu import (
     GATE_NETWORKS,
     SwiGLUParts,
@@ -32,13 +32,14 @@ from dsmoe.hf_remote.partitioned_swiglu import (
     replace_swiglu,
     topk_scale,
 )
-from dsmoe.methods import Batches, Method
+from dsmoe.matching import Match, resolve_target
+from dsmoe.method import Batches, Method, ffn_widths
 from dsmoe.saving import load_with_extra_params, save_hf, saved_entry
 from dsmoe.stats import count_params
 
 
 @dataclass
-class TopKMoEConfig:
+class LlamaMoEConfig:
     """How a dense SwiGLU FFN becomes a LLaMA-MoE layer.
 
     num_experts: n equal slices of the intermediate dimension. top_k: k experts per token (paper: 3 of 8).
@@ -83,11 +84,11 @@ class TopKMoEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TopKMoEConfig:
+    def from_dict(cls, d: dict[str, Any]) -> LlamaMoEConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(
-                f"unknown TopKMoEConfig keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
+                f"unknown LlamaMoEConfig keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
             )
         return cls(**d)
 
@@ -100,7 +101,7 @@ def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + eps)
 
 
-class TopKMoEMLP(TopKGatedSwiGLU):
+class LlamaMoEMLP(TopKGatedSwiGLU):
     """y = s · Σ_{i ∈ topk(H(x))} softmax(H(x)_topk)_i · (act(x·W_i) ⊙ x·U_i)·V_i, exactly k experts per token.
 
     The gate and routing are :class:`TopKGatedSwiGLU`'s (the HF remote code of saved models); this class
@@ -113,7 +114,7 @@ class TopKMoEMLP(TopKGatedSwiGLU):
         up_proj: nn.Linear,
         down_proj: nn.Linear,
         act_fn: nn.Module,
-        config: TopKMoEConfig,
+        config: LlamaMoEConfig,
     ) -> None:
         super().__init__(
             SwiGLUParts(gate_proj, up_proj, down_proj, act_fn),
@@ -145,39 +146,39 @@ class TopKMoEMLP(TopKGatedSwiGLU):
         return fast.sparse_forward(self, x, dense, active)
 
 
-def topk_moe_layers(model: nn.Module) -> list[TopKMoEMLP]:
-    return [m for m in model.modules() if isinstance(m, TopKMoEMLP)]
+def llama_moe_layers(model: nn.Module) -> list[LlamaMoEMLP]:
+    return [m for m in model.modules() if isinstance(m, LlamaMoEMLP)]
 
 
-def convert_to_topk_moe(model: PreTrainedModel, config: TopKMoEConfig) -> PreTrainedModel:
-    """Replace every SwiGLU MLP by a TopKMoEMLP sharing its weights; records ``model.config.llama_moe``."""
-    if topk_moe_layers(model):
+def convert_to_llama_moe(model: PreTrainedModel, config: LlamaMoEConfig) -> PreTrainedModel:
+    """Replace every SwiGLU MLP by a LlamaMoEMLP sharing its weights; records ``model.config.llama_moe``."""
+    if llama_moe_layers(model):
         raise ValueError("model is already converted to a top-k MoE")
-    replace_swiglu(model, lambda mlp: TopKMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, config))
+    replace_swiglu(model, lambda mlp: LlamaMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, config))
     model.config.llama_moe = config.to_dict()
     return model
 
 
-def topk_moe_config_of(model: nn.Module) -> TopKMoEConfig:
-    return TopKMoEConfig.from_dict(dict(model.config.llama_moe))
+def llama_moe_config_of(model: nn.Module) -> LlamaMoEConfig:
+    return LlamaMoEConfig.from_dict(dict(model.config.llama_moe))
 
 
 def balance_loss(model: nn.Module) -> torch.Tensor:
     """w · Σ_layers (cv²(Importance) + cv²(Load)) of the last forward, as LLaMA-MoE adds it to the LM loss."""
-    layers = topk_moe_layers(model)
+    layers = llama_moe_layers(model)
     if not layers:
-        raise ValueError("balance_loss needs a model converted with convert_to_topk_moe(); none found")
+        raise ValueError("balance_loss needs a model converted with convert_to_llama_moe(); none found")
     if any(layer.last_balance_loss is None for layer in layers):
         raise RuntimeError("balance_loss needs a forward pass of the model first")
-    weight = topk_moe_config_of(model).balance_weight
+    weight = llama_moe_config_of(model).balance_weight
     return weight * torch.stack([layer.last_balance_loss for layer in layers]).sum()
 
 
 def activated_params(model: nn.Module) -> float:
     """Params used per token at inference: everything but the noise network, FFNs counted at k/n."""
-    layers = topk_moe_layers(model)
+    layers = llama_moe_layers(model)
     if not layers:
-        raise ValueError("activated_params needs a model converted with convert_to_topk_moe(); none found")
+        raise ValueError("activated_params needs a model converted with convert_to_llama_moe(); none found")
     inactive = sum(
         layer.ffn_params() * (1 - layer.top_k / layer.num_experts) + (layer.noise.weight.numel() if layer.noise else 0)
         for layer in layers
@@ -185,8 +186,8 @@ def activated_params(model: nn.Module) -> float:
     return float(count_params(model) - inactive)
 
 
-def predicted_activated_params(model: nn.Module, config: TopKMoEConfig) -> float:
-    """activated_params() the dense ``model`` would have after convert_to_topk_moe(model, config)."""
+def predicted_activated_params(model: nn.Module, config: LlamaMoEConfig) -> float:
+    """activated_params() the dense ``model`` would have after convert_to_llama_moe(model, config)."""
     mlps = [m for m in model.modules() if is_swiglu(m)]
     if not mlps:
         raise ValueError("no SwiGLU FFN found in the model")
@@ -199,11 +200,11 @@ def predicted_activated_params(model: nn.Module, config: TopKMoEConfig) -> float
     return float(total)
 
 
-def save_topk_moe(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
+def save_llama_moe(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
     """HF format: the dense weights plus router/noise tensors; config.json carries the "llama_moe" entry, and
     HF remote code opens the directory as this model (``from_pretrained(dir, trust_remote_code=True)``)."""
     if not hasattr(model.config, "llama_moe"):
-        raise ValueError("save_topk_moe() expects a model converted with convert_to_topk_moe()")
+        raise ValueError("save_llama_moe() expects a model converted with convert_to_llama_moe()")
     return save_hf(model, directory, tokenizer, remote_model_type="dsmoe_llama_moe")
 
 
@@ -211,20 +212,66 @@ def _is_gate(name: str) -> bool:
     return ".mlp.router." in name or ".mlp.noise." in name
 
 
-def load_topk_moe(directory: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
-    """Load a model written by :func:`save_topk_moe`: dense weights via from_pretrained, then the gates."""
-    config = TopKMoEConfig.from_dict(dict(saved_entry(directory, "llama_moe")))
+def load_llama_moe(
+    directory: str | Path, dtype: torch.dtype | None = None, **from_pretrained_kwargs
+) -> PreTrainedModel:
+    """Load a model written by :func:`save_llama_moe`: dense weights via from_pretrained, then the gates."""
+    config = LlamaMoEConfig.from_dict(dict(saved_entry(directory, "llama_moe")))
     return load_with_extra_params(
-        directory, lambda m: convert_to_topk_moe(m, config), _is_gate, dtype, **from_pretrained_kwargs
+        directory, lambda m: convert_to_llama_moe(m, config), _is_gate, dtype, **from_pretrained_kwargs
     )
 
 
 def _apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:
-    return convert_to_topk_moe(model, TopKMoEConfig(**options))
+    return convert_to_llama_moe(model, LlamaMoEConfig(**options))
 
 
 def _aux(model: nn.Module) -> dict[str, torch.Tensor]:
     return {"balance": balance_loss(model)}
 
 
-TOPK_MOE = Method("llama_moe", _apply, _aux, activated_params, save_topk_moe, load_topk_moe)
+def match_llama_moe(model: nn.Module, target: float, num_experts: int = 8, gate_network: str = "linear") -> Match:
+    """The k of n experts whose activated params lie nearest the target (k is discrete: mismatch reported)."""
+    goal = resolve_target(model, target)
+    candidates = {
+        k: predicted_activated_params(
+            model, LlamaMoEConfig(num_experts=num_experts, top_k=k, gate_network=gate_network)
+        )
+        for k in range(1, num_experts + 1)
+    }
+    k = min(candidates, key=lambda c: abs(candidates[c] - goal))
+    match = Match("llama_moe", {"num_experts": num_experts, "top_k": k}, goal, candidates[k], candidates=candidates)
+    if not match.within_tolerance:
+        step = candidates[2] - candidates[1] if num_experts > 1 else float("nan")
+        match = Match(
+            match.method,
+            match.options,
+            goal,
+            match.achieved,
+            note=f"k is discrete: each expert per token adds {step:.0f} params; nearest k={k} misses the target by "
+            f"{100 * match.rel_error:+.2f}%",
+            candidates=candidates,
+        )
+    return match
+
+
+def describe(model: nn.Module) -> str:
+    """Table 1's Configuration: d, the expert width × n, and k."""
+    config = llama_moe_config_of(model)
+    n = config.num_experts
+    return f"d={model.config.hidden_size}, D={ffn_widths(model)[0] // n}x{n}, topK={config.top_k}"
+
+
+LLAMA_MOE = Method(
+    "llama_moe",
+    _apply,
+    _aux,
+    activated_params,
+    save_llama_moe,
+    load_llama_moe,
+    recognises=lambda config: "llama_moe" in config,
+    describe=describe,
+    match=lambda model, target, options: match_llama_moe(
+        model, target, options.get("num_experts", 8), options.get("gate_network", "linear")
+    ),
+)

@@ -11,13 +11,13 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from dsmoe.baselines.topk_moe import (
-    TOPK_MOE,
-    TopKMoEConfig,
-    TopKMoEMLP,
+from dsmoe.baselines.llama_moe import (
+    LLAMA_MOE,
+    LlamaMoEConfig,
+    LlamaMoEMLP,
     activated_params,
+    llama_moe_layers,
     predicted_activated_params,
-    topk_moe_layers,
 )
 from dsmoe.hf_remote.partitioned_swiglu import smooth_load
 from dsmoe.models import tiny_model
@@ -32,7 +32,7 @@ def make_layer(top_k=2, seed=0, router_std=1.0, **cfg):
     mlp = LlamaMLP(
         LlamaConfig(hidden_size=D_MODEL, intermediate_size=D_FF, num_attention_heads=4, num_key_value_heads=2)
     )
-    layer = TopKMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, TopKMoEConfig(N, top_k, **cfg))
+    layer = LlamaMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, LlamaMoEConfig(N, top_k, **cfg))
     if router_std:
         nn.init.normal_(layer.router.weight, std=router_std)
     return layer.double(), mlp.double()
@@ -242,24 +242,24 @@ def test_activated_params_accounting(arch, gate):
     model = tiny_model(arch)
     dense = count_params(model)
     L, d, D, n, k = 2, 64, 128, 8, 3
-    cfg = TopKMoEConfig(n, k, gate_network=gate)
+    cfg = LlamaMoEConfig(n, k, gate_network=gate)
     predicted = predicted_activated_params(model, cfg)
-    TOPK_MOE.apply(model, cfg.to_dict(), None)
+    LLAMA_MOE.apply(model, cfg.to_dict(), None)
     router = d * n + (n * n if gate == "mlp" else 0)
     assert count_params(model) == dense + L * (router + d * n)  # + routers + noise networks
-    assert count_params(TOPK_MOE.apply(tiny_model(arch), {"noisy_gating": False}, None)) == dense + L * d * n
+    assert count_params(LLAMA_MOE.apply(tiny_model(arch), {"noisy_gating": False}, None)) == dense + L * d * n
     hand = dense + L * router - L * 3 * d * D * (1 - k / n)  # noise nets are training-only
     assert activated_params(model) == pytest.approx(hand)
-    assert TOPK_MOE.activated_params(model) == pytest.approx(predicted)
+    assert LLAMA_MOE.activated_params(model) == pytest.approx(predicted)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_method_loss_and_gradients_match_token_by_token_reference(arch):
     """A training step of the converted model (noisy gate, LM loss + w·Σ_layers balance loss, w = 0.5): the loss
     and every parameter's gradient equal those of the same model whose MoE layers run the reference."""
-    model = TOPK_MOE.apply(tiny_model(arch), {"num_experts": N, "top_k": 2, "balance_weight": 0.5}, None)
+    model = LLAMA_MOE.apply(tiny_model(arch), {"num_experts": N, "top_k": 2, "balance_weight": 0.5}, None)
     with torch.no_grad():
-        for layer in topk_moe_layers(model):
+        for layer in llama_moe_layers(model):
             layer.router.weight.normal_(0, 0.3)
             layer.noise.weight.normal_(0, 0.3)
     reference = copy.deepcopy(model)
@@ -271,7 +271,7 @@ def test_method_loss_and_gradients_match_token_by_token_reference(arch):
         balance.append(loss)
         return y.reshape(x.shape)
 
-    for layer in topk_moe_layers(reference):
+    for layer in llama_moe_layers(reference):
         layer.forward = lambda x, layer=layer: reference_forward(layer, x)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     losses = {}
@@ -279,7 +279,7 @@ def test_method_loss_and_gradients_match_token_by_token_reference(arch):
         m.train()
         torch.manual_seed(11)
         loss = m(input_ids=ids, labels=ids).loss
-        aux = TOPK_MOE.aux_losses(model)["balance"] if m is model else 0.5 * sum(balance)
+        aux = LLAMA_MOE.aux_losses(model)["balance"] if m is model else 0.5 * sum(balance)
         (loss + aux).backward()
         losses[name] = (loss.item(), aux.item())
     assert losses["model"] == pytest.approx(losses["reference"], rel=1e-5)
@@ -290,28 +290,28 @@ def test_method_loss_and_gradients_match_token_by_token_reference(arch):
 
 @pytest.mark.parametrize("gate", ["linear", "mlp"])
 def test_save_load_round_trip(tmp_path, gate):
-    model = TOPK_MOE.apply(tiny_model("llama"), {"gate_network": gate, "top_k": 2}, None)
+    model = LLAMA_MOE.apply(tiny_model("llama"), {"gate_network": gate, "top_k": 2}, None)
     with torch.no_grad():
-        for layer in topk_moe_layers(model):
+        for layer in llama_moe_layers(model):
             for p in list(layer.router.parameters()) + [layer.noise.weight]:
                 p.normal_()
     model.eval()
     ids = torch.randint(0, 256, (2, 10))
     expected = model(ids).logits
-    TOPK_MOE.save(model, tmp_path, None)
-    loaded = TOPK_MOE.load(tmp_path)
-    assert [layer.top_k for layer in topk_moe_layers(loaded)] == [2, 2]
-    for a, b in zip(topk_moe_layers(model), topk_moe_layers(loaded), strict=True):
+    LLAMA_MOE.save(model, tmp_path, None)
+    loaded = LLAMA_MOE.load(tmp_path)
+    assert [layer.top_k for layer in llama_moe_layers(loaded)] == [2, 2]
+    for a, b in zip(llama_moe_layers(model), llama_moe_layers(loaded), strict=True):
         torch.testing.assert_close(a.noise.weight, b.noise.weight)
     torch.testing.assert_close(loaded(ids).logits, expected)
 
 
 def test_bad_options_are_rejected():
     with pytest.raises(ValueError, match="top_k=9 exceeds num_experts=8"):
-        TopKMoEConfig(8, 9)
+        LlamaMoEConfig(8, 9)
     with pytest.raises(ValueError, match="gate_network"):
-        TopKMoEConfig(gate_network="conv")
+        LlamaMoEConfig(gate_network="conv")
     with pytest.raises(ValueError, match="not divisible by num_experts=5"):
-        TOPK_MOE.apply(tiny_model("llama"), {"num_experts": 5, "top_k": 1}, None)
+        LLAMA_MOE.apply(tiny_model("llama"), {"num_experts": 5, "top_k": 1}, None)
     with pytest.raises(ValueError, match="already converted"):
-        TOPK_MOE.apply(TOPK_MOE.apply(tiny_model("llama"), {}, None), {}, None)
+        LLAMA_MOE.apply(LLAMA_MOE.apply(tiny_model("llama"), {}, None), {}, None)
