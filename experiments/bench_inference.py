@@ -18,7 +18,9 @@ in the same run, so its row shows how much of a speedup is layout rather than sp
 
 Memory settings, the same for both models and recorded per row: glibc malloc keeps freed memory
 (``malloc``), and large tensors sit in transparent huge pages (``huge_pages``, PyTorch's
-THP_MEM_ALLOC_ENABLE=1 unless the environment sets it).
+THP_MEM_ALLOC_ENABLE=1 unless the environment sets it). Provenance per row (dsmoe.results.provenance): model,
+method, τ, seed, timing protocol, hardware, git commit and date, with device, torch and quick; tokens and steps
+stay blank, as no model here is trained.
 
     python experiments/bench_inference.py [--threads 1,2] [--quick] [--device cuda] [--out CSV]
       → results/bench_inference.csv, results/bench_inference.png (the CSV's name with .png)
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP  # noqa: E402
 
 from dsmoe import DSMoEConfig, DSMoEMLP, convert, dsmoe_layers, sparsity_loss  # noqa: E402
 from dsmoe.bench_inference import (  # noqa: E402
+    TIMING_PROTOCOL,
     Case,
     DenseVtFFN,
     ZeroFFN,
@@ -58,31 +60,32 @@ from dsmoe.bench_inference import (  # noqa: E402
 from dsmoe.cli import run as run_cli  # noqa: E402
 from dsmoe.models import load_model  # noqa: E402
 from dsmoe.plots import inference_speedup  # noqa: E402
-from dsmoe.results import git_commit, hardware, write_csv  # noqa: E402
+from dsmoe.results import PROVENANCE, provenance, write_csv  # noqa: E402
 
 N_EXPERTS = 8
 ACTIVE = (2, 3, 4, 5, 8)
 SHAPES = {"smollm2-ffn": (576, 1536, 30), "llama7b-ffn": (4096, 11008, 1)}  # d, D, layers timed together
 TRAIN_STEP_GOAL = 1.05  # DSMoE's training step at most this many times the dense one
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-FIELDS = [
+COLUMNS = [
     "scope", "model", "shape", "mode", "variant", "batch", "seq", "context", "active_experts", "num_experts",
     "activation", "pattern", "threads", "dense_ms", "dsmoe_ms", "speedup", "speedup_min", "ideal_speedup",
     "frac_of_ideal", "ideal_basis", "ffn_share", "malloc", "huge_pages", "device", "hardware", "torch", "git_commit", "date", "quick",
 ]  # fmt: skip
+FIELDS = COLUMNS + [c for c in PROVENANCE if c not in COLUMNS]
 
 
 def bench_ffn(name: str, mode: str, tokens: int, threads: int, args: argparse.Namespace) -> list[dict]:
     """FFN layers alone, the same input through each: SmolLM2's 30 layers (so the weights stream from memory
     as in the model, not from cache), one LLaMA-7B layer."""
     d, D, num_layers = SHAPES[name]
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     config = LlamaConfig(hidden_size=d, intermediate_size=D, hidden_act="silu")
     dense = [LlamaMLP(config).to(args.device).eval() for _ in range(num_layers)]
     moe = [DSMoEMLP(m.gate_proj, m.up_proj, m.down_proj, m.act_fn, DSMoEConfig(N_EXPERTS)).eval() for m in dense]
     routers = force_routers(moe, tokens)
     x = torch.randn(1, tokens, d, device=args.device)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(args.seed)
     if mode == "decode":
         patterns = {k: spread_pattern(1, k, N_EXPERTS) for k in ACTIVE}
     else:
@@ -113,7 +116,7 @@ def bench_ffn(name: str, mode: str, tokens: int, threads: int, args: argparse.Na
 def bench_e2e(dense, moe, mode: str, threads: int, args: argparse.Namespace) -> list[dict]:
     """Batch-1 decode step at a given KV-cache context, or a prefill with logits of the last token only."""
     vocab, layers = dense.config.vocab_size, dense.model.layers
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(args.seed + 1)
     ctx = args.context
     if mode == "decode":
         prompt = torch.randint(0, vocab, (1, ctx), generator=gen).to(args.device)
@@ -168,7 +171,7 @@ def bench_train(dense, threads: int, args: argparse.Namespace) -> list[dict]:
     """One optimisation-free training step: forward, LM loss (+ sparsity loss for DSMoE), backward."""
     dense = copy.deepcopy(dense).train()
     moe = convert(copy.deepcopy(dense), DSMoEConfig(N_EXPERTS, variant="dsmoe")).train()
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(args.seed + 2)
     ids = torch.randint(0, dense.config.vocab_size, (1, args.train_seq), generator=gen).to(args.device)
 
     def step(model, with_sparsity):
@@ -206,17 +209,6 @@ def bench_train(dense, threads: int, args: argparse.Namespace) -> list[dict]:
     ]
 
 
-def provenance(device: str, quick: bool) -> dict[str, object]:
-    return dict(
-        device=device,
-        hardware=hardware(),
-        torch=torch.__version__,
-        git_commit=git_commit(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        quick=quick,
-    )
-
-
 def speedup_panels(rows: list[dict]) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
     """For dsmoe.plots.inference_speedup: per scope (ffn, e2e), per model/mode/threads, the DSMoE rows'
     (activation, speedup, ideal speedup)."""
@@ -243,6 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--parts", default="ffn,e2e,train", help="comma list of the parts to run: ffn, e2e, train")
     p.add_argument("--out", type=Path, default=RESULTS / "bench_inference.csv", help="the CSV; the PNG beside it")
+    p.add_argument("--seed", type=int, default=0, help="FFN weights and activity patterns (e2e: +1, train: +2)")
     args = p.parse_args(argv)
     try:
         args.threads = sorted({int(t) for t in args.threads.split(",")})
@@ -263,7 +256,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     top = max(args.threads)
-    run_info = provenance(args.device, args.quick)
+    tau = DSMoEConfig(N_EXPERTS).tau
+    run_info = provenance(method="dsmoe vs dense", tau=tau, seed=args.seed, protocol=TIMING_PROTOCOL)
+    run_info.update(device=args.device, torch=torch.__version__, quick=args.quick)
     run_info["malloc"] = keep_freed_memory()
 
     rows: list[dict] = []
@@ -285,7 +280,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += bench_train(dense, top, args)
     run_info["huge_pages"] = huge_pages()  # while the dense model is alive
 
-    rows = [{**row, **run_info} for row in rows]
+    rows = [{**run_info, **row} for row in rows]  # the row's own model over provenance's blank one
     write_csv(args.out, rows, FIELDS)
     caption = f"DSMoE vs dense, forced k of {N_EXPERTS} experts active; {run_info['hardware']}"
     png = inference_speedup(speedup_panels(rows), caption, args.out.with_suffix(".png"))
