@@ -1,4 +1,5 @@
-"""The one plotting module: Fig. 2 (PPL vs active experts), Fig. 3 (layer × source heatmap), token curves."""
+"""The one plotting module: Fig. 2 (PPL vs active experts), Fig. 3 (layer × source heatmap), token curves,
+inference speedup curves."""
 
 from __future__ import annotations
 
@@ -82,4 +83,23 @@ def token_curve(tokens: list[float], ppl: list[float], caption: str, path, sd: l
     ax.set_xlabel("continued pre-training tokens")
     ax.set_ylabel("validation PPL")
     ax.set_title(caption, fontsize=8)
+    return _save(fig, path)
+
+
+def inference_speedup(
+    panels: dict[str, dict[str, list[tuple[float, float, float]]]], caption: str, path: str | Path
+) -> Path:
+    """panels: title → series label → points (active fraction k/n, measured speedup over dense, ideal speedup);
+    measured solid, ideal dotted in the same colour, 1× (no speedup) grey."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items(), strict=True):
+        for label, points in series.items():
+            fraction = [p[0] for p in points]
+            (line,) = ax.plot(fraction, [p[1] for p in points], "o-", label=label)
+            ax.plot(fraction, [p[2] for p in points], ":", color=line.get_color())
+        ax.axhline(1, color="gray", lw=0.8)
+        ax.set(xlabel="active fraction k/n", ylabel="speedup over dense", title=f"{title} (dotted: ideal)")
+        if series:
+            ax.legend(fontsize=7)
+    fig.suptitle(caption, fontsize=8)
     return _save(fig, path)
