@@ -209,8 +209,8 @@ def test_tied_channel_model_round_trips(tmp_path):
     model = lp.prune_to_target(model, 0.6 * count_params(model), "channel", calib())
     hidden = model.config.hidden_size  # the tied embedding / lm_head matrix is counted once
     assert lp.LLM_PRUNER_CHANNEL.activated_params(model) == tiny_shape("qwen2", tied=True).params(hidden)
-    lp.save_pruned(model, tmp_path / "m")
-    loaded = lp.load_pruned(tmp_path / "m")
+    lp.save_llm_pruner(model, tmp_path / "m")
+    loaded = lp.load_llm_pruner(tmp_path / "m")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     ids = calib(1)[0]
     torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
@@ -218,10 +218,10 @@ def test_tied_channel_model_round_trips(tmp_path):
 
 def test_block_model_needs_load_pruned(tmp_path):
     model = lp.prune_block(tiny_model("llama"), [100, 128], [1, 2], calib())
-    lp.save_pruned(model, tmp_path / "m")
+    lp.save_llm_pruner(model, tmp_path / "m")
     with pytest.raises(ValueError, match="trust_remote_code=True"):  # never silently the dense shapes
         AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    assert lp.intermediate_sizes(lp.load_pruned(tmp_path / "m")) == [100, 128]
+    assert lp.intermediate_sizes(lp.load_llm_pruner(tmp_path / "m")) == [100, 128]
 
 
 def test_paper_table1_llama_1b_shapes():
@@ -343,8 +343,8 @@ def test_embedded_smollm2_block_prune_and_round_trip(tmp_path):
     model = lp.LLM_PRUNER_BLOCK.apply(model, {"target_fraction": 0.6}, [ids])
     assert abs(count_params(model) / (0.6 * dense) - 1) <= 0.01
     assert lp.intermediate_sizes(model)[:4] == [1536] * 4 and lp.intermediate_sizes(model)[-2:] == [1536] * 2
-    lp.save_pruned(model, tmp_path / "m", tokenizer)
-    loaded = lp.load_pruned(tmp_path / "m")
+    lp.save_llm_pruner(model, tmp_path / "m", tokenizer)
+    loaded = lp.load_llm_pruner(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
 

@@ -176,7 +176,7 @@ def test_old_format_directories_still_load(tmp_path, ids):
     """Runs saved before the remote code (base model_type plus the method entry) load as they did."""
     for name in ("dsmoe_qwen2_no_ste", "llama_moe_llama", "llm_pruner_block_qwen2_tied"):
         model = BUILDERS[name]().eval()
-        if name.startswith("llm_pruner"):  # save_pruned's dense-shaped hidden size is a no-op in block mode
+        if name.startswith("llm_pruner"):  # save_llm_pruner's dense-shaped hidden size is a no-op in block mode
             assert model.config.llm_pruner["mode"] == "block"
         model.save_pretrained(tmp_path / name)
         config = json.loads((tmp_path / name / "config.json").read_text())

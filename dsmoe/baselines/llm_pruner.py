@@ -22,7 +22,7 @@ The pruned model is dense: its activated parameters are its parameters. :func:`p
 LLM-Pruner's ``pruning_ratio`` or for a parameter budget (d' in closed form, the count being linear in d';
 r by bisection, then the FFN ratio alone so that whole-head steps do not spoil the match);
 :func:`prune_to_target` = plan + importance + surgery. Per-layer shapes live in ``config.llm_pruner``;
-:func:`load_pruned` rebuilds them, and so does the HF remote code saved with them (plain ``from_pretrained``
+:func:`load_llm_pruner` rebuilds them, and so does the HF remote code saved with them (plain ``from_pretrained``
 cannot). The surgery itself lives in :mod:`dsmoe.hf_remote.pruned_shapes`, shared with that remote code.
 """
 
@@ -401,11 +401,11 @@ def prune_to_target(
 # ---------------------------------------------------------------------------------------------- save / load
 
 
-def save_pruned(model: PreTrainedModel, directory: str | Path, tokenizer: Any = None) -> Path:
+def save_llm_pruner(model: PreTrainedModel, directory: str | Path, tokenizer: Any = None) -> Path:
     """HF save (see :func:`dsmoe.saving.save_hf`) with HF remote code that rebuilds the per-layer shapes of
     config.llm_pruner, so that ``from_pretrained(dir, trust_remote_code=True)`` opens the pruned model."""
     if not hasattr(model.config, "llm_pruner"):
-        raise ValueError("save_pruned expects a model pruned by dsmoe.baselines.llm_pruner (no config.llm_pruner)")
+        raise ValueError("save_llm_pruner expects a model pruned by dsmoe.baselines.llm_pruner (no config.llm_pruner)")
     hidden = model.config.hidden_size
     if model.config.llm_pruner["mode"] == "channel":  # HF validates d % heads on save: config.json keeps the
         # dense-shaped d, config.llm_pruner["hidden_size"] the pruned one (shrink_to_spec shrinks to it)
@@ -416,8 +416,8 @@ def save_pruned(model: PreTrainedModel, directory: str | Path, tokenizer: Any = 
         model.config.hidden_size = hidden
 
 
-def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Rebuild a pruned model (saved by :func:`save_pruned`, with or without remote code): build from
+def load_llm_pruner(directory: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Rebuild a pruned model (saved by :func:`save_llm_pruner`, with or without remote code): build from
     config.json, shrink each layer to config.llm_pruner, load the weights."""
     from transformers.initialization import no_init_weights
 
@@ -568,8 +568,8 @@ def _method(mode: str) -> Method:
         _apply_for(mode),
         no_aux_losses,
         all_params,
-        save_pruned,
-        load_pruned,
+        save_llm_pruner,
+        load_llm_pruner,
         recognises=lambda config: config.get("llm_pruner", {}).get("mode") == mode,
         describe=describe,
         match=match,
