@@ -6,31 +6,23 @@ Both runs use identical data, steps and settings; rows are the benchmarks of Tab
 with their sd).
 """
 
+from dsmoe import experiment as ex
 from dsmoe.benchmarks import PAPER_TASKS
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import (
-    benchmark,
-    benchmark_scores,
-    evaluate,
-    parse_scale,
-    results_dir,
-    seeds_provenance,
-    with_spread,
-)
 from dsmoe.results import PROVENANCE, write_csv
 from dsmoe.targets import ABLATION_STE_RUNS
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_scale(__doc__, argv)
+    args = ex.parse_scale(__doc__, argv)
     limit = args.limit
     seeds = range(args.seeds)
-    evals = {run: [evaluate(args.scale, run, seed=s) for s in seeds] for run, _ in ABLATION_STE_RUNS}
-    bench = {run: [benchmark(args.scale, run, limit, s) for s in seeds] for run, _ in ABLATION_STE_RUNS}
-    measures = [(t.column, lambda run, t=t: benchmark_scores(bench[run], t.name)) for t in PAPER_TASKS]
+    evals = {run: [ex.evaluate(args.scale, run, seed=s) for s in seeds] for run, _ in ABLATION_STE_RUNS}
+    bench = {run: [ex.benchmark(args.scale, run, limit, s) for s in seeds] for run, _ in ABLATION_STE_RUNS}
+    measures = [(t.column, lambda run, t=t: ex.benchmark_scores(bench[run], t.name)) for t in PAPER_TASKS]
     measures.append(("PPL", lambda run: [r["ppl"] for r in evals[run]]))
     measures.append(("Activated %", lambda run: [100 * r["activated_fraction"] for r in evals[run]]))
-    provenance = {**seeds_provenance(evals["dsmoe"]), "method": "dsmoe vs dsmoe(no_ste)"}
+    provenance = {**ex.seeds_provenance(evals["dsmoe"]), "method": "dsmoe vs dsmoe(no_ste)"}
     rows = []
     for name, values in measures:
         row = {"Model": name}
@@ -39,12 +31,12 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(scores, str):
                 row[label] = scores
             else:
-                with_spread(row, label, scores)
+                ex.with_spread(row, label, scores)
         rows.append({**row, "seeds": len(seeds), "limit": limit or "full", **provenance})
         print({k: row.get(k) for k in ("Model", *(label for _, label in ABLATION_STE_RUNS))})
     labels = [c for _, label in ABLATION_STE_RUNS for c in (label, f"{label} sd")]
     columns = ["Model", *labels, "seeds", "limit", *PROVENANCE]
-    print(f"wrote {write_csv(results_dir(args.scale) / 'table3_ablation_ste.csv', rows, columns)}")
+    print(f"wrote {write_csv(ex.results_dir(args.scale) / 'table3_ablation_ste.csv', rows, columns)}")
 
 
 if __name__ == "__main__":
