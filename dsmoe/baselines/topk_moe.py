@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dsmoe import fast
+from dsmoe.config_checks import reject_unknown_keys
 from dsmoe.hf_remote.partitioned_swiglu import (
     GATE_NETWORKS,
     SwiGLUParts,
@@ -84,11 +85,7 @@ class TopKMoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TopKMoEConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(
-                f"unknown TopKMoEConfig keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
-            )
+        reject_unknown_keys(d, cls.__dataclass_fields__, "TopKMoEConfig keys")
         return cls(**d)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsmoe.config_checks import reject_unknown_keys
 from dsmoe.data.corpus import corpus_path
 from dsmoe.data.files import SourceFiles, check_local_file
 from dsmoe.data.sources import SourceConfig, resolve_files
@@ -78,10 +79,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; allowed: {sorted(allowed)}")
+        reject_unknown_keys(values, {f.name for f in dataclasses.fields(cls)}, "data config key(s)")
         return cls(**values)
 
     def check_files(self) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ import glob
 import os
 from dataclasses import dataclass
 
+from dsmoe.config_checks import reject_unknown_keys
 from dsmoe.data.corpus import DOMAINS, build_corpus
 from dsmoe.data.files import DataFileError, SourceFiles, file_format
 
@@ -74,9 +75,7 @@ class SourceConfig:
         if not isinstance(obj, dict):
             raise ValueError(f"a source must be a shorthand string or a mapping, got {obj!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(obj) - fields - {"preset"})
-        if unknown:
-            raise ValueError(f"unknown source key(s) {unknown} in {obj!r}; allowed: {sorted(fields | {'preset'})}")
+        reject_unknown_keys(obj, fields | {"preset"}, "source key(s)", f" in {obj!r}")
         overrides = {k: v for k, v in obj.items() if k != "preset"}
         if "preset" in obj:
             return dataclasses.replace(source_preset(obj["preset"]), **overrides)
