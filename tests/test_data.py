@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny_models import word_tokenizer
 
 import dsmoe.data
 from dsmoe.data import (
@@ -35,14 +34,6 @@ from dsmoe.data import (
 from dsmoe.data.corpus import EVAL_ONLY, _check_not_eval, split_paragraphs
 from dsmoe.data.reader import SourceReader
 from dsmoe.data.tokens import pack
-
-
-def word_tokenizer(words, eos="<eos>", extra=()) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer: one token per word, so token counts are checkable by hand."""
-    vocab = {tok: i for i, tok in enumerate([eos, "<unk>", *extra, *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, unk_token="<unk>")
 
 
 def write_jsonl(path, texts, field="text", **columns):

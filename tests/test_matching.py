@@ -7,13 +7,13 @@ from dataclasses import replace
 import pytest
 import torch
 from llama_shapes import LLAMA_1B, LLAMA_7B, TINY_LLAMA, LlamaShape
+from tiny_models import tiny_model
 from torch import nn
 
 from dsmoe.baselines import llm_pruner as lp
 from dsmoe.baselines.matching import match_options, match_sparsegpt, match_topk_moe, resolve_target
 from dsmoe.baselines.sparsegpt import SPARSEGPT
 from dsmoe.baselines.topk_moe import TOPK_MOE
-from dsmoe.models import tiny_model
 from dsmoe.stats import count_params
 
 
