@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dsmoe.config_checks import reject_unknown_keys
 from dsmoe.hf_remote.partitioned_swiglu import VARIANTS
 
 
@@ -45,8 +46,5 @@ class DSMoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DSMoEConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DSMoEConfig keys {sorted(unknown)}; allowed: {sorted(known)}")
+        reject_unknown_keys(d, cls.__dataclass_fields__, "DSMoEConfig keys")
         return cls(**d)

@@ -54,7 +54,9 @@ def scale_config(scale: str) -> DictConfig:
     if not path.exists():
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise ValueError(f"unknown scale {scale!r}; choose one of {known} (YAML files in {folder})")
-    return OmegaConf.load(path)
+    from dsmoe.scales import load_scale
+
+    return OmegaConf.create(load_scale(path).to_dict())
 
 
 def runs_root(scale: str) -> Path:

@@ -1,4 +1,4 @@
-"""Model loading: HF hub ids, local directories, the embedded SmolLM2 GGUF, tiny test configs."""
+"""Model loading: HF hub ids, local directories, the embedded SmolLM2 GGUF."""
 
 from __future__ import annotations
 
@@ -9,15 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dsmoe.methods import get_method, method_of_saved
 from dsmoe.packages import cache_dir, sha256
@@ -29,7 +21,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SHA256_PREFIX = "b179c952"
 EMBEDDED_ALIASES = (EMBEDDED, "embedded", "smollm2-135m")
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-q4_1"  # its HF-format copy in the suite's cache
-TINY_ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 
 
 def embedded_gguf_path() -> Path:
@@ -117,22 +108,3 @@ def load_tokenizer(name_or_path: str = EMBEDDED) -> PreTrainedTokenizerBase:
     path = resolve(name_or_path)
     config = base_config(path) if (Path(path) / "config.json").exists() else None
     return AutoTokenizer.from_pretrained(path, config=config)
-
-
-def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
-    """A randomly initialised tiny Llama / Qwen2 / Mistral for fast tests (2 layers, d=64, D=128)."""
-    if arch not in TINY_ARCHS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(TINY_ARCHS)}")
-    params = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    params.update(overrides)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(TINY_ARCHS[arch](**params), dtype=torch.float32)

@@ -1,6 +1,6 @@
 """Continued pre-training entry point: config → prepared model → Trainer.fit → final/ (+ exports at token points).
 
-    python -m dsmoe.train --config experiments/configs/demo_smollm2_cpu.yaml [key=value ...]
+    python -m dsmoe.train --config experiments/configs/llama1b_dsmoe.yaml [key=value ...]
 
 One command is one training run: Lightning starts the other processes of a node itself (trainer.devices); for
 several nodes start one process per GPU with torchrun or srun (README, "Several GPUs and nodes"). The YAML is merged

@@ -64,7 +64,7 @@ class LlamaShape:
             return AutoModelForCausalLM.from_config(config)
 
 
-# dsmoe.models.tiny_model: d=64, D=128, 2 layers, 4 heads of 16 in 2 KV groups, vocab 256; Qwen2 adds q/k/v biases
+# tiny_models.tiny_model: d=64, D=128, 2 layers, 4 heads of 16 in 2 KV groups, vocab 256; Qwen2 adds q/k/v biases
 TINY_LLAMA = LlamaShape(vocab=256, hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, head_dim=16, tied=False)
 # Llama-3.2-1B (the paper's LLaMA-1B, tied embeddings) and LLaMA-7B (untied), from their config.json
 LLAMA_1B = LlamaShape(128256, 2048, 16, 8192, heads=32, kv_heads=8, head_dim=64, tied=True)

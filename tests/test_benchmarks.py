@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 import dsmoe
 from dsmoe.benchmarks import (
@@ -18,7 +19,7 @@ from dsmoe.benchmarks import (
     run_benchmarks,
     setup_benchmarks,
 )
-from dsmoe.models import load_tokenizer, tiny_model
+from dsmoe.models import load_tokenizer
 from dsmoe.packages import cache_dir, sha256
 
 DOCUMENTED_ITEMS = {  # /work/shared/data-sources.md

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dsmoe
-from dsmoe.models import load_model, tiny_model
+from dsmoe.models import load_model
 
 
 @pytest.fixture

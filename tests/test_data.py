@@ -1,19 +1,22 @@
 """Data layer: sources and their validation, hub-shaped local files, the random validation hold-out, disjoint
 reading by ranks x workers, errors that name their cause, mixture, packing, the DataModule, the embedded corpus."""
 
+import ast
 import json
 import os
 from collections import Counter
+from graphlib import TopologicalSorter
 from itertools import islice
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny_models import word_tokenizer
 
+import dsmoe.data
 from dsmoe.data import (
     DataConfig,
     DataFileError,
@@ -22,7 +25,6 @@ from dsmoe.data import (
     SourceConfig,
     build_corpus,
     check_data_files,
-    corpus_sources,
     document_separator_id,
     packed_eval_windows,
     prepare_sources,
@@ -32,14 +34,6 @@ from dsmoe.data import (
 from dsmoe.data.corpus import EVAL_ONLY, _check_not_eval, split_paragraphs
 from dsmoe.data.reader import SourceReader
 from dsmoe.data.tokens import pack
-
-
-def word_tokenizer(words, eos="<eos>", extra=()) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer: one token per word, so token counts are checkable by hand."""
-    vocab = {tok: i for i, tok in enumerate([eos, "<unk>", *extra, *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, unk_token="<unk>")
 
 
 def write_jsonl(path, texts, field="text", **columns):
@@ -153,9 +147,23 @@ def test_source_shorthands_and_presets():
         0.3,
     )
     assert mine.data_files == ["a.jsonl"] and mine.weight == 2
-    assert [s.path for s in corpus_sources()] == [f"embedded:{d}" for d in ("general", "math", "code", "textbook")]
-    with pytest.raises(ValueError, match=r"unknown corpus domain\(s\) \['poetry'\]"):
-        corpus_sources({"poetry": 1.0})
+
+
+def test_no_module_of_the_data_package_is_in_an_import_cycle():
+    """Every import between dsmoe.data modules counts, also under TYPE_CHECKING and inside functions."""
+    package = "dsmoe.data"
+    graph = {}
+    for path in Path(dsmoe.data.__file__).parent.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module == package:
+                imported |= {f"{package}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+        graph[path.stem] = {name.removeprefix(f"{package}.") for name in imported if name.startswith(f"{package}.")}
+    list(TopologicalSorter(graph).static_order())  # raises graphlib.CycleError naming the cycle
 
 
 # ---------------------------------------------------------------- hub-shaped local files

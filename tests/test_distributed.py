@@ -55,12 +55,12 @@ def _train(model, batches, clip, step_hook=None, root=None):
 
 def _worker(rank, init_file):
     from lightning.pytorch.plugins.precision import FSDPPrecision
+    from tiny_models import tiny_model
 
     from dsmoe import convert
     from dsmoe.baselines.sparsegpt import MASK, SparseGPTConfig, enforce_masks, sparsegpt_prune, take_training_masks
     from dsmoe.config import DSMoEConfig
     from dsmoe.distributed import all_finite, full_state_dict, mixed_precision_policy
-    from dsmoe.models import tiny_model
     from dsmoe.stats import activation_stats, count_params, param_counts
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)

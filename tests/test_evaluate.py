@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 import dsmoe
 from dsmoe.evaluate import perplexity
-from dsmoe.models import load_tokenizer, tiny_model
+from dsmoe.models import load_tokenizer
 
 TEXT = (
     "The straight-through estimator lets gradients flow through a thresholded gate as if the threshold "

@@ -6,76 +6,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train import assets  # noqa: F401  (fixture: tiny model + local corpus)
 
 from dsmoe.results import PROVENANCE, read_csv
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
-def write_scale(tmp_path, assets, monkeypatch, methods):  # noqa: F811
-    data = {
-        "sources": [
-            {"name": "a", "data_files": str(assets / "a.jsonl")},
-            {"name": "b", "data_files": str(assets / "b.jsonl")},
-        ],
-        "seq_len": 32,
-        "val_docs_per_source": 8,
-        "shuffle_buffer": 16,
-    }
-    dsmoe_opts = {"num_experts": 4, "tau": 0.5, "sparsity_weight": 1.0}
-    scale = {
-        "base": {
-            "model": str(assets / "model"),
-            "data": data,
-            "calibration_batches": 2,
-            "optim": {"lr": 3e-3, "schedule": "constant"},
-            "trainer": {
-                "accelerator": "cpu",
-                "global_batch_size": 4,
-                "micro_batch_size": 2,
-                "max_steps": 4,
-                "val_check_interval": 4,
-                "limit_val_batches": 1,
-                "checkpoint_every_n_steps": 2,
-            },
-        },
-        "methods": {
-            "dsmoe": {
-                "method": "dsmoe",
-                "method_options": {**dsmoe_opts, "variant": "dsmoe"},
-                "trainer": {"export_tokens": [100, 256]},  # crossed at steps 1 and 2 (128 tokens per step)
-            },
-            "dsmoe_no_ste": {"method": "dsmoe", "method_options": {**dsmoe_opts, "variant": "no_ste"}},
-            "dsmoe_no_gate": {"method": "dsmoe", "method_options": {**dsmoe_opts, "variant": "no_gate"}},
-            "llama_moe": {"method": "llama_moe", "method_options": {"num_experts": 4, "match_activated": "dsmoe"}},
-            "sparsegpt": {"method": "sparsegpt", "method_options": {"match_activated": "dsmoe"}},
-            "llm_pruner_block": {
-                "method": "llm_pruner_block",
-                "method_options": {"match_activated": "dsmoe", "keep_first": 0, "keep_last": 0},
-            },
-        },
-        "eval": {"val_windows": 2, "batch_size": 2, "benchmark_limit": 2, "max_gen_toks": 4},
-    }
-    scale["methods"] = {k: v for k, v in scale["methods"].items() if k in methods}
-    (tmp_path / "scales").mkdir()
-    (tmp_path / "scales" / "tiny.yaml").write_text(yaml.safe_dump(scale))
-    monkeypatch.setenv("DSMOE_SCALES_DIR", str(tmp_path / "scales"))
-    monkeypatch.setenv("DSMOE_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("DSMOE_RESULTS", str(tmp_path / "results"))
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    return tmp_path
+@pytest.fixture
+def tiny_scale(write_scale):
+    return write_scale(["dsmoe", "sparsegpt", "llama_moe"])
 
 
 @pytest.fixture
-def tiny_scale(tmp_path, assets, monkeypatch):  # noqa: F811
-    return write_scale(tmp_path, assets, monkeypatch, ["dsmoe", "sparsegpt", "llama_moe"])
-
-
-@pytest.fixture
-def tiny_scale_all(tmp_path, assets, monkeypatch):  # noqa: F811
-    methods = ["dsmoe", "dsmoe_no_ste", "dsmoe_no_gate", "llama_moe", "sparsegpt", "llm_pruner_block"]
-    return write_scale(tmp_path, assets, monkeypatch, methods)
+def tiny_scale_all(write_scale):
+    return write_scale(["dsmoe", "dsmoe_no_ste", "dsmoe_no_gate", "llama_moe", "sparsegpt", "llm_pruner_block"])
 
 
 def run_script(name, *argv):
@@ -139,7 +83,7 @@ def test_every_figure_and_table_target(tiny_scale_all):
     assert {r["Model"] for r in rows} >= {"Hellaswag", "WebQs", "StoryCloze"}
 
 
-def test_validation_windows_are_read_once_per_data_config(tiny_scale, assets):  # noqa: F811
+def test_validation_windows_are_read_once_per_data_config(tiny_scale, assets):
     from dsmoe.experiment import validation_windows
     from dsmoe.models import load_tokenizer
 
@@ -156,14 +100,14 @@ def test_validation_windows_are_read_once_per_data_config(tiny_scale, assets):  
     assert all(w.equal(first[name][:1]) for name, w in changed.items())
 
 
-def test_ddp_table1_and_tau_sweep_drivers_with_two_processes_per_run(tmp_path, assets, monkeypatch):  # noqa: F811
+def test_ddp_table1_and_tau_sweep_drivers_with_two_processes_per_run(write_scale):
     """The real entry points: the driver launches each run as `python -m dsmoe.train` (Lightning then starts the
     second rank), evaluates alone and writes each CSV once; a re-run trains nothing."""
     import os
     import subprocess
     import sys
 
-    scale_dir = write_scale(tmp_path, assets, monkeypatch, ["dsmoe", "sparsegpt"])
+    scale_dir = write_scale(["dsmoe", "sparsegpt"])
     path = scale_dir / "scales" / "tiny.yaml"
     scale = yaml.safe_load(path.read_text())
     scale["base"]["trainer"].update(devices=2, strategy="ddp", max_steps=2, val_check_interval=2)
@@ -241,7 +185,7 @@ def test_gpu_check_script_runs_its_checks_on_the_cpu(tmp_path, monkeypatch):
     assert float(next(r["value"] for r in rows if r["check"] == "export reloaded anywhere")) < 1e-4
 
 
-def test_documents_protocol_evaluates_each_held_out_document(tiny_scale, assets):  # noqa: F811
+def test_documents_protocol_evaluates_each_held_out_document(tiny_scale, assets):
     from dsmoe.data import DataConfig, PretrainDataModule
     from dsmoe.experiment import validation_windows
     from dsmoe.models import load_tokenizer

@@ -2,24 +2,18 @@
 
 import pytest
 import torch
+from tiny_models import dsmoe_layer, tiny_model
 from torch import nn
-from transformers.activations import ACT2FN
 
-from dsmoe import DSMoEConfig, DSMoEMLP, activation_stats, convert, dsmoe_layers
+from dsmoe import DSMoEConfig, activation_stats, convert, dsmoe_layers
 from dsmoe.fast import DECODE_MAX_TOKENS, expert_runs, sparse_forward
-from dsmoe.models import tiny_model
 
 D_MODEL, D_FF, N = 32, 64, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def make_layer(bias=False, seed=0, router_std=0.5):
-    torch.manual_seed(seed)
-    gate, up = nn.Linear(D_MODEL, D_FF, bias=bias), nn.Linear(D_MODEL, D_FF, bias=bias)
-    down = nn.Linear(D_FF, D_MODEL, bias=bias)
-    layer = DSMoEMLP(gate, up, down, ACT2FN["silu"], DSMoEConfig(num_experts=N, tau=0.5))
-    nn.init.normal_(layer.router.weight, std=router_std)
-    return layer.eval()
+    return dsmoe_layer(D_MODEL, D_FF, DSMoEConfig(num_experts=N, tau=0.5), seed, router_std, bias).eval()
 
 
 def pattern_weights(active):

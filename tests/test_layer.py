@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import dsmoe_layer
 from torch import nn
 from transformers import LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -14,15 +15,7 @@ D_MODEL, D_FF, N = 16, 32, 4
 
 
 def make_layer(variant="dsmoe", tau=0.5, seed=0, router_std=1.0):
-    torch.manual_seed(seed)
-    mlp = LlamaMLP(
-        LlamaConfig(
-            hidden_size=D_MODEL, intermediate_size=D_FF, hidden_act="silu", num_attention_heads=4, num_key_value_heads=2
-        )
-    )
-    layer = DSMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, DSMoEConfig(N, tau, variant))
-    nn.init.normal_(layer.router.weight, std=router_std)
-    return layer.double()
+    return dsmoe_layer(D_MODEL, D_FF, DSMoEConfig(N, tau, variant), seed, router_std).double()
 
 
 def reference_forward(layer, x, training):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_model
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -20,7 +21,6 @@ from dsmoe.baselines.llama_moe import (
     predicted_activated_params,
 )
 from dsmoe.hf_remote.partitioned_swiglu import smooth_load
-from dsmoe.models import tiny_model
 from dsmoe.stats import count_params
 
 D_MODEL, D_FF, N = 16, 32, 4

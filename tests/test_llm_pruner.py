@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 from llama_shapes import LLAMA_1B, LLAMA_7B, TINY_LLAMA
+from tiny_models import calib, tiny_model
 from transformers import AutoModelForCausalLM
 
 from dsmoe.baselines import llm_pruner as lp
-from dsmoe.models import tiny_model
 from dsmoe.stats import count_params
 
 ARCHS = [("llama", False), ("qwen2", True)]  # qwen2: q/k/v biases; tied embeddings; both GQA (4 heads, 2 KV)
@@ -28,11 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def calib(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, 12), generator=g) for _ in range(n)]
 
 
 def reference_saliences(model, batches) -> dict[str, torch.Tensor]:
@@ -363,7 +358,6 @@ def test_calibration_sample_takes_llm_pruners_own_setting():
 def test_untie_lm_head_prunes_like_the_original_and_counts_both_matrices():
     """The original LLM-Pruner unties lm_head before channel pruning; its count then holds vocab × d' twice."""
     from dsmoe.baselines.llm_pruner import LLM_PRUNER_CHANNEL
-    from dsmoe.models import tiny_model
     from dsmoe.stats import count_params
 
     ids = [torch.randint(0, 256, (2, 16)) for _ in range(2)]

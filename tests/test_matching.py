@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 from llama_shapes import LLAMA_1B, LLAMA_7B, TINY_LLAMA, LlamaShape
+from tiny_models import tiny_model
 from torch import nn
 
 from dsmoe.baselines import llm_pruner as lp
@@ -14,7 +15,6 @@ from dsmoe.baselines.llama_moe import LLAMA_MOE, match_llama_moe
 from dsmoe.baselines.sparsegpt import SPARSEGPT, match_sparsegpt
 from dsmoe.matching import resolve_target
 from dsmoe.methods import match_options
-from dsmoe.models import tiny_model
 from dsmoe.stats import count_params
 
 

@@ -1,9 +1,10 @@
 """Loading a model: every failure names the model, the file and what is wrong (issue: faults and bad input)."""
 
 import pytest
+from tiny_models import tiny_model
 
 import dsmoe
-from dsmoe.models import load_model, tiny_model
+from dsmoe.models import load_model
 
 
 @pytest.fixture

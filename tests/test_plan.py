@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_experiments import write_scale
-from test_train import assets  # noqa: F401  (fixture: tiny model + local corpus)
 
 from dsmoe import plan as dp
 from dsmoe.stats import count_params
@@ -171,12 +169,12 @@ def test_bad_input_is_named(offline, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method", ["dsmoe", "llama_moe", "llm_pruner_block", "sparsegpt"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_planned_final_size_matches_a_real_save(tmp_path, assets, monkeypatch, method, dtype):  # noqa: F811
+def test_planned_final_size_matches_a_real_save(tmp_path, assets, write_scale, method, dtype):
     from dsmoe.baselines.llm_pruner import options_plan, prune_with_plan
     from dsmoe.methods import get_method, match_options
     from dsmoe.models import load_model
 
-    write_scale(tmp_path, assets, monkeypatch, ["dsmoe", method])
+    write_scale(["dsmoe", method])
     path = tmp_path / "scales" / "tiny.yaml"
     scale = yaml.safe_load(path.read_text())
     scale["base"]["trainer"]["export_dtype"] = dtype

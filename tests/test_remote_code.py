@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import calib, tiny_model
 
 import dsmoe
 from dsmoe.baselines import llm_pruner as lp
 from dsmoe.baselines.llama_moe import LLAMA_MOE, LlamaMoEConfig, convert_to_llama_moe, llama_moe_layers
 from dsmoe.methods import get_method, method_of_saved
-from dsmoe.models import load_model, load_tokenizer, tiny_model
+from dsmoe.models import load_model, load_tokenizer
 from dsmoe.stats import count_params
 
 WITHOUT_DSMOE = """
@@ -73,11 +74,6 @@ def trained_like_routers(model: torch.nn.Module, std: float = 0.25, seed: int = 
         for name, p in model.named_parameters():
             if ".mlp.router." in name or ".mlp.noise." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def calib(seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, 12), generator=g) for _ in range(2)]
 
 
 def dsmoe_model(arch: str, tau: float, variant: str) -> torch.nn.Module:

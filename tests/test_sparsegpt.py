@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 from llama_shapes import TINY_LLAMA
+from tiny_models import calib, tiny_model
 from torch import nn
 
 from dsmoe.baselines import sparsegpt as sg
 from dsmoe.baselines.sparsegpt import SPARSEGPT, prune_weight
-from dsmoe.models import tiny_model
 
 
 def correlated_inputs(tokens, features, seed=0):
@@ -93,18 +93,13 @@ def test_zero_sparsity_keeps_weights():
     torch.testing.assert_close(out, W)
 
 
-def calib(seed=0, batches=3):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, 16), generator=g) for _ in range(batches)]
-
-
 def test_layer_inputs_come_from_already_pruned_layers(monkeypatch):
     """The Hessian of layer l's Linears is built from inputs produced by the pruned layers < l (and a dense layer l)."""
     dense = tiny_model("llama").eval()
     seen = []
     real = sg.prune_weight
     monkeypatch.setattr(sg, "prune_weight", lambda w, h, *a: seen.append(h.clone()) or real(w, h, *a))
-    pruned = SPARSEGPT.apply(copy.deepcopy(dense), {"sparsity": 0.5}, calib())
+    pruned = SPARSEGPT.apply(copy.deepcopy(dense), {"sparsity": 0.5}, calib(3, seed=0, length=16))
     per_layer = len([m for m in dense.model.layers[0].modules() if isinstance(m, nn.Linear)])
     assert len(seen) == per_layer * len(dense.model.layers)
     for idx, dense_layer in enumerate(dense.model.layers):
@@ -117,7 +112,7 @@ def test_layer_inputs_come_from_already_pruned_layers(monkeypatch):
                 lambda mod, args, out, xs=xs: xs[id(mod)].append(args[0].reshape(-1, args[0].shape[-1]))
             )
         with torch.no_grad():
-            for batch in calib():
+            for batch in calib(3, seed=0, length=16):
                 hybrid(input_ids=batch)
         for i, m in enumerate(linears):
             torch.testing.assert_close(seen[idx * per_layer + i], hessian(torch.cat(xs[id(m)])), rtol=1e-4, atol=1e-5)
@@ -126,7 +121,7 @@ def test_layer_inputs_come_from_already_pruned_layers(monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_masks_survive_adamw_steps_and_accounting(arch):
     torch.manual_seed(0)
-    model = SPARSEGPT.apply(tiny_model(arch), {"sparsity": 0.6}, calib())
+    model = SPARSEGPT.apply(tiny_model(arch), {"sparsity": 0.6}, calib(3, seed=0, length=16))
     linears = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 14 and len(sg.masked_linears(model)) == 14
     # every matrix is one block (≤ 128 inputs): 60% of q, o (4096 → 2457.6), k, v (2048 → 1228.8), gate, up, down
@@ -157,7 +152,7 @@ def test_masks_survive_adamw_steps_and_accounting(arch):
 
 
 def test_save_load_keeps_masks(tmp_path):
-    model = SPARSEGPT.apply(tiny_model("llama"), {"sparsity": 0.5}, calib()).eval()
+    model = SPARSEGPT.apply(tiny_model("llama"), {"sparsity": 0.5}, calib(3, seed=0, length=16)).eval()
     ids = torch.randint(0, 256, (2, 10))
     SPARSEGPT.save(model, tmp_path, None)
     loaded = SPARSEGPT.load(tmp_path).eval()
@@ -170,7 +165,7 @@ def test_save_load_keeps_masks(tmp_path):
 
 
 def test_lost_masks_are_detected(tmp_path):
-    model = SPARSEGPT.apply(tiny_model("llama"), {"sparsity": 0.5}, calib())
+    model = SPARSEGPT.apply(tiny_model("llama"), {"sparsity": 0.5}, calib(3, seed=0, length=16))
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.add_(1.0)  # a "training" step without the mask hook
     SPARSEGPT.save(model, tmp_path, None)
@@ -182,6 +177,6 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="needs calibration"):
         SPARSEGPT.apply(tiny_model("llama"), {"sparsity": 0.5}, None)
     with pytest.raises(ValueError, match="sparsity must lie in"):
-        SPARSEGPT.apply(tiny_model("llama"), {"sparsity": 1.0}, calib())
+        SPARSEGPT.apply(tiny_model("llama"), {"sparsity": 1.0}, calib(3, seed=0, length=16))
     with pytest.raises(ValueError, match="batches were empty"):
         SPARSEGPT.apply(tiny_model("llama"), {"sparsity": 0.5}, [])

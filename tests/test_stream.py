@@ -18,7 +18,7 @@ from dsmoe.data import DataConfig, PretrainDataModule, SourceConfig, WindowStrea
 from dsmoe.data.tokens import tokenize_documents
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_data import word_tokenizer  # noqa: E402
+from tiny_models import word_tokenizer  # noqa: E402
 
 ROWS, FILES = 40, 6
 pytestmark = pytest.mark.filterwarnings(r"ignore:source 'j' has 1 file\(s\) for:UserWarning")  # tested in test_data

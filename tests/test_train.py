@@ -4,7 +4,6 @@ every method trains through the same entry point, export."""
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -13,35 +12,10 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny_models import tiny_model
 
 import dsmoe
-from dsmoe.models import tiny_model
 from dsmoe.train import export, load_config, schedule, train, world_size
-
-WORDS = [f"w{i}" for i in range(200)]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny Llama with a word-level tokenizer, and a patterned local corpus (two sources)."""
-    root = tmp_path_factory.mktemp("assets")
-    vocab = {tok: i for i, tok in enumerate(["<eos>", "<unk>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
-    model = tiny_model("llama", vocab_size=256)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rng = random.Random(0)
-    for name, stride in (("a", 1), ("b", 3)):
-        docs = []
-        for _ in range(120):  # arithmetic word sequences: learnable in a few steps
-            start = rng.randrange(150)
-            docs.append(" ".join(WORDS[(start + stride * k) % 200] for k in range(rng.randrange(20, 60))))
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return root
 
 
 def make_cfg(assets, out_dir, **overrides):

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 import dsmoe.fast as fast
+from dsmoe.config_checks import reject_unknown_keys
 from dsmoe.hf_remote.partitioned_swiglu import (
     GATE_NETWORKS,
     SwiGLUParts,
@@ -85,11 +86,7 @@ class LlamaMoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlamaMoEConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(
-                f"unknown LlamaMoEConfig keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
-            )
+        reject_unknown_keys(d, cls.__dataclass_fields__, "LlamaMoEConfig keys")
         return cls(**d)
 
 

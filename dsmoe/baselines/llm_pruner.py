@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from dsmoe.config_checks import reject_unknown_keys
 from dsmoe.hf_remote.pruned_shapes import (
     decoder_layers,
     hidden_params,
@@ -467,11 +468,7 @@ def _target(model: PreTrainedModel, options: dict[str, Any]) -> dict[str, float]
 
 
 def _check_options(mode: str, options: dict[str, Any]) -> None:
-    unknown = set(options) - _ALLOWED[mode]
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {sorted(unknown)} for llm_pruner_{mode}; allowed: {sorted(_ALLOWED[mode])}"
-        )
+    reject_unknown_keys(options, _ALLOWED[mode], "option(s)", f" for llm_pruner_{mode}")
 
 
 def untie_lm_head(model: PreTrainedModel) -> PreTrainedModel:

@@ -1,5 +1,5 @@
-"""Continued pre-training data (paper §5.1): configuration, files, the training stream, the LightningDataModule
-and the embedded offline corpus.
+"""Continued pre-training data (paper §5.1): sources, configuration, files, the training stream, the
+LightningDataModule and the embedded offline corpus.
 
 Names are imported lazily so that ``python -m dsmoe.data.corpus`` runs the module only once.
 """
@@ -10,13 +10,12 @@ _EXPORTS = {
     "DOMAINS": "corpus",
     "build_corpus": "corpus",
     "corpus_manifest": "corpus",
-    "PAPER_SOURCES": "config",
+    "PAPER_SOURCES": "sources",
+    "SourceConfig": "sources",
+    "resolve_files": "sources",
     "DataConfig": "config",
-    "SourceConfig": "config",
-    "corpus_sources": "config",
+    "check_data_files": "config",
     "DataFileError": "files",
-    "check_data_files": "files",
-    "resolve_files": "files",
     "validation_sample": "holdout",
     "MixtureStream": "stream",
     "WindowStream": "stream",

@@ -1,115 +1,18 @@
-"""Data configuration: text sources (hub datasets, local files, the embedded corpus) and the DataModule's settings."""
+"""Data settings of the DataModule (DataConfig) and the check of every source's files before any model work."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from dsmoe.data.corpus import DOMAINS
-from dsmoe.data.files import check_data_files, file_format
+from dsmoe.config_checks import reject_unknown_keys
+from dsmoe.data.corpus import corpus_path
+from dsmoe.data.files import SourceFiles, check_local_file
+from dsmoe.data.sources import SourceConfig, resolve_files
 
-EMBEDDED_PREFIX, PAPER_PREFIX = "embedded:", "paper:"
 VAL_POOL_FACTOR = 10  # default validation pool: this many times val_docs_per_source (see DataConfig)
-
-
-@dataclass
-class SourceConfig:
-    """One text source. Either ``path`` (a hub dataset id or local dataset folder, or ``embedded:<domain>``) or
-    ``data_files`` (local jsonl/json/parquet/txt/csv/arrow files or globs; a .txt file is one document)."""
-
-    name: str
-    weight: float = 1.0
-    path: str | None = None
-    config_name: str | None = None
-    data_dir: str | None = None
-    split: str = "train"
-    data_files: list[str] | str | None = None
-    text_field: str = "text"
-    streaming: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"source name must be a non-empty string, got {self.name!r}")
-        if not isinstance(self.weight, (int, float)) or isinstance(self.weight, bool) or not self.weight > 0:
-            raise ValueError(f"source {self.name!r}: weight must be a positive number, got {self.weight!r}")
-        if (self.path is None) == (self.data_files is None):
-            raise ValueError(
-                f"source {self.name!r}: give exactly one of path (hub id or 'embedded:<domain>') and data_files; "
-                f"got path={self.path!r}, data_files={self.data_files!r}"
-            )
-        if self.embedded_domain is not None and self.embedded_domain not in DOMAINS:
-            raise ValueError(
-                f"source {self.name!r}: unknown embedded domain {self.embedded_domain!r}; choose from {list(DOMAINS)}"
-            )
-        if self.data_files is not None:
-            if not self.file_patterns:
-                raise ValueError(f"source {self.name!r}: data_files is empty")
-            for pattern in self.file_patterns:
-                file_format(pattern, self.name)  # fails early on an unknown suffix
-
-    @property
-    def embedded_domain(self) -> str | None:
-        """The embedded corpus domain this source reads, or None."""
-        if self.path is not None and self.path.startswith(EMBEDDED_PREFIX):
-            return self.path.removeprefix(EMBEDDED_PREFIX)
-        return None
-
-    @property
-    def file_patterns(self) -> list[str]:
-        """``data_files`` as a list of paths or globs (empty for hub and embedded sources)."""
-        if self.data_files is None:
-            return []
-        return [self.data_files] if isinstance(self.data_files, str) else [str(f) for f in self.data_files]
-
-    @classmethod
-    def from_obj(cls, obj: str | dict | SourceConfig) -> SourceConfig:
-        """Build from a shorthand (``embedded:<domain>``, ``paper:<name>``), a dict of fields, or a dict
-        with ``preset: <shorthand>`` plus fields that override the preset (e.g. ``weight``)."""
-        if isinstance(obj, SourceConfig):
-            return obj
-        if isinstance(obj, str):
-            return source_preset(obj)
-        if not isinstance(obj, dict):
-            raise ValueError(f"a source must be a shorthand string or a mapping, got {obj!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(obj) - fields - {"preset"})
-        if unknown:
-            raise ValueError(f"unknown source key(s) {unknown} in {obj!r}; allowed: {sorted(fields | {'preset'})}")
-        overrides = {k: v for k, v in obj.items() if k != "preset"}
-        if "preset" in obj:
-            return dataclasses.replace(source_preset(obj["preset"]), **overrides)
-        return cls(**overrides)
-
-
-# The paper's hub sources (§5.1). The paper does not state mixture weights: equal shares here.
-PAPER_SOURCES: dict[str, SourceConfig] = {
-    "fineweb-edu": SourceConfig("fineweb-edu", path="HuggingFaceFW/fineweb-edu", config_name="sample-10BT"),
-    "open-web-math": SourceConfig("open-web-math", path="open-web-math/open-web-math"),
-    "starcoder": SourceConfig("starcoder", path="bigcode/starcoderdata", data_dir="python", text_field="content"),
-    "cosmopedia": SourceConfig("cosmopedia", path="HuggingFaceTB/cosmopedia", config_name="web_samples_v2"),
-}
-
-
-def source_preset(shorthand: str) -> SourceConfig:
-    """``embedded:<domain>`` or ``paper:<name>`` as a SourceConfig."""
-    if shorthand.startswith(EMBEDDED_PREFIX):
-        return SourceConfig(name=shorthand.removeprefix(EMBEDDED_PREFIX), path=shorthand)
-    if shorthand.startswith(PAPER_PREFIX) and shorthand.removeprefix(PAPER_PREFIX) in PAPER_SOURCES:
-        return dataclasses.replace(PAPER_SOURCES[shorthand.removeprefix(PAPER_PREFIX)])
-    raise ValueError(
-        f"unknown source shorthand {shorthand!r}; use 'embedded:<{'|'.join(DOMAINS)}>' "
-        f"or 'paper:<{'|'.join(PAPER_SOURCES)}>'"
-    )
-
-
-def corpus_sources(weights: dict[str, float] | None = None) -> list[SourceConfig]:
-    """``SourceConfig``s for the embedded corpus (equal weights unless ``weights`` maps domain -> weight)."""
-    weights = dict(weights) if weights is not None else dict.fromkeys(DOMAINS, 1.0)
-    unknown = sorted(set(weights) - set(DOMAINS))
-    if unknown:
-        raise ValueError(f"unknown corpus domain(s) {unknown} in weights; choose from {list(DOMAINS)}")
-    return [SourceConfig(name=d, weight=w, path=f"{EMBEDDED_PREFIX}{d}") for d, w in weights.items()]
 
 
 @dataclass
@@ -176,15 +79,12 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; allowed: {sorted(allowed)}")
+        reject_unknown_keys(values, {f.name for f in dataclasses.fields(cls)}, "data config key(s)")
         return cls(**values)
 
     def check_files(self) -> dict[str, list[str]]:
         """Check every data file of every source before any model work starts; ``{source: files}``.
-        Errors name the file and the source (see :func:`dsmoe.data.files.check_data_files`)."""
+        Errors name the file and the source (see :func:`check_data_files`)."""
         return check_data_files(self)
 
     def stream_fingerprint(self) -> dict[str, Any]:
@@ -195,3 +95,23 @@ class DataConfig:
             **{k: getattr(self, k) for k in keys},
             "shuffle_buffer": self.shuffle_buffer,
         }
+
+
+def check_data_files(config: DataConfig) -> dict[str, list[str]]:
+    """Check, before any model work, that every source resolves and that every local file exists, is non-empty
+    and readable (parquet: its footer; jsonl: UTF-8 and a first record with the text field). Hub sources are
+    checked as far as the hub's file listing allows without downloading data; the embedded corpus only once built.
+    Returns ``{source: files}``."""
+    resolved = {}
+    for source in config.sources:
+        if source.embedded_domain is not None:  # built by PretrainDataModule.prepare_data (once per node)
+            files = SourceFiles(source.name, "json", (str(corpus_path(source.embedded_domain)),), source.text_field)
+            local = Path(files.files[0]).exists()
+        else:
+            files = resolve_files(source)
+            local = source.data_files is not None or Path(source.path).is_dir()
+        if local:
+            for index in range(len(files.files)):
+                check_local_file(files, index)
+        resolved[source.name] = list(files.files)
+    return resolved

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from dsmoe.data.config import DataConfig
 from dsmoe.data.corpus import build_corpus
-from dsmoe.data.files import check_data_files
 from dsmoe.data.reader import assigned_files
 from dsmoe.data.stream import STREAM_STATE, MixtureStream, PreparedSource, collate, collate_with_state, prepare_sources
 from dsmoe.data.tokens import packed_eval_windows
@@ -67,10 +66,6 @@ class PretrainDataModule(L.LightningDataModule):
         self._loaded: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ preparation
-
-    def check_sources(self) -> dict[str, list[str]]:
-        """Check every data file of every source before any model work (see :func:`check_data_files`)."""
-        return check_data_files(self.config)
 
     def prepare_data(self) -> None:
         """Build the embedded corpus once per node, before any rank reads it."""

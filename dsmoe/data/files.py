@@ -1,25 +1,17 @@
-"""A source's data files: resolving them (local globs, the embedded corpus, hub datasets), reading one file as
-Arrow batches through ``datasets`` streaming, and checking every file before any model work starts.
+"""Data files: their formats, reading one file as Arrow batches through ``datasets`` streaming, its text values,
+and the check of one local file before any model work starts (sources resolve to files in ``dsmoe.data.sources``).
 
 Every error about a file names the file and its source (``DataFileError``, a ``ValueError``).
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
-
-from dsmoe.data.corpus import build_corpus, corpus_path
-
-if TYPE_CHECKING:  # config imports this module (SourceConfig checks formats, DataConfig.check_files)
-    from dsmoe.data.config import DataConfig, SourceConfig
 
 FILE_FORMATS = {
     ".jsonl": "json",
@@ -32,7 +24,7 @@ FILE_FORMATS = {
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 READ_BATCH = 1024  # rows per Arrow batch
-CHECK_BYTES = 1 << 20  # bytes of a text-like file decoded by check_data_files
+CHECK_BYTES = 1 << 20  # bytes of a text-like file decoded by check_local_file
 
 
 def file_format(pattern: str, source_name: str) -> str:
@@ -64,54 +56,6 @@ class SourceFiles:
 
     def describe(self, index: int) -> str:
         return f"source {self.name!r}, file {self.files[index]!r}"
-
-
-def _expand(pattern: str, source: str) -> list[str]:
-    if glob.has_magic(pattern):
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        if not matches:
-            raise DataFileError(f"source {source!r}: no file matches {pattern!r}")
-        return matches
-    return [os.path.expanduser(pattern)]
-
-
-def _hub_files(source: SourceConfig) -> tuple[str, list[str]]:
-    """The packaged builder name and data file URLs of a hub dataset (or local dataset folder): metadata only."""
-    import datasets
-
-    try:
-        builder = datasets.load_dataset_builder(source.path, name=source.config_name, data_dir=source.data_dir)
-    except Exception as err:  # noqa: BLE001 - any failure here means the dataset cannot be found or reached
-        raise DataFileError(
-            f"source {source.name!r}: cannot resolve dataset {source.path!r} (config {source.config_name!r}, "
-            f"data_dir {source.data_dir!r}): {type(err).__name__}: {err}"
-        ) from err
-    data_files = builder.config.data_files or {}
-    if source.split not in data_files:
-        raise DataFileError(
-            f"source {source.name!r}: dataset {source.path!r} has no split {source.split!r}; "
-            f"its splits are {sorted(map(str, data_files))}"
-        )
-    files = [str(f) for f in data_files[source.split]]
-    if not files:
-        raise DataFileError(f"source {source.name!r}: dataset {source.path!r} lists no files for {source.split!r}")
-    return builder.name, files
-
-
-def resolve_files(source: SourceConfig) -> SourceFiles:
-    """The source's files and format. The embedded corpus is built if needed; hub ids are resolved from
-    the hub's file listing without downloading data."""
-    if source.embedded_domain is not None:
-        fmt, files = "json", [str(build_corpus([source.embedded_domain])[source.embedded_domain])]
-    elif source.data_files is not None:
-        files = [f for pattern in source.file_patterns for f in _expand(pattern, source.name)]
-        formats = {file_format(f, source.name) for f in files}
-        if len(formats) > 1:
-            raise DataFileError(f"source {source.name!r} mixes file formats {sorted(formats)}: split it into sources")
-        fmt = formats.pop()
-    else:
-        fmt, files = _hub_files(source)
-    return SourceFiles(source.name, fmt, tuple(files), source.text_field, source.streaming)
 
 
 _BUILDER_CLASSES: dict[str, type] = {}
@@ -192,7 +136,9 @@ def text_values(table: pa.Table, files: SourceFiles, index: int, rows: list[int]
         ) from err
 
 
-def _check_local_file(files: SourceFiles, index: int) -> None:
+def check_local_file(files: SourceFiles, index: int) -> None:
+    """File ``index`` exists, is a non-empty regular file and readable (parquet: its footer and the text field;
+    uncompressed json/text/csv: UTF-8; jsonl: a first record with the text field)."""
     path = Path(files.files[index])
     where = files.describe(index)
     if not path.exists():
@@ -240,23 +186,3 @@ def _check_local_file(files: SourceFiles, index: int) -> None:
                 raise DataFileError(
                     f"{where}: line 1 has no text field {files.text_field!r}; its keys are {sorted(record)}"
                 )
-
-
-def check_data_files(config: DataConfig) -> dict[str, list[str]]:
-    """Check, before any model work, that every source resolves and that every local file exists, is non-empty
-    and readable (parquet: its footer; jsonl: UTF-8 and a first record with the text field). Hub sources are
-    checked as far as the hub's file listing allows without downloading data; the embedded corpus only once built.
-    Returns ``{source: files}``."""
-    resolved = {}
-    for source in config.sources:
-        if source.embedded_domain is not None:  # built by PretrainDataModule.prepare_data (once per node)
-            files = SourceFiles(source.name, "json", (str(corpus_path(source.embedded_domain)),), source.text_field)
-            local = Path(files.files[0]).exists()
-        else:
-            files = resolve_files(source)
-            local = source.data_files is not None or Path(source.path).is_dir()
-        if local:
-            for index in range(len(files.files)):
-                _check_local_file(files, index)
-        resolved[source.name] = list(files.files)
-    return resolved

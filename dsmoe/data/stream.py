@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dsmoe.data.config import DataConfig
-from dsmoe.data.files import SourceFiles, resolve_files
+from dsmoe.data.files import SourceFiles
 from dsmoe.data.holdout import validation_sample
 from dsmoe.data.reader import Position, SourceReader
+from dsmoe.data.sources import resolve_files
 from dsmoe.data.tokens import document_separator_id, tokenize_documents
 
 TOKENIZE_BATCH = 64  # documents per tokenizer call and source

@@ -1,0 +1,151 @@
+"""Text sources: what a source is (a hub dataset, local files or the embedded corpus; shorthands and the paper's
+presets) and the data files it resolves to."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from dataclasses import dataclass
+
+from dsmoe.config_checks import reject_unknown_keys
+from dsmoe.data.corpus import DOMAINS, build_corpus
+from dsmoe.data.files import DataFileError, SourceFiles, file_format
+
+EMBEDDED_PREFIX, PAPER_PREFIX = "embedded:", "paper:"
+
+
+@dataclass
+class SourceConfig:
+    """One text source. Either ``path`` (a hub dataset id or local dataset folder, or ``embedded:<domain>``) or
+    ``data_files`` (local jsonl/json/parquet/txt/csv/arrow files or globs; a .txt file is one document)."""
+
+    name: str
+    weight: float = 1.0
+    path: str | None = None
+    config_name: str | None = None
+    data_dir: str | None = None
+    split: str = "train"
+    data_files: list[str] | str | None = None
+    text_field: str = "text"
+    streaming: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"source name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.weight, (int, float)) or isinstance(self.weight, bool) or not self.weight > 0:
+            raise ValueError(f"source {self.name!r}: weight must be a positive number, got {self.weight!r}")
+        if (self.path is None) == (self.data_files is None):
+            raise ValueError(
+                f"source {self.name!r}: give exactly one of path (hub id or 'embedded:<domain>') and data_files; "
+                f"got path={self.path!r}, data_files={self.data_files!r}"
+            )
+        if self.embedded_domain is not None and self.embedded_domain not in DOMAINS:
+            raise ValueError(
+                f"source {self.name!r}: unknown embedded domain {self.embedded_domain!r}; choose from {list(DOMAINS)}"
+            )
+        if self.data_files is not None:
+            if not self.file_patterns:
+                raise ValueError(f"source {self.name!r}: data_files is empty")
+            for pattern in self.file_patterns:
+                file_format(pattern, self.name)  # fails early on an unknown suffix
+
+    @property
+    def embedded_domain(self) -> str | None:
+        """The embedded corpus domain this source reads, or None."""
+        if self.path is not None and self.path.startswith(EMBEDDED_PREFIX):
+            return self.path.removeprefix(EMBEDDED_PREFIX)
+        return None
+
+    @property
+    def file_patterns(self) -> list[str]:
+        """``data_files`` as a list of paths or globs (empty for hub and embedded sources)."""
+        if self.data_files is None:
+            return []
+        return [self.data_files] if isinstance(self.data_files, str) else [str(f) for f in self.data_files]
+
+    @classmethod
+    def from_obj(cls, obj: str | dict | SourceConfig) -> SourceConfig:
+        """Build from a shorthand (``embedded:<domain>``, ``paper:<name>``), a dict of fields, or a dict
+        with ``preset: <shorthand>`` plus fields that override the preset (e.g. ``weight``)."""
+        if isinstance(obj, SourceConfig):
+            return obj
+        if isinstance(obj, str):
+            return source_preset(obj)
+        if not isinstance(obj, dict):
+            raise ValueError(f"a source must be a shorthand string or a mapping, got {obj!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        reject_unknown_keys(obj, fields | {"preset"}, "source key(s)", f" in {obj!r}")
+        overrides = {k: v for k, v in obj.items() if k != "preset"}
+        if "preset" in obj:
+            return dataclasses.replace(source_preset(obj["preset"]), **overrides)
+        return cls(**overrides)
+
+
+# The paper's hub sources (§5.1). The paper does not state mixture weights: equal shares here.
+PAPER_SOURCES: dict[str, SourceConfig] = {
+    "fineweb-edu": SourceConfig("fineweb-edu", path="HuggingFaceFW/fineweb-edu", config_name="sample-10BT"),
+    "open-web-math": SourceConfig("open-web-math", path="open-web-math/open-web-math"),
+    "starcoder": SourceConfig("starcoder", path="bigcode/starcoderdata", data_dir="python", text_field="content"),
+    "cosmopedia": SourceConfig("cosmopedia", path="HuggingFaceTB/cosmopedia", config_name="web_samples_v2"),
+}
+
+
+def source_preset(shorthand: str) -> SourceConfig:
+    """``embedded:<domain>`` or ``paper:<name>`` as a SourceConfig."""
+    if shorthand.startswith(EMBEDDED_PREFIX):
+        return SourceConfig(name=shorthand.removeprefix(EMBEDDED_PREFIX), path=shorthand)
+    if shorthand.startswith(PAPER_PREFIX) and shorthand.removeprefix(PAPER_PREFIX) in PAPER_SOURCES:
+        return dataclasses.replace(PAPER_SOURCES[shorthand.removeprefix(PAPER_PREFIX)])
+    raise ValueError(
+        f"unknown source shorthand {shorthand!r}; use 'embedded:<{'|'.join(DOMAINS)}>' "
+        f"or 'paper:<{'|'.join(PAPER_SOURCES)}>'"
+    )
+
+
+def _expand(pattern: str, source: str) -> list[str]:
+    if glob.has_magic(pattern):
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise DataFileError(f"source {source!r}: no file matches {pattern!r}")
+        return matches
+    return [os.path.expanduser(pattern)]
+
+
+def _hub_files(source: SourceConfig) -> tuple[str, list[str]]:
+    """The packaged builder name and data file URLs of a hub dataset (or local dataset folder): metadata only."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(source.path, name=source.config_name, data_dir=source.data_dir)
+    except Exception as err:  # noqa: BLE001 - any failure here means the dataset cannot be found or reached
+        raise DataFileError(
+            f"source {source.name!r}: cannot resolve dataset {source.path!r} (config {source.config_name!r}, "
+            f"data_dir {source.data_dir!r}): {type(err).__name__}: {err}"
+        ) from err
+    data_files = builder.config.data_files or {}
+    if source.split not in data_files:
+        raise DataFileError(
+            f"source {source.name!r}: dataset {source.path!r} has no split {source.split!r}; "
+            f"its splits are {sorted(map(str, data_files))}"
+        )
+    files = [str(f) for f in data_files[source.split]]
+    if not files:
+        raise DataFileError(f"source {source.name!r}: dataset {source.path!r} lists no files for {source.split!r}")
+    return builder.name, files
+
+
+def resolve_files(source: SourceConfig) -> SourceFiles:
+    """The source's files and format. The embedded corpus is built if needed; hub ids are resolved from
+    the hub's file listing without downloading data."""
+    if source.embedded_domain is not None:
+        fmt, files = "json", [str(build_corpus([source.embedded_domain])[source.embedded_domain])]
+    elif source.data_files is not None:
+        files = [f for pattern in source.file_patterns for f in _expand(pattern, source.name)]
+        formats = {file_format(f, source.name) for f in files}
+        if len(formats) > 1:
+            raise DataFileError(f"source {source.name!r} mixes file formats {sorted(formats)}: split it into sources")
+        fmt = formats.pop()
+    else:
+        fmt, files = _hub_files(source)
+    return SourceFiles(source.name, fmt, tuple(files), source.text_field, source.streaming)

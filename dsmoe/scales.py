@@ -1,0 +1,108 @@
+"""Scale files (experiments/configs/scales/<scale>.yaml), checked against a typed schema when a scale is loaded.
+
+A scale holds one base training config (``base``), one override block per run (``methods``) and the evaluation
+settings (``eval``). ``base`` and each run merged over it (as the run is configured) are checked against the
+training config's schema (:class:`dsmoe.train.TrainConfig`; its ``data`` against :class:`dsmoe.data.DataConfig`;
+``method_options`` are left to the method), ``eval`` against :class:`EvalConfig`. An unknown key is an error naming
+the key and the allowed ones, a value of the wrong type one naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dsmoe.config_checks import reject_unknown_keys
+from dsmoe.data import DataConfig
+from dsmoe.train import TrainConfig
+
+
+@dataclass
+class EvalConfig:
+    """How the experiment drivers evaluate a scale's runs."""
+
+    batch_size: int  # sequences per batch of validation PPL and of the Table 2 benchmarks
+    max_gen_toks: int  # generation length of the generative Table 2 tasks
+    benchmark_limit: int | None = None  # items per Table 2 task; None: the full sets (--limit overrides it)
+    protocol: str = "windows"  # validation PPL: "windows" (packed held-out documents) or "documents" (paper §5.1)
+    seeds: int = 1  # repetitions of every trained run (--seeds overrides it)
+    val_windows: int | None = None  # held-out windows per source under the "windows" protocol; None: all
+
+
+@dataclass
+class ScaleConfig:
+    """A scale: the base training config, the runs' overrides of it and the evaluation settings."""
+
+    base: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    eval: EvalConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def reject_unknown_sections(values: Mapping, schema: type, where: str) -> None:
+    """The unknown-key check of ``values`` against the dataclass ``schema``, and of each of its sections that is a
+    dataclass itself (e.g. a train config's ``trainer``); ``where`` names ``values`` in the error."""
+    fields = typing.get_type_hints(schema)
+    reject_unknown_keys(values, fields, "key(s)", f" in {where}")
+    for key, value in values.items():
+        if dataclasses.is_dataclass(fields[key]) and isinstance(value, Mapping):
+            reject_unknown_sections(value, fields[key], f"{where}.{key}")
+
+
+def merged(*configs: Any, where: str) -> DictConfig:
+    """``configs`` merged in order over the first, a structured schema or a config made from one (OmegaConf checks
+    the type of every value); a value of the wrong type is a ValueError naming ``where`` and the key."""
+    try:
+        return OmegaConf.merge(*configs)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"{where}: {' '.join(line.strip() for line in str(error).splitlines())}") from error
+
+
+def check_data(data: DictConfig, where: str) -> None:
+    """``data`` makes a :class:`DataConfig` (known keys, valid sources and settings; no file is read)."""
+    try:
+        DataConfig.from_dict(OmegaConf.to_container(data))
+    except ValueError as error:
+        raise ValueError(f"{where}.data: {error}") from error
+
+
+def load_scale(path: str | Path) -> ScaleConfig:
+    """The scale at ``path``, every key checked (see the module docstring); ``eval`` with its defaults filled in."""
+    name = Path(path).stem
+    where = f"scale {name!r}"
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    sections = {f.name for f in dataclasses.fields(ScaleConfig)}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} ({path}) must be a mapping of {sorted(sections)}")
+    reject_unknown_keys(raw, sections, "key(s)", f" in {where}")
+    for section in sorted(sections):
+        if not isinstance(raw.get(section), dict):
+            raise ValueError(f"{where}: {section} must be a mapping, got {raw.get(section)!r}")
+
+    reject_unknown_sections(raw["base"], TrainConfig, f"{where} base")
+    base = merged(TrainConfig, raw["base"], where=f"{where} base")
+    check_data(base.data, f"{where} base")
+    for run, overrides in raw["methods"].items():  # each run as it is configured: defaults <- base <- its block
+        run_where = f"{where} methods.{run}"
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{run_where} must be a mapping of train config keys, got {overrides!r}")
+        reject_unknown_sections(overrides, TrainConfig, run_where)
+        config = merged(base, overrides, where=run_where)
+        if "data" in overrides:
+            check_data(config.data, run_where)
+
+    reject_unknown_sections(raw["eval"], EvalConfig, f"{where} eval")
+    evaluation = merged(EvalConfig, raw["eval"], where=f"{where} eval")
+    missing = sorted(OmegaConf.missing_keys(evaluation))
+    if missing:
+        raise ValueError(f"{where} eval has no {missing}: give them (see dsmoe.scales.EvalConfig)")
+    return ScaleConfig(base=raw["base"], methods=raw["methods"], eval=OmegaConf.to_object(evaluation))

@@ -1,0 +1,70 @@
+"""Scale files against their schema (dsmoe.scales): the shipped scales load unchanged with eval's defaults filled in;
+a misspelt key, a value of the wrong type or a missing eval setting is an error naming it."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from dsmoe.experiment import SCALES, SCALES_DIR, scale_config
+from dsmoe.scales import EvalConfig, load_scale
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_shipped_scales_load_as_written_with_the_eval_defaults(scale):
+    written = OmegaConf.to_container(OmegaConf.load(SCALES_DIR / f"{scale}.yaml"))
+    loaded = OmegaConf.to_container(scale_config(scale))
+    assert loaded["base"] == written["base"] and loaded["methods"] == written["methods"]
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
+    assert loaded["eval"] == {**defaults, **written["eval"]}
+
+
+def test_defaults_are_the_ones_the_drivers_used(write_scale):
+    scale = load_scale(write_scale(["dsmoe"]) / "scales" / "tiny.yaml")  # its eval gives no protocol or seeds
+    assert (scale.eval.protocol, scale.eval.seeds) == ("windows", 1)
+    assert scale_config("tiny").eval.get("protocol") == "windows"
+
+
+def edited(path: Path, edit) -> Path:
+    scale = yaml.safe_load(path.read_text())
+    edit(scale)
+    path.write_text(yaml.safe_dump(scale))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda s: s["eval"].update(sedes=3),
+            r"unknown key\(s\) \['sedes'\] in scale 'tiny' eval; allowed: \[.*'seeds'",
+        ),
+        (
+            lambda s: s.update(evals={}),
+            r"unknown key\(s\) \['evals'\] in scale 'tiny'; allowed: \['base', 'eval', 'methods'\]",
+        ),
+        (
+            lambda s: s["base"]["trainer"].update(max_stepz=3),
+            r"unknown key\(s\) \['max_stepz'\] in scale 'tiny' base.trainer; allowed: \[.*'max_steps'",
+        ),
+        (
+            lambda s: s["methods"]["dsmoe"].update(optim={"learning_rate": 1}),
+            r"unknown key\(s\) \['learning_rate'\] in scale 'tiny' methods.dsmoe.optim; allowed: \[.*'lr'",
+        ),
+        (
+            lambda s: s["base"]["data"].update(seqlen=8),
+            r"scale 'tiny' base.data: unknown data config key\(s\) \['seqlen'\]; allowed: \[.*'seq_len'",
+        ),
+        (lambda s: s["base"]["trainer"].update(max_steps="many"), r"scale 'tiny' base: .*'many'.*trainer.max_steps"),
+        (lambda s: s["eval"].pop("batch_size"), r"scale 'tiny' eval has no \['batch_size'\]"),
+        (lambda s: s.pop("methods"), r"scale 'tiny': methods must be a mapping, got None"),
+    ],
+)
+def test_a_bad_scale_is_an_error_naming_the_key(write_scale, edit, message):
+    path = edited(write_scale(["dsmoe"]) / "scales" / "tiny.yaml", edit)
+    with pytest.raises(ValueError, match=message):
+        load_scale(path)
+    with pytest.raises(ValueError, match=message):
+        scale_config("tiny")
