@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
-from dsmoe.config_checks import reject_unknown_keys
+from dsmoe.config_checks import StoredConfig
 from dsmoe.hf_remote.partitioned_swiglu import VARIANTS
 
 
 @dataclass
-class DSMoEConfig:
+class DSMoEConfig(StoredConfig):
     """How a dense SwiGLU FFN is turned into a DSMoE layer.
 
     num_experts: n, the number of equal slices of the intermediate dimension (eq. 6).
@@ -40,11 +39,3 @@ class DSMoEConfig:
             raise ValueError(f"sparsity_weight must be >= 0, got {self.sparsity_weight!r}")
         if self.router_init_std is not None and float(self.router_init_std) <= 0:
             raise ValueError(f"router_init_std must be > 0 or None, got {self.router_init_std!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DSMoEConfig:
-        reject_unknown_keys(d, cls.__dataclass_fields__, "DSMoEConfig keys")
-        return cls(**d)

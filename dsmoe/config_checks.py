@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
+from typing import Any, Self
 
 
 def reject_unknown_keys(given: Iterable[str], allowed: Iterable[str], what: str, where: str = "") -> None:
@@ -12,3 +14,16 @@ def reject_unknown_keys(given: Iterable[str], allowed: Iterable[str], what: str,
     unknown = sorted(set(given) - allowed)
     if unknown:
         raise ValueError(f"unknown {what} {unknown}{where}; allowed: {sorted(allowed)}")
+
+
+class StoredConfig:
+    """``to_dict`` / ``from_dict`` for a dataclass configuration stored in config.json (e.g. the "dsmoe" entry);
+    ``from_dict`` refuses unknown keys, naming them and the allowed ones."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        reject_unknown_keys(d, cls.__dataclass_fields__, f"{cls.__name__} keys")
+        return cls(**d)

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dsmoe.config import DSMoEConfig
-from dsmoe.hf_remote.partitioned_swiglu import replace_swiglu
+from dsmoe.hf_remote.partitioned_swiglu import replace_swiglu, swiglu_parts
 from dsmoe.layer import DSMoEMLP
 from dsmoe.losses import sparsity_loss
 from dsmoe.method import Batches, DynamicActivation, Method, ffn_widths
@@ -34,7 +34,7 @@ def convert(model: PreTrainedModel, config: DSMoEConfig) -> PreTrainedModel:
     std = config.router_init_std or getattr(model.config, "initializer_range", 0.02)
 
     def layer(mlp: nn.Module) -> DSMoEMLP:
-        new = DSMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, config)
+        new = DSMoEMLP(swiglu_parts(mlp), config)
         nn.init.normal_(new.router.weight, mean=0.0, std=std)
         return new
 

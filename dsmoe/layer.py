@@ -9,7 +9,6 @@ gates and masked forward live in :mod:`dsmoe.hf_remote.partitioned_swiglu`, shar
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 import dsmoe.fast as fast
 from dsmoe.config import DSMoEConfig
@@ -26,16 +25,8 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
     this class adds the sparse inference paths and the activation statistics.
     """
 
-    def __init__(
-        self,
-        gate_proj: nn.Linear,
-        up_proj: nn.Linear,
-        down_proj: nn.Linear,
-        act_fn: nn.Module,
-        config: DSMoEConfig,
-    ) -> None:
-        parts = SwiGLUParts(gate_proj, up_proj, down_proj, act_fn)
-        super().__init__(parts, config.num_experts, config.tau, config.variant)
+    def __init__(self, ffn: SwiGLUParts, config: DSMoEConfig) -> None:
+        super().__init__(ffn, config.num_experts, config.tau, config.variant)
         # eval: "sparse" computes only the active experts (grouped, with host-side counts); "masked" the dense
         # reference path, which needs no host sync; "auto": sparse on the CPU, masked on accelerators.
         self.inference_impl = "auto"

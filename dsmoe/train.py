@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 from transformers import AutoConfig
 
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
@@ -97,10 +98,21 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        cfg = merge_checked(cfg, OmegaConf.load(path), str(path))
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = merge_checked(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
     return cfg
+
+
+def merge_checked(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    """OmegaConf.merge, with an unknown key reported by its full name, its source and the keys allowed there."""
+    try:
+        return OmegaConf.merge(cfg, other)
+    except ConfigKeyError as error:
+        parent = error.full_key.rpartition(".")[0]
+        section = OmegaConf.select(cfg, parent) if parent else cfg
+        allowed = sorted(section.keys()) if isinstance(section, DictConfig) else []
+        raise ValueError(f"unknown config key {error.full_key!r} in {source}; allowed there: {allowed}") from None
 
 
 def on_gpu(t: TrainerConfig) -> bool:

@@ -58,6 +58,7 @@ from dsmoe.bench_inference import (  # noqa: E402
     timing,
 )
 from dsmoe.cli import run as run_cli  # noqa: E402
+from dsmoe.hf_remote.partitioned_swiglu import swiglu_parts  # noqa: E402
 from dsmoe.models import load_model  # noqa: E402
 from dsmoe.plots import inference_speedup  # noqa: E402
 from dsmoe.results import PROVENANCE, provenance, write_csv  # noqa: E402
@@ -82,7 +83,7 @@ def bench_ffn(name: str, mode: str, tokens: int, threads: int, args: argparse.Na
     torch.manual_seed(args.seed)
     config = LlamaConfig(hidden_size=d, intermediate_size=D, hidden_act="silu")
     dense = [LlamaMLP(config).to(args.device).eval() for _ in range(num_layers)]
-    moe = [DSMoEMLP(m.gate_proj, m.up_proj, m.down_proj, m.act_fn, DSMoEConfig(N_EXPERTS)).eval() for m in dense]
+    moe = [DSMoEMLP(swiglu_parts(m), DSMoEConfig(N_EXPERTS)).eval() for m in dense]
     routers = force_routers(moe, tokens)
     x = torch.randn(1, tokens, d, device=args.device)
     gen = torch.Generator().manual_seed(args.seed)

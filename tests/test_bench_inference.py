@@ -23,6 +23,7 @@ from dsmoe.bench_inference import (
     spread_pattern,
     timing,
 )
+from dsmoe.hf_remote.partitioned_swiglu import SwiGLUParts
 
 D_MODEL, D_FF, N = 32, 64, 8
 TOKENS = 16
@@ -35,7 +36,7 @@ def tiny_layer() -> DSMoEMLP:
         nn.Linear(D_MODEL, D_FF, bias=False),
         nn.Linear(D_FF, D_MODEL),
     )
-    return DSMoEMLP(gate, up, down, ACT2FN["silu"], DSMoEConfig(num_experts=N, tau=0.5)).eval()
+    return DSMoEMLP(SwiGLUParts(gate, up, down, ACT2FN["silu"]), DSMoEConfig(num_experts=N, tau=0.5)).eval()
 
 
 @pytest.mark.parametrize("k", range(1, N + 1))

@@ -6,6 +6,7 @@ from tiny_models import tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dsmoe
+from dsmoe.hf_remote.partitioned_swiglu import swiglu_parts
 from dsmoe.models import load_model
 
 
@@ -38,7 +39,7 @@ def test_smollm2_layer_partition_equals_hf_mlp():
     mlp = model.model.layers[3].mlp
     x = torch.randn(6, model.config.hidden_size)
     dense = mlp(x)
-    layer = dsmoe.DSMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, dsmoe.DSMoEConfig(num_experts=8))
+    layer = dsmoe.DSMoEMLP(swiglu_parts(mlp), dsmoe.DSMoEConfig(num_experts=8))
     assert layer.expert_size == 1536 // 8
     torch.testing.assert_close(layer.masked_forward(x, torch.ones(6, 8)), dense, rtol=1e-5, atol=1e-5)
 

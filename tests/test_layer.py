@@ -10,6 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from dsmoe import DSMoEConfig, DSMoEMLP, sparsity_loss
+from dsmoe.hf_remote.partitioned_swiglu import SwiGLUParts, swiglu_parts
 
 D_MODEL, D_FF, N = 16, 32, 4
 
@@ -150,7 +151,7 @@ def test_partition_with_unit_weights_equals_hf_mlp(mlp_cls, cfg_cls):
     )
     x = torch.randn(3, 5, D_MODEL)
     dense = mlp(x)
-    layer = DSMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, DSMoEConfig(num_experts=N))
+    layer = DSMoEMLP(swiglu_parts(mlp), DSMoEConfig(num_experts=N))
     out = layer.masked_forward(x.reshape(-1, D_MODEL), torch.ones(15, N)).reshape_as(dense)
     torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)
 
@@ -183,7 +184,9 @@ def test_bad_config_values_are_named():
     with pytest.raises(ValueError, match="sparsity_weight"):
         DSMoEConfig(sparsity_weight=-1)
     with pytest.raises(ValueError, match="D=32 is not divisible by num_experts=5"):
-        DSMoEMLP(nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 16), nn.SiLU(), DSMoEConfig(num_experts=5))
+        DSMoEMLP(
+            SwiGLUParts(nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 16), nn.SiLU()), DSMoEConfig(num_experts=5)
+        )
 
 
 def test_without_rescale_eval_output_is_the_plain_gated_sum():

@@ -20,7 +20,7 @@ from dsmoe.baselines.llama_moe import (
     llama_moe_layers,
     predicted_activated_params,
 )
-from dsmoe.hf_remote.partitioned_swiglu import smooth_load
+from dsmoe.hf_remote.partitioned_swiglu import smooth_load, swiglu_parts
 from dsmoe.stats import count_params
 
 D_MODEL, D_FF, N = 16, 32, 4
@@ -32,7 +32,7 @@ def make_layer(top_k=2, seed=0, router_std=1.0, **cfg):
     mlp = LlamaMLP(
         LlamaConfig(hidden_size=D_MODEL, intermediate_size=D_FF, num_attention_heads=4, num_key_value_heads=2)
     )
-    layer = LlamaMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, LlamaMoEConfig(N, top_k, **cfg))
+    layer = LlamaMoEMLP(swiglu_parts(mlp), LlamaMoEConfig(N, top_k, **cfg))
     if router_std:
         nn.init.normal_(layer.router.weight, std=router_std)
     return layer.double(), mlp.double()

@@ -16,6 +16,7 @@ from transformers import (
 from transformers.activations import ACT2FN
 
 from dsmoe import DSMoEConfig, DSMoEMLP
+from dsmoe.hf_remote.partitioned_swiglu import SwiGLUParts
 
 TINY_ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 TINY_VOCAB = 256
@@ -47,7 +48,7 @@ def dsmoe_layer(
     torch.manual_seed(seed)
     gate, up = nn.Linear(d_model, d_ff, bias=bias), nn.Linear(d_model, d_ff, bias=bias)
     down = nn.Linear(d_ff, d_model, bias=bias)
-    layer = DSMoEMLP(gate, up, down, ACT2FN["silu"], config)
+    layer = DSMoEMLP(SwiGLUParts(gate, up, down, ACT2FN["silu"]), config)
     nn.init.normal_(layer.router.weight, std=router_std)
     return layer
 

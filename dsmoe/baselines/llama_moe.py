@@ -15,7 +15,7 @@ Shazeer et al. (2017)'s w·(cv²(Importance) + cv²(Load)), summed over layers a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 import dsmoe.fast as fast
-from dsmoe.config_checks import reject_unknown_keys
+from dsmoe.config_checks import StoredConfig
 from dsmoe.hf_remote.partitioned_swiglu import (
     GATE_NETWORKS,
     SwiGLUParts,
     TopKGatedSwiGLU,
     is_swiglu,
     replace_swiglu,
+    swiglu_parts,
     topk_scale,
 )
 from dsmoe.matching import Match, resolve_target
@@ -40,7 +41,7 @@ from dsmoe.stats import count_params
 
 
 @dataclass
-class LlamaMoEConfig:
+class LlamaMoEConfig(StoredConfig):
     """How a dense SwiGLU FFN becomes a LLaMA-MoE layer.
 
     num_experts: n equal slices of the intermediate dimension. top_k: k experts per token (paper: 3 of 8).
@@ -81,14 +82,6 @@ class LlamaMoEConfig:
     def scale(self) -> float:
         return topk_scale(self.num_experts, self.top_k, self.score_scale_factor)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LlamaMoEConfig:
-        reject_unknown_keys(d, cls.__dataclass_fields__, "LlamaMoEConfig keys")
-        return cls(**d)
-
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation var(x)/mean(x)² (unbiased var, as LLaMA-MoE); 0 for one expert."""
@@ -105,16 +98,9 @@ class LlamaMoEMLP(TopKGatedSwiGLU):
     computes only the selected experts and keeps the balance loss of the last forward.
     """
 
-    def __init__(
-        self,
-        gate_proj: nn.Linear,
-        up_proj: nn.Linear,
-        down_proj: nn.Linear,
-        act_fn: nn.Module,
-        config: LlamaMoEConfig,
-    ) -> None:
+    def __init__(self, ffn: SwiGLUParts, config: LlamaMoEConfig) -> None:
         super().__init__(
-            SwiGLUParts(gate_proj, up_proj, down_proj, act_fn),
+            ffn,
             config.num_experts,
             config.top_k,
             config.score_scale_factor,
@@ -151,7 +137,7 @@ def convert_to_llama_moe(model: PreTrainedModel, config: LlamaMoEConfig) -> PreT
     """Replace every SwiGLU MLP by a LlamaMoEMLP sharing its weights; records ``model.config.llama_moe``."""
     if llama_moe_layers(model):
         raise ValueError("model is already converted to a top-k MoE")
-    replace_swiglu(model, lambda mlp: LlamaMoEMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, config))
+    replace_swiglu(model, lambda mlp: LlamaMoEMLP(swiglu_parts(mlp), config))
     model.config.llama_moe = config.to_dict()
     return model
 
