@@ -211,7 +211,7 @@ def test_tied_channel_model_round_trips(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
 
 
-def test_block_model_needs_load_pruned(tmp_path):
+def test_block_model_needs_load_llm_pruner(tmp_path):
     model = lp.prune_block(tiny_model("llama"), [100, 128], [1, 2], calib())
     lp.save_llm_pruner(model, tmp_path / "m")
     with pytest.raises(ValueError, match="trust_remote_code=True"):  # never silently the dense shapes
