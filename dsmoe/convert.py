@@ -103,7 +103,7 @@ def _aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
 
 DYNAMIC_ACTIVATION = DynamicActivation(
     reset=reset_activation_stats,
-    stats=lambda model, last=False, params=None: activation_stats(model, last=last, params=params),
+    stats=activation_stats,
     merge=merge_activation_counts,
     all_reduce=all_reduce_activation_counts,
     set_threshold=set_tau,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -54,9 +55,15 @@ def scale_config(scale: str) -> DictConfig:
     if not path.exists():
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise ValueError(f"unknown scale {scale!r}; choose one of {known} (YAML files in {folder})")
+    return OmegaConf.create(checked_scale(str(path), path.stat().st_mtime_ns))  # a fresh copy per call
+
+
+@functools.cache
+def checked_scale(path: str, mtime_ns: int) -> dict[str, Any]:
+    """A scale file checked against its schema once per version of the file (the drivers read it per evaluation)."""
     from dsmoe.scales import load_scale
 
-    return OmegaConf.create(load_scale(path).to_dict())
+    return load_scale(path).to_dict()
 
 
 def runs_root(scale: str) -> Path:
