@@ -8,7 +8,8 @@ routers, LLaMA-MoE gates, LLM-Pruner's planned shapes; SparseGPT stores a dense 
 training loop (dsmoe.train):
 
 - the dense model: downloaded once into the HF cache, in its source dtype (config.json dtype/torch_dtype);
-- init_model/: the prepared model in the source dtype; its weights are deleted when the run finishes;
+- init_model/: the prepared model in the dtype training holds weights in (fp32; 16-bit under bf16-true/16-true);
+  its weights are deleted when the run finishes;
 - checkpoints/: resume checkpoints every trainer.checkpoint_every_n_steps, fp32 weights and AdamW's two moments
   (12 bytes per parameter; 6 under bf16-true/16-true), the newest trainer.keep_last_checkpoints kept (one more while
   the newest is written); deleted when the run finishes unless trainer.keep_checkpoints;
@@ -39,7 +40,7 @@ from dsmoe.packages import cache_dir
 from dsmoe.saving import base_config
 from dsmoe.stats import count_params
 from dsmoe.targets import DENSE, TARGETS, runs_in_order, target_labels
-from dsmoe.train import export_dtype, resolved_precision, source_dtype
+from dsmoe.train import export_dtype, resolved_precision, weights_dtype
 
 GB = 1e9
 CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -105,6 +106,13 @@ def prepared_structure(cfg: DictConfig, config: PretrainedConfig, dsmoe_fraction
 
 
 # ---------------------------------------------------------------------------------------------- training files
+
+
+def source_dtype(config) -> torch.dtype:
+    """The dtype the dense checkpoint was stored in (config.json dtype / torch_dtype), fp32 if not recorded."""
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    return saved if isinstance(saved, torch.dtype) else torch.float32
 
 
 def checkpoint_bytes_per_param(precision: str) -> int:
@@ -208,9 +216,7 @@ def disk_events(run: RunPlan) -> list[tuple[str, int]]:
     return events
 
 
-def plan_run(
-    cfg: DictConfig, labels: list[str], config: PretrainedConfig, dense_dtype: torch.dtype, dsmoe_fraction: float
-) -> RunPlan:
+def plan_run(cfg: DictConfig, labels: list[str], config: PretrainedConfig, dsmoe_fraction: float) -> RunPlan:
     """Sizes and disk events of one trained run of the scale."""
     t = cfg.trainer
     for key in ("checkpoint_every_n_steps", "keep_last_checkpoints"):
@@ -238,8 +244,8 @@ def plan_run(
         steps=steps,
         tokens=steps * tokens_per_step,
         tokens_per_step=tokens_per_step,
-        init_model_bytes=structure.params * dense_dtype.itemsize,
-        init_dtype=dtype_name(dense_dtype),
+        init_model_bytes=structure.params * weights_dtype(t).itemsize,
+        init_dtype=dtype_name(weights_dtype(t)),
         checkpoint_bytes=structure.params * checkpoint_bytes_per_param(precision),
         checkpoint_every=t.checkpoint_every_n_steps,
         checkpoints_written=steps // t.checkpoint_every_n_steps,
@@ -348,7 +354,7 @@ def plan_target(target: str, scale: str, seeds: int | None = None) -> TargetPlan
                 runs.append(RunPlan(DENSE, labels[DENSE], "dense"))
                 continue
             for seed in range(seeds):
-                runs.append(plan_run(run_config(scale, run, seed), labels[run], config, dense_dtype, fraction))
+                runs.append(plan_run(run_config(scale, run, seed), labels[run], config, fraction))
         except ValueError as err:
             raise ValueError(f"run {run!r} of scale {scale!r}: {err}") from err
     config_source, counted = source_description(model)

@@ -9,8 +9,10 @@ over the structured defaults below (an unknown key is an error naming it), then 
 
 A run directory holds:
   init_model/    the method applied once to the dense model (conversion, calibration, pruning), by rank 0 alone, in
-                 the source checkpoint's dtype; tied to the configuration that made it (prepared_from.json); its
-                 weights are deleted when the run finishes (unless trainer.keep_checkpoints)
+                 the dtype training holds its weights in (fp32; 16-bit under *-true precision), so that every
+                 process maps the same file instead of holding its own converted copy; tied to the configuration
+                 that made it (prepared_from.json); its weights are deleted when the run finishes (unless
+                 trainer.keep_checkpoints)
   checkpoints/   resume checkpoints (weights + optimizer + data-stream position), rotated; deleted at the end
                  unless trainer.keep_checkpoints
   exports/tokens_<N>/  weights-only HF directories at trainer.export_tokens (Tables 5/6)
@@ -36,14 +38,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
-from transformers import AutoConfig
 
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
 from dsmoe.methods import Method, get_method, match_options
-from dsmoe.models import EMBEDDED, load_model, load_tokenizer, resolve
+from dsmoe.models import EMBEDDED, load_model, load_tokenizer
 from dsmoe.packages import write_json
 from dsmoe.stats import count_params
 
@@ -148,6 +149,12 @@ def schedule(cfg: DictConfig) -> tuple[int, int]:
 
 def resolved_precision(t: TrainerConfig) -> str:
     return ("bf16-mixed" if on_gpu(t) else "32-true") if t.precision == "auto" else t.precision
+
+
+def weights_dtype(t: TrainerConfig) -> torch.dtype:
+    """The dtype training holds the weights in: fp32 master weights (32-true and the mixed precisions, whose
+    plugins cast for compute), the 16-bit dtype under bf16-true / 16-true."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(resolved_precision(t), torch.float32)
 
 
 def export_dtype(t: TrainerConfig) -> torch.dtype:
@@ -262,23 +269,17 @@ def calibration_batches(data_module, n: int) -> list[torch.Tensor]:
     raise ValueError(f"the training stream ended before {n} calibration batches")
 
 
-def source_dtype(config) -> torch.dtype:
-    """The dtype the dense checkpoint was stored in (config.json dtype / torch_dtype), fp32 if not recorded."""
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    saved = getattr(torch, saved) if isinstance(saved, str) else saved
-    return saved if isinstance(saved, torch.dtype) else torch.float32
-
-
 def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
     """Load the dense model, apply the method once (on the GPU when training there) and save it to init_dir in the
-    source checkpoint's dtype; dense_params.json is written last and marks completion."""
+    dtype training holds the weights in; dense_params.json is written last and marks completion. Saved so, the
+    weights every process loads are memory-mapped pages of one file, shared through the page cache (an 8-GPU node
+    at 7B would otherwise hold 8 private fp32 copies, ~216 GB, before FSDP shards them)."""
     from dsmoe.data import DataConfig, PretrainDataModule
 
     method = get_method(cfg.method)
     L.seed_everything(cfg.trainer.seed)  # router inits, calibration sampling
     dense, tokenizer = load_model(cfg.model)
     dense_params = count_params(dense)
-    dtype = source_dtype(AutoConfig.from_pretrained(resolve(cfg.model)))  # as stored, not as loaded
     options = dict(cfg.method_options)
     target = options.pop("match_activated", None)  # fraction of the dense params, or an absolute count
     if target is not None:
@@ -297,7 +298,7 @@ def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
     if on_gpu(cfg.trainer) and torch.cuda.is_available():
         dense = dense.to("cuda")  # calibration (SparseGPT Hessians, LLM-Pruner gradients) on the GPU
     model = method.apply(dense, options, calib)
-    method.save(model.to(device="cpu", dtype=dtype), init_dir, tokenizer)
+    method.save(model.to(device="cpu", dtype=weights_dtype(cfg.trainer)), init_dir, tokenizer)
     del model, dense
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -317,9 +318,9 @@ def export_model(
     state = full_state_dict(module)
     if trainer.is_global_zero:
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        model = lit.method.load(init_dir)
+        model = lit.method.load(init_dir).to(dtype)  # cast from the mapped file: no private fp32 copy
         model.load_state_dict(state)
-        lit.method.save(model.to(dtype), out_dir, tokenizer)
+        lit.method.save(model, out_dir, tokenizer)
     del state
     barrier()
 
@@ -397,7 +398,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     )
     tokenizer = load_tokenizer(cfg.model)
     data = PretrainDataModule(data_cfg, tokenizer)
-    model = method.load(init_dir).float()  # fp32 master weights; the precision plugin casts for compute
+    # memory-mapped from init_model/ (already in this dtype: no copy); the precision plugin casts for compute
+    model = method.load(init_dir).to(weights_dtype(t))
     dense_params = json.loads((init_dir / "dense_params.json").read_text())["dense_params"]
     if t.activation_checkpointing and t.strategy != "fsdp":  # FSDP applies its own, per decoder layer
         model.gradient_checkpointing_enable()
@@ -483,11 +485,11 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
 
 def export(checkpoint: str | Path, run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the model of a Lightning checkpoint of run_dir as an HF-format directory (dsmoe.load reads DSMoE ones).
-    Needs the run's init_model/ (kept with trainer.keep_checkpoints)."""
+    Needs the run's init_model/ (kept with trainer.keep_checkpoints). In the run's export dtype, like final/."""
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     method = get_method(cfg.method)
-    model = method.load(run_dir / "init_model")
+    model = method.load(run_dir / "init_model").to(export_dtype(cfg.trainer))
     state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return method.save(model, Path(out_dir), load_tokenizer(cfg.model))

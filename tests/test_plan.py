@@ -57,7 +57,7 @@ def test_llama1b_all(offline):
     assert [point for point, _ in dsmoe.exports] == [2.2e9, 3.8e9, 5.4e9, 7.0e9, 7.8e9, 8.6e9]
     assert dsmoe.exports[0][1] == 67139  # the first step past 2.2B tokens
     assert dsmoe.export_dtype == "bfloat16" and dsmoe.export_bytes == 2 * dsmoe.params
-    assert dsmoe.init_dtype == "bfloat16" and dsmoe.init_model_bytes == 2 * dsmoe.params
+    assert dsmoe.init_dtype == "float32" and dsmoe.init_model_bytes == 4 * dsmoe.params  # fp32 master weights
     # peak of the run: init_model + 3 checkpoints (while the third is written) + the 6 exports; kept: exports + final
     assert dsmoe.peak_bytes == dsmoe.init_model_bytes + 3 * dsmoe.checkpoint_bytes + 6 * dsmoe.export_bytes
     assert dsmoe.kept_bytes == 7 * dsmoe.export_bytes
@@ -80,7 +80,7 @@ def test_llama7b_all(offline):
     assert dsmoe.params == plan.dense_params + 32 * 4096 * 8
     assert dsmoe.checkpoint_bytes == 12 * dsmoe.params
     assert [point for point, _ in dsmoe.exports] == [2.4e9, 3.2e9, 4.8e9, 6.4e9, 8.0e9, 9.6e9]
-    assert dsmoe.init_dtype == "float16" and dsmoe.export_dtype == "bfloat16"
+    assert dsmoe.init_dtype == "float32" and dsmoe.export_dtype == "bfloat16"  # fp32 master weights, bf16 exports
     for pruner in ("llm_pruner_channel", "llm_pruner_block"):  # matched to 3.93B of 6.74B
         assert abs(plan.run(pruner).params / 3.93e9 - 1) < 0.005
     assert plan.peak_bytes <= 500e9
@@ -196,7 +196,7 @@ def test_planned_final_size_matches_a_real_save(tmp_path, assets, write_scale, m
     model.to(getattr(torch, dtype)).save_pretrained(out)
     saved = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
     assert abs(planned.final_bytes / saved - 1) < 0.03, (planned.final_bytes, saved)
-    assert planned.init_dtype == "float32" and planned.init_model_bytes == 4 * planned.params  # the source's dtype
+    assert planned.init_dtype == "float32" and planned.init_model_bytes == 4 * planned.params  # training weights
 
 
 @pytest.mark.slow

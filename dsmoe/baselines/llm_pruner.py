@@ -433,12 +433,17 @@ def load_llm_pruner(directory: str | Path, dtype: torch.dtype | None = None) -> 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # skipped under no_init_weights; a no-op unless config.tie_word_embeddings
     shrink_to_spec(model, spec)
-    missing, unexpected = model.load_state_dict(read_tensors(directory), strict=False)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
+    # assign: the parameters become the file's memory-mapped tensors (as from_pretrained does), not copies, so
+    # processes that load the same directory share its pages instead of each holding the weights privately
+    state = {k: v.to(dtype) for k, v in read_tensors(directory).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
         raise ValueError(
             f"weights in {directory} do not match config.llm_pruner: missing {missing}, unexpected {unexpected}"
         )
+    if tied:
+        model.tie_weights()  # assign replaced the embedding; lm_head must follow it again
     return model.eval()
 
 

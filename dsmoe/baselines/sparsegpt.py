@@ -171,13 +171,15 @@ class _Hessian:
         return self.xxt.mul_(2 / max(self.tokens, 1))
 
 
-def set_mask(linear: nn.Linear, pruned: torch.Tensor) -> None:
-    """Attach the pruned-weight mask to a Linear and zero those weights."""
+def set_mask(linear: nn.Linear, pruned: torch.Tensor, zero: bool = True) -> None:
+    """Attach the pruned-weight mask to a Linear and zero those weights (``zero=False``: they are zero already;
+    not writing them keeps a memory-mapped weight shared with the other processes that loaded it)."""
     if pruned.shape != linear.weight.shape:
         raise ValueError(f"mask shape {tuple(pruned.shape)} != weight shape {tuple(linear.weight.shape)}")
     linear.register_buffer(MASK, pruned.to(device=linear.weight.device, dtype=torch.bool), persistent=False)
-    with torch.no_grad():
-        linear.weight.masked_fill_(getattr(linear, MASK), 0)
+    if zero:
+        with torch.no_grad():
+            linear.weight.masked_fill_(getattr(linear, MASK), 0)
 
 
 def masked_linears(model: nn.Module) -> list[nn.Linear]:
@@ -265,7 +267,7 @@ def restore_masks(model: PreTrainedModel) -> PreTrainedModel:
     for layer in decoder_layers(model):
         for m in layer.modules():
             if isinstance(m, nn.Linear):
-                set_mask(m, m.weight == 0)
+                set_mask(m, m.weight == 0, zero=False)
                 found += int(getattr(m, MASK).sum())
     if found < record["pruned"]:
         raise ValueError(f"found {found} zero decoder weights but SparseGPT pruned {record['pruned']}: masks were lost")
