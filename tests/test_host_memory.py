@@ -52,17 +52,12 @@ CHILD = textwrap.dedent(
 )
 
 
+# a Llama of 25 MB of fp32 weights: large enough for allocator noise to be small against it
+SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8}
+
+
 def _dense():
-    """A Llama of 25 MB of fp32 weights: large enough for allocator noise to be small against it."""
-    return tiny_model(
-        "llama",
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=4096,
-    )
+    return tiny_model("llama", **SHAPE, num_key_value_heads=4, vocab_size=4096)
 
 
 def test_every_method_loads_its_weights_memory_mapped_not_copied(tmp_path):
