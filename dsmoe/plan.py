@@ -115,11 +115,6 @@ def source_dtype(config) -> torch.dtype:
     return saved if isinstance(saved, torch.dtype) else torch.float32
 
 
-def checkpoint_bytes_per_param(precision: str) -> int:
-    """Weights + AdamW's exp_avg and exp_avg_sq: fp32 (mixed or 32-bit precision) or the 16-bit dtype (*-true)."""
-    return 3 * (2 if precision in ("bf16-true", "16-true") else 4)
-
-
 def planned_steps(cfg: DictConfig) -> int:
     """Optimizer steps (dsmoe.train.schedule: ceil(max_tokens / (global batch × seq_len))), independent of the
     number of devices, which need not exist on the machine that plans."""
@@ -225,7 +220,7 @@ def plan_run(cfg: DictConfig, labels: list[str], config: PretrainedConfig, dsmoe
     structure = prepared_structure(cfg, config, dsmoe_fraction)
     steps = planned_steps(cfg)
     tokens_per_step = t.global_batch_size * int(cfg.data.get("seq_len", 1024))
-    precision, dtype = resolved_precision(t), export_dtype(t)
+    precision, dtype, weights = resolved_precision(t), export_dtype(t), weights_dtype(t)
     exports = []
     for point in sorted(t.export_tokens):
         if not 0 < point <= steps * tokens_per_step:
@@ -244,9 +239,9 @@ def plan_run(cfg: DictConfig, labels: list[str], config: PretrainedConfig, dsmoe
         steps=steps,
         tokens=steps * tokens_per_step,
         tokens_per_step=tokens_per_step,
-        init_model_bytes=structure.params * weights_dtype(t).itemsize,
-        init_dtype=dtype_name(weights_dtype(t)),
-        checkpoint_bytes=structure.params * checkpoint_bytes_per_param(precision),
+        init_model_bytes=structure.params * weights.itemsize,
+        init_dtype=dtype_name(weights),
+        checkpoint_bytes=structure.params * 3 * weights.itemsize,  # the weights + AdamW's two moments, same dtype
         checkpoint_every=t.checkpoint_every_n_steps,
         checkpoints_written=steps // t.checkpoint_every_n_steps,
         checkpoints_kept=t.keep_last_checkpoints,
