@@ -154,13 +154,47 @@ def ensure_run(scale: str, run: str, seed: int = 0) -> Path:
     return final
 
 
-def cached(path: Path, compute) -> Any:
-    """Return the JSON at path, or compute it, write it atomically and return it."""
+SETTINGS_KEY = "evaluated_with"
+
+
+def cached(path: Path, compute, settings: dict[str, Any]) -> dict[str, Any]:
+    """The JSON result at path if it was computed with these ``settings`` (the model's files, the held-out data,
+    the evaluation settings), else ``compute()``'s, written atomically with the settings under "evaluated_with".
+
+    A result computed with other settings (e.g. the scale's ``eval.val_windows`` changed, or the run was trained
+    again) is computed again rather than reused; the returned dict never holds the settings key."""
+    settings = json.loads(json.dumps(settings))  # the form it takes in the file (tuples as lists)
     if path.exists():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        before = stored.pop(SETTINGS_KEY, None)
+        if before == settings:
+            return stored
+        changed = sorted(settings) if before is None else sorted(k for k in settings if before.get(k) != settings[k])
+        print(f"[experiment] {path} was computed with other {', '.join(changed)}: computing it again", file=sys.stderr)
     value = compute()
-    write_json(path, value)
+    write_json(path, {**value, SETTINGS_KEY: settings})
     return value
+
+
+def model_fingerprint(source: str) -> str | list:
+    """What identifies a model's weights for the cache: a hub name or alias as given; a directory by its files'
+    names, sizes and modification times (a run trained again writes new files)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def evaluation_settings(scale: str, source: str) -> dict[str, Any]:
+    """The settings a scale's validation PPL of the model at ``source`` depends on (the key of its cache)."""
+    sc = scale_config(scale)
+    return {
+        "model": model_fingerprint(source),
+        "data": OmegaConf.to_container(sc.base.data),
+        "protocol": eval_protocol(scale),
+        "val_windows": sc.eval.get("val_windows"),
+    }
 
 
 _WINDOWS: dict[tuple, dict[str, Any]] = {}
@@ -320,7 +354,8 @@ def evaluate(
         )
         return result
 
-    return cached(runs_root(scale) / (run if run == "dense" else run_name(run, seed)) / name, compute)
+    folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
+    return cached(folder / name, compute, {**evaluation_settings(scale, source), "tau": tau, "rescale": rescale})
 
 
 def benchmark(scale: str, run: str, limit: int | None, seed: int = 0) -> dict[str, dict]:
@@ -338,7 +373,9 @@ def benchmark(scale: str, run: str, limit: int | None, seed: int = 0) -> dict[st
         )
 
     folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
-    return cached(folder / f"benchmarks_limit{limit}.json", compute)
+    settings = {"model": model_fingerprint(source), "limit": limit, "batch_size": sc.eval.batch_size}
+    settings["max_gen_toks"] = sc.eval.max_gen_toks
+    return cached(folder / f"benchmarks_limit{limit}.json", compute, settings)
 
 
 def benchmark_scores(results: list[dict[str, dict]], task: str) -> list[float] | str:

@@ -100,6 +100,36 @@ def test_validation_windows_are_read_once_per_data_config(tiny_scale, assets):
     assert all(w.equal(first[name][:1]) for name, w in changed.items())
 
 
+def test_cached_evaluation_is_recomputed_when_its_settings_change(tiny_scale, monkeypatch):
+    import dsmoe.experiment as de
+
+    first = de.evaluate("tiny", "dense")
+    path = tiny_scale / "runs" / "tiny" / "dense" / "eval.json"
+    assert yaml.safe_load(path.read_text())["evaluated_with"]["val_windows"] == 2 and "evaluated_with" not in first
+    loads = []
+    load_for_eval = de.load_for_eval
+    monkeypatch.setattr(de, "load_for_eval", lambda source: loads.append(source) or load_for_eval(source))
+    assert de.evaluate("tiny", "dense") == first and loads == []  # same settings: the cached result
+    scale_file = tiny_scale / "scales" / "tiny.yaml"
+    scale = yaml.safe_load(scale_file.read_text())
+    scale["eval"]["val_windows"] = 1
+    scale_file.write_text(yaml.safe_dump(scale))
+    fewer = de.evaluate("tiny", "dense")
+    assert len(loads) == 1 and fewer["eval_tokens"] == first["eval_tokens"] // 2 and fewer["ppl"] != first["ppl"]
+    assert de.evaluate("tiny", "dense") == fewer and len(loads) == 1
+
+
+def test_model_fingerprint_changes_when_a_model_is_written_again(tmp_path):
+    from dsmoe.experiment import model_fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"1234")
+    before = model_fingerprint(str(tmp_path))
+    assert model_fingerprint(str(tmp_path)) == before
+    (tmp_path / "model.safetensors").write_bytes(b"12345")
+    assert model_fingerprint(str(tmp_path)) != before
+    assert model_fingerprint("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
 def test_ddp_table1_and_tau_sweep_drivers_with_two_processes_per_run(write_scale):
     """The real entry points: the driver launches each run as `python -m dsmoe.train` (Lightning then starts the
     second rank), evaluates alone and writes each CSV once; a re-run trains nothing."""
@@ -131,6 +161,7 @@ def test_ddp_table1_and_tau_sweep_drivers_with_two_processes_per_run(write_scale
         assert summary["world_size"] == 2 and summary["global_step"] == 2
     again = run("table1.py")
     assert "-m dsmoe.train" not in again.stderr and again.stdout.count("finished run found") >= 2
+    assert "computing it again" not in again.stderr  # the cached evaluations are reused
     taus = run("tau_sweep.py")
     assert taus.stdout.count("wrote ") == 1 and "-m dsmoe.train" not in taus.stderr
     assert len(read_csv(scale_dir / "results" / "tiny" / "table4_tau.csv")) == 7
