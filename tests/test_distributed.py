@@ -104,12 +104,12 @@ def _worker(rank, init_file):
     _train(ref, full, clip=1.0, step_hook=lambda: enforce_masks(ref))
     model = pruned_model()
     wrapped = _wrap(model)
+    shards = [m for m in model.modules() if hasattr(m, MASK)]
+    weights_before = [m.weight for m in shards]
     take_training_masks(model)  # as LitCausalLM.on_train_start does, after wrapping
-    weights_before = [m.weight for m in model.modules() if hasattr(m, MASK)]
+    assert not any(hasattr(m, MASK) for m in model.modules())  # no whole-matrix masks kept beside the shards
     _train(wrapped, local, clip=1.0, step_hook=lambda: enforce_masks(model))
-    assert all(
-        a is b for a, b in zip(weights_before, [m.weight for m in model.modules() if hasattr(m, MASK)], strict=True)
-    )
+    assert all(a is b for a, b in zip(weights_before, [m.weight for m in shards], strict=True))
     state = full_state_dict(wrapped)
     if rank == 0:
         for name, mask in masks.items():

@@ -223,14 +223,20 @@ TRAINING_MASKS = "sparsegpt_training_masks"  # model attribute: [(weight, pruned
 def take_training_masks(model: nn.Module) -> None:
     """Record, for each pruned Linear, its pruned set as the weight is held now (call before the first step): the
     mask itself for a whole matrix; under FSDP, where a process holds a 1-D shard of the flattened weights, the
-    shard's zeros (pruned weights are exactly 0: SparseGPT zeroes them and every step re-zeroes them)."""
+    shard's zeros (pruned weights are exactly 0: SparseGPT zeroes them and every step re-zeroes them), and the
+    whole-matrix mask is dropped (FSDP moved it to every device unsharded: ~6.5 GB per GPU at 7B). Call it after
+    the parameter counts are taken (they read the whole masks)."""
     linears = masked_linears(model)
     if not linears:
         raise ValueError("no SparseGPT masks on this model: prune it with SPARSEGPT.apply or call restore_masks()")
     pairs = []
     for m in linears:
         mask = getattr(m, MASK)
-        pairs.append((m.weight, mask if mask.shape == m.weight.shape else m.weight == 0))
+        if mask.shape == m.weight.shape:
+            pairs.append((m.weight, mask))
+        else:
+            pairs.append((m.weight, m.weight == 0))
+            del m._buffers[MASK]
     model.__dict__[TRAINING_MASKS] = pairs
 
 
