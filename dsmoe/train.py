@@ -318,6 +318,8 @@ def export_model(
     state = full_state_dict(module)
     if trainer.is_global_zero:
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        for name, tensor in state.items():  # cast first, one tensor at a time: the gathered fp32 copy goes as it does
+            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         model = lit.method.load(init_dir).to(dtype)  # cast from the mapped file: no private fp32 copy
         model.load_state_dict(state)
         lit.method.save(model, out_dir, tokenizer)
