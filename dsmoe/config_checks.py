@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any, Self
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 def reject_unknown_keys(given: Iterable[str], allowed: Iterable[str], what: str, where: str = "") -> None:
@@ -27,3 +32,34 @@ class StoredConfig:
     def from_dict(cls, d: dict[str, Any]) -> Self:
         reject_unknown_keys(d, cls.__dataclass_fields__, f"{cls.__name__} keys")
         return cls(**d)
+
+
+def reject_unknown_sections(values: Mapping, schema: type, where: str, section: str = "") -> None:
+    """The unknown-key check of ``values`` against the dataclass ``schema`` and of each of its sections that is a
+    dataclass itself (e.g. a train config's ``trainer``); the error names the keys with their section (e.g.
+    'trainer.devics'), ``where`` the values come from, and the keys allowed in that section."""
+    fields = typing.get_type_hints(schema)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        inside = f"; allowed in {section}: " if section else "; allowed: "
+        raise ValueError(
+            f"unknown key(s) {[section + '.' * bool(section) + k for k in unknown]} in {where}{inside}{sorted(fields)}"
+        )
+    for key, value in values.items():
+        if dataclasses.is_dataclass(fields[key]) and isinstance(value, Mapping):
+            reject_unknown_sections(value, fields[key], where, f"{section}.{key}" if section else key)
+
+
+def merged(base: Any, *configs: Any, schema: type, where: str) -> DictConfig:
+    """``configs`` (mappings) merged in order over ``base`` (the structured ``schema`` or a config made from it):
+    each checked for unknown keys (:func:`reject_unknown_sections`), every value's type checked by OmegaConf; a
+    wrong type is a ValueError naming ``where`` and the key."""
+    for config in configs:
+        values = OmegaConf.to_container(config) if isinstance(config, DictConfig) else config
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{where} must be a mapping of {sorted(typing.get_type_hints(schema))}, got {values!r}")
+        reject_unknown_sections(values, schema, where)
+    try:
+        return OmegaConf.merge(base, *configs)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"{where}: {' '.join(line.strip() for line in str(error).splitlines())}") from error

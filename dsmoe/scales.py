@@ -10,16 +10,13 @@ the key and the allowed ones, a value of the wrong type one naming the key.
 from __future__ import annotations
 
 import dataclasses
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from dsmoe.config_checks import reject_unknown_keys
+from dsmoe.config_checks import merged, reject_unknown_keys
 from dsmoe.data import DataConfig
 from dsmoe.train import TrainConfig
 
@@ -48,25 +45,6 @@ class ScaleConfig:
         return dataclasses.asdict(self)
 
 
-def reject_unknown_sections(values: Mapping, schema: type, where: str) -> None:
-    """The unknown-key check of ``values`` against the dataclass ``schema``, and of each of its sections that is a
-    dataclass itself (e.g. a train config's ``trainer``); ``where`` names ``values`` in the error."""
-    fields = typing.get_type_hints(schema)
-    reject_unknown_keys(values, fields, "key(s)", f" in {where}")
-    for key, value in values.items():
-        if dataclasses.is_dataclass(fields[key]) and isinstance(value, Mapping):
-            reject_unknown_sections(value, fields[key], f"{where}.{key}")
-
-
-def merged(*configs: Any, where: str) -> DictConfig:
-    """``configs`` merged in order over the first, a structured schema or a config made from one (OmegaConf checks
-    the type of every value); a value of the wrong type is a ValueError naming ``where`` and the key."""
-    try:
-        return OmegaConf.merge(*configs)
-    except OmegaConfBaseException as error:
-        raise ValueError(f"{where}: {' '.join(line.strip() for line in str(error).splitlines())}") from error
-
-
 def check_data(data: DictConfig, where: str) -> None:
     """``data`` makes a :class:`DataConfig` (known keys, valid sources and settings; no file is read)."""
     try:
@@ -88,20 +66,17 @@ def load_scale(path: str | Path) -> ScaleConfig:
         if not isinstance(raw.get(section), dict):
             raise ValueError(f"{where}: {section} must be a mapping, got {raw.get(section)!r}")
 
-    reject_unknown_sections(raw["base"], TrainConfig, f"{where} base")
-    base = merged(TrainConfig, raw["base"], where=f"{where} base")
+    base = merged(TrainConfig, raw["base"], schema=TrainConfig, where=f"{where} base")
     check_data(base.data, f"{where} base")
     for run, overrides in raw["methods"].items():  # each run as it is configured: defaults <- base <- its block
         run_where = f"{where} methods.{run}"
         if not isinstance(overrides, dict):
             raise ValueError(f"{run_where} must be a mapping of train config keys, got {overrides!r}")
-        reject_unknown_sections(overrides, TrainConfig, run_where)
-        config = merged(base, overrides, where=run_where)
+        config = merged(base, overrides, schema=TrainConfig, where=run_where)
         if "data" in overrides:
             check_data(config.data, run_where)
 
-    reject_unknown_sections(raw["eval"], EvalConfig, f"{where} eval")
-    evaluation = merged(EvalConfig, raw["eval"], where=f"{where} eval")
+    evaluation = merged(EvalConfig, raw["eval"], schema=EvalConfig, where=f"{where} eval")
     missing = sorted(OmegaConf.missing_keys(evaluation))
     if missing:
         raise ValueError(f"{where} eval has no {missing}: give them (see dsmoe.scales.EvalConfig)")

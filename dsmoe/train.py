@@ -37,10 +37,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
 
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
+from dsmoe.config_checks import merged
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
 from dsmoe.methods import Method, get_method, match_options
@@ -99,21 +99,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        cfg = merge_checked(cfg, OmegaConf.load(path), str(path))
+        cfg = merged(cfg, OmegaConf.load(path), schema=TrainConfig, where=str(path))
     if overrides:
-        cfg = merge_checked(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
+        cfg = merged(cfg, OmegaConf.from_dotlist(list(overrides)), schema=TrainConfig, where="the command line")
     return cfg
-
-
-def merge_checked(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
-    """OmegaConf.merge, with an unknown key reported by its full name, its source and the keys allowed there."""
-    try:
-        return OmegaConf.merge(cfg, other)
-    except ConfigKeyError as error:
-        parent = error.full_key.rpartition(".")[0]
-        section = OmegaConf.select(cfg, parent) if parent else cfg
-        allowed = sorted(section.keys()) if isinstance(section, DictConfig) else []
-        raise ValueError(f"unknown config key {error.full_key!r} in {source}; allowed there: {allowed}") from None
 
 
 def on_gpu(t: TrainerConfig) -> bool:

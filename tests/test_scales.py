@@ -47,11 +47,11 @@ def edited(path: Path, edit) -> Path:
         ),
         (
             lambda s: s["base"]["trainer"].update(max_stepz=3),
-            r"unknown key\(s\) \['max_stepz'\] in scale 'tiny' base.trainer; allowed: \[.*'max_steps'",
+            r"unknown key\(s\) \['trainer.max_stepz'\] in scale 'tiny' base; allowed in trainer: \[.*'max_steps'",
         ),
         (
             lambda s: s["methods"]["dsmoe"].update(optim={"learning_rate": 1}),
-            r"unknown key\(s\) \['learning_rate'\] in scale 'tiny' methods.dsmoe.optim; allowed: \[.*'lr'",
+            r"unknown key\(s\) \['optim.learning_rate'\] in scale 'tiny' methods.dsmoe; allowed in optim: \[.*'lr'",
         ),
         (
             lambda s: s["base"]["data"].update(seqlen=8),

@@ -92,11 +92,18 @@ def test_activation_checkpointing_trains_the_same_weights(tmp_path, assets):
 
 
 def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
-    with pytest.raises(ValueError, match=r"'optim.learning_rate' in the command line; allowed there: \['betas', 'lr'"):
+    with pytest.raises(
+        ValueError, match=r"\['optim.learning_rate'\] in the command line; allowed in optim: \['betas', 'lr'"
+    ):
         load_config(None, ["optim.learning_rate=1"])
     (tmp_path / "typo.yaml").write_text("trainer:\n  devics: 2\n")
-    with pytest.raises(ValueError, match=r"'trainer.devics' in .*typo.yaml; allowed there: .*'devices'"):
+    with pytest.raises(ValueError, match=r"\['trainer.devics'\] in .*typo.yaml; allowed in trainer: .*'devices'"):
         load_config(tmp_path / "typo.yaml")
+    with pytest.raises(ValueError, match=r"the command line: .*'many'.*trainer.max_steps"):
+        load_config(None, ["trainer.max_steps=many"])
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ValueError, match=r"list.yaml must be a mapping of \[.*'trainer'\], got \[1\]"):
+        load_config(tmp_path / "list.yaml")
     cfg = make_cfg(assets, tmp_path, **{"trainer.global_batch_size": 5})
     with pytest.raises(ValueError, match="global_batch_size=5 is not divisible by micro_batch_size × devices = 2"):
         schedule(cfg)
