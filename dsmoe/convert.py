@@ -18,6 +18,7 @@ from dsmoe.saving import load_with_extra_params, save_hf, saved_entry
 from dsmoe.stats import (
     activation_stats,
     all_reduce_activation_counts,
+    count_only,
     merge_activation_counts,
     reset_activation_stats,
 )
@@ -106,6 +107,7 @@ DYNAMIC_ACTIVATION = DynamicActivation(
     stats=activation_stats,
     merge=merge_activation_counts,
     all_reduce=all_reduce_activation_counts,
+    count_only=count_only,
     set_threshold=set_tau,
     set_rescale=set_rescale,
     threshold=lambda model: dsmoe_config_of(model).tau,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+CountOnly = Callable[[nn.Module, "torch.Tensor | None"], None]
 
 
 @dataclass
@@ -22,7 +24,7 @@ class PerplexityResult:
         return math.exp(self.nll_sum / max(self.tokens, 1))
 
 
-def _batch_nll(model: nn.Module, chunk: list[torch.Tensor]) -> tuple[float, int]:
+def _batch_nll(model: nn.Module, chunk: list[torch.Tensor], count_only: CountOnly | None) -> tuple[float, int]:
     """Σ −log p over the predicted tokens of a batch of windows (padded to the longest) and their count."""
     device = next(model.parameters()).device
     length = max(w.numel() for w in chunk)
@@ -30,8 +32,15 @@ def _batch_nll(model: nn.Module, chunk: list[torch.Tensor]) -> tuple[float, int]
     mask = torch.zeros(len(chunk), length, dtype=torch.bool)
     for i, w in enumerate(chunk):
         ids[i, : w.numel()], mask[i, : w.numel()] = w, True
+    padded = not mask.all()
     ids, mask = ids.to(device), mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
+    if count_only is not None and padded:
+        count_only(model, mask)
+    try:
+        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
+    finally:
+        if count_only is not None and padded:
+            count_only(model, None)
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     valid = mask[:, 1:]
     return -logp[valid].double().sum().item(), int(valid.sum())
@@ -39,13 +48,19 @@ def _batch_nll(model: nn.Module, chunk: list[torch.Tensor]) -> tuple[float, int]
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module | Sequence[nn.Module], windows: Iterable[torch.Tensor], batch_size: int = 4, desc: str = "ppl"
+    model: nn.Module | Sequence[nn.Module],
+    windows: Iterable[torch.Tensor],
+    batch_size: int = 4,
+    desc: str = "ppl",
+    count_only: CountOnly | None = None,
 ) -> PerplexityResult:
     """Token-weighted PPL = exp(Σ −log p(x_{t+1}|x_≤t) / #predicted tokens) over windows (eq. 2).
 
     Each window (a 1-D LongTensor) is scored on its own; its first token is context only. ``model`` may be a list of
     replicas on different devices: batch b goes to replica b mod R, each replica in its own thread (GPU kernels run
-    concurrently), and the batch sums are added in batch order, so the result does not depend on R.
+    concurrently), and the batch sums are added in batch order, so the result does not depend on R. Windows of
+    unequal length are padded; ``count_only(model, real_tokens)`` (a dynamic method's, e.g. DSMoE's) is called
+    around the forward of a padded batch so that activation statistics count its real tokens only.
     """
     models = list(model) if isinstance(model, Sequence) else [model]
     for m in models:
@@ -58,7 +73,7 @@ def perplexity(
     def work(r: int) -> None:
         with torch.no_grad():
             for b in range(r, len(chunks), len(models)):
-                sums[b] = _batch_nll(models[r], chunks[b])
+                sums[b] = _batch_nll(models[r], chunks[b], count_only)
                 progress.update()
 
     if len(models) == 1:

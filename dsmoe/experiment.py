@@ -194,7 +194,13 @@ def evaluation_settings(scale: str, source: str) -> dict[str, Any]:
         "data": OmegaConf.to_container(sc.base.data),
         "protocol": eval_protocol(scale),
         "val_windows": sc.eval.get("val_windows"),
+        "evaluated_on": evaluation_precision(),
     }
+
+
+def evaluation_precision() -> str:
+    """Where and in which dtype evaluation runs here, e.g. "cuda torch.bfloat16" (the numbers differ slightly)."""
+    return f"{eval_devices()[0].type} {eval_dtype()}"
 
 
 _WINDOWS: dict[tuple, dict[str, Any]] = {}
@@ -243,12 +249,17 @@ def eval_devices() -> list[torch.device]:
     return [torch.device("cpu")]
 
 
+def eval_dtype() -> torch.dtype:
+    """bf16 on a GPU, fp32 on the CPU."""
+    return torch.bfloat16 if eval_devices()[0].type == "cuda" else torch.float32
+
+
 def load_for_eval(source: str) -> tuple[torch.nn.Module, Any]:
     """A model on the first evaluation device: bf16 on a GPU, fp32 on the CPU."""
     from dsmoe.models import load_model
 
     device = eval_devices()[0]
-    model, tokenizer = load_model(source, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tokenizer = load_model(source, dtype=eval_dtype())
     return model.to(device).eval(), tokenizer
 
 
@@ -275,7 +286,7 @@ def evaluate_model(
         if dynamic:
             for m in models:
                 dynamic.reset(m)
-        result = perplexity(models, list(w), batch_size, desc=name)
+        result = perplexity(models, list(w), batch_size, desc=name, count_only=dynamic.count_only if dynamic else None)
         nll, tokens = nll + result.nll_sum, tokens + result.tokens
         out["ppl_per_source"][name] = result.ppl
         out.setdefault("tokens_per_source", {})[name] = result.tokens
@@ -374,6 +385,7 @@ def benchmark(scale: str, run: str, limit: int | None, seed: int = 0) -> dict[st
 
     folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
     settings = {"model": model_fingerprint(source), "limit": limit, "batch_size": sc.eval.batch_size}
+    settings["evaluated_on"] = evaluation_precision()
     settings["max_gen_toks"] = sc.eval.max_gen_toks
     return cached(folder / f"benchmarks_limit{limit}.json", compute, settings)
 

@@ -150,7 +150,7 @@ def decode_token(layer: ThresholdGatedSwiGLU, x: torch.Tensor) -> tuple[torch.Te
     """
     g = layer.gates(x)
     gates = g[0].tolist()
-    used = [v > layer.tau for v in gates]
+    used = (g[0] > layer.tau).tolist()  # the tensor comparison of the other paths (τ rounded to g's dtype)
     k = sum(used)
     out = x.new_zeros(1, layer.down_proj.out_features)
     if k:

@@ -37,6 +37,8 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
         self._host_counts = [0] * config.num_experts
         self._device_counts: torch.Tensor | None = None
         self.tokens_seen = 0
+        # eval mode: which rows of the next forwards the statistics count (e.g. not a padded batch's padding)
+        self._counted: tuple[torch.Tensor, int] | None = None
 
     @property
     def last_active(self) -> torch.Tensor | None:
@@ -49,10 +51,12 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
         impl = self.inference_impl
         if impl == "auto":
             impl = "sparse" if x.device.type == "cpu" else "masked"
+        counted = None if self.training else self._counted_rows(x2.shape[0])
         if x2.shape[0] == 1 and not self.training and impl == "sparse":
             out, g, used = fast.decode_token(self, x2)
             self.__dict__["last_gates"] = g
-            self.count_active(used, 1)
+            if counted is None or counted[1]:
+                self.count_active(used, 1)
             return out.reshape(*shape[:-1], out.shape[-1])
         g = self.gates(x2)
         weights, active = self.expert_weights(g)
@@ -60,13 +64,37 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
         if self.training:
             out = self.masked_forward(x2, weights)
         elif impl == "masked":
-            self.count_active(active.sum(0), x2.shape[0])
+            self.count_active(*self._counts(active, counted))
             out = self.masked_forward(x2, weights)
         else:  # only the active experts, see dsmoe.fast
             counts = active.sum(0).tolist()
-            self.count_active(counts, x2.shape[0])
+            self.count_active(*((counts, x2.shape[0]) if counted is None else self._counts(active, counted)))
             out = fast.sparse_forward(self, x2, weights, active, counts=counts)
         return out.reshape(*shape[:-1], out.shape[-1])
+
+    def count_only(self, rows: torch.Tensor | None) -> None:
+        """Make the eval-mode statistics of the next forwards count only the token positions where ``rows`` (bool,
+        [batch, seq] or flat) is True, e.g. not a padded batch's padding; None: every position again."""
+        if rows is None:
+            self._counted = None
+        else:
+            rows = rows.reshape(-1).to(device=self.router.weight.device, dtype=torch.bool)
+            self._counted = rows, int(rows.sum())
+
+    def _counted_rows(self, n_rows: int) -> tuple[torch.Tensor, int] | None:
+        if self._counted is not None and self._counted[0].numel() != n_rows:
+            raise ValueError(
+                f"count_only was given {self._counted[0].numel()} token positions but the forward has {n_rows}; "
+                "set it per batch (or to None)"
+            )
+        return self._counted
+
+    @staticmethod
+    def _counts(active: torch.Tensor, counted: tuple[torch.Tensor, int] | None) -> tuple[torch.Tensor, int]:
+        """Tokens per expert (on the device: no host sync) and the token count of the positions counted."""
+        if counted is None:
+            return active.sum(0), active.shape[0]
+        return (active & counted[0][:, None]).sum(0), counted[1]
 
     def count_active(self, counts: list[int] | torch.Tensor, tokens: int) -> None:
         """Add an eval-mode forward's tokens per expert (host ints, or a tensor kept on its device) and its token

@@ -34,13 +34,15 @@ class DynamicActivation:
 
     reset(model) zeroes the eval-mode counters; stats(model, last, params) reads them (``last``: the last forward
     only, as in training); merge(model, replicas) adds the counters of data-parallel replicas; all_reduce(model)
-    replaces them by their sums over all processes; set_threshold / set_rescale / threshold re-set or read the
-    activation knobs at inference (Table 4, Fig. 2)."""
+    replaces them by their sums over all processes; count_only(model, rows) makes the next forwards count only the
+    positions where rows (bool [batch, seq]) is True (None: all), so a padded batch's padding is not counted;
+    set_threshold / set_rescale / threshold re-set or read the activation knobs at inference (Table 4, Fig. 2)."""
 
     reset: Callable[[nn.Module], None]
     stats: Callable[[nn.Module, bool, ParamCounts | None], ActivationStats]
     merge: Callable[[nn.Module, list[nn.Module]], None]
     all_reduce: Callable[[nn.Module], None]
+    count_only: Callable[[nn.Module, torch.Tensor | None], None]
     set_threshold: Callable[[nn.Module, float], None]
     set_rescale: Callable[[nn.Module, bool], None]
     threshold: Callable[[nn.Module], float]

@@ -109,6 +109,13 @@ def reset_activation_stats(model: nn.Module) -> None:
         layer.reset_stats()
 
 
+def count_only(model: nn.Module, rows: torch.Tensor | None) -> None:
+    """Count only the token positions where ``rows`` (bool [batch, seq]) is True in the next eval forwards' activation
+    statistics (a padded batch: its real tokens); None: every position."""
+    for layer in dsmoe_layers(model):
+        layer.count_only(rows)
+
+
 def merge_activation_counts(model: nn.Module, replicas: list[nn.Module]) -> None:
     """Add the eval-mode counters of replicas of ``model`` (data-parallel evaluation) to the model's own."""
     for replica in replicas:

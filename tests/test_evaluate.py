@@ -77,3 +77,27 @@ def test_data_parallel_replicas_give_the_single_model_result(tokenizer):
     assert two["ppl"] == one["ppl"] and two["ppl_per_source"] == one["ppl_per_source"]
     assert two["active_per_layer"] == one["active_per_layer"] and two["activated_params"] == one["activated_params"]
     assert 0 < one["mean_active"] < 4
+
+
+@pytest.mark.parametrize("impl", ["sparse", "masked"])
+def test_activation_statistics_count_real_tokens_not_padding(tokenizer, impl):
+    """Documents of unequal length are padded to the batch's longest: the activation counts are those of each
+    document alone (a hand count from the layers' gates), whatever the batch size."""
+    from dsmoe.experiment import evaluate_model
+    from dsmoe.losses import dsmoe_layers
+
+    model = dsmoe.convert(tiny_model("llama", vocab_size=len(tokenizer)), dsmoe.DSMoEConfig(num_experts=4)).eval()
+    for layer in dsmoe_layers(model):
+        layer.inference_impl = impl
+    ids = torch.tensor(tokenizer(TEXT + " " + TEXT).input_ids)
+    docs = [ids[a:b] for a, b in ((0, 2), (2, 11), (11, 28), (28, 33), (33, 63), (63, 66))]
+    expected = torch.zeros(len(dsmoe_layers(model)), 4)
+    with torch.no_grad():
+        for doc in docs:
+            model(doc[None])
+            expected += torch.stack([layer.last_active.sum(0) for layer in dsmoe_layers(model)])
+    per_layer = (expected / 66).sum(1).tolist()
+    for batch_size in (1, 4, 6):
+        result = evaluate_model(model, {"docs": docs}, batch_size=batch_size)
+        assert result["mean_active_per_layer"] == pytest.approx(per_layer, rel=1e-6), batch_size
+        assert dsmoe.activation_stats(model).tokens == 66

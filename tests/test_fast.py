@@ -254,3 +254,26 @@ def test_eval_forward_off_the_cpu_needs_no_host_sync():
         out = layer(torch.empty(2, 5, 64, device="meta"))
         layer(torch.empty(1, 1, 64, device="meta"))  # batch-1 decode too
     assert out.shape == (2, 5, 64) and layer.tokens_seen == 11 and layer._device_counts.device.type == "meta"
+
+
+def test_decode_thresholds_a_gate_equal_to_tau_like_the_other_paths():
+    """σ(xY) exactly fp32(τ) for τ = 0.3 (not representable): the batch-1 decode path compares in the gate's dtype,
+    as the masked and multi-token paths do (comparing Python floats would turn the expert on)."""
+    d = 8
+    layer = dsmoe_layer(d, 16, DSMoEConfig(num_experts=2, tau=0.3), router_std=1.0).eval()
+    x = torch.zeros(1, d)
+    x[0, 0] = 1.0
+    logit = torch.logit(torch.tensor(0.3, dtype=torch.float64)).float()
+    for candidate in (logit, torch.nextafter(logit, torch.tensor(1.0)), torch.nextafter(logit, torch.tensor(-1.0))):
+        with torch.no_grad():
+            layer.router.weight.zero_()
+            layer.router.weight[0, 0], layer.router.weight[1, 0] = candidate, 2.2
+        if layer.gates(x)[0, 0].item() == torch.tensor(0.3).item():
+            break
+    assert layer.gates(x)[0, 0].item() == torch.tensor(0.3).item() > 0.3
+    with torch.no_grad():
+        layer.inference_impl = "masked"
+        masked = layer(x)
+        layer.inference_impl = "sparse"
+        torch.testing.assert_close(layer(x), masked, rtol=0, atol=1e-6)  # batch 1: fast.decode_token
+        torch.testing.assert_close(layer(torch.cat([x, x]))[:1], masked, rtol=0, atol=1e-6)
