@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
@@ -56,7 +57,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class AtomicFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDP strategy whose sharded checkpoint directories appear only once every rank has written."""
+    """Lightning's FSDP strategy whose sharded checkpoint directories appear only once every rank has written.
+
+    Also runs on CPU processes (gloo), where Lightning would not: the tests train through the real FSDP path there."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(  # Lightning passes device_id=None, which FSDP refuses on CPU
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        return model
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         path = Path(self.broadcast(filepath))
