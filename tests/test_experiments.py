@@ -167,6 +167,36 @@ def test_ddp_table1_and_tau_sweep_drivers_with_two_processes_per_run(write_scale
     assert len(read_csv(scale_dir / "results" / "tiny" / "table4_tau.csv")) == 7
 
 
+@pytest.mark.slow
+def test_fsdp_table1_driver_trains_every_method_with_two_processes(write_scale):
+    """Table 1 with every method trained under FSDP (2 CPU processes, dsmoe's FSDP strategy): pruned shapes,
+    top-k experts and SparseGPT masks on shards, each run exported once and evaluated by the driver."""
+    import os
+    import subprocess
+    import sys
+
+    scale_dir = write_scale(["dsmoe", "llama_moe", "sparsegpt", "llm_pruner_block"])
+    path = scale_dir / "scales" / "tiny.yaml"
+    scale = yaml.safe_load(path.read_text())
+    scale["base"]["trainer"].update(devices=2, strategy="fsdp", precision="32-true", max_steps=2, val_check_interval=2)
+    scale["methods"]["llm_pruner_channel"] = {
+        "method": "llm_pruner_channel",
+        "method_options": {"target_fraction": 0.8},
+    }
+    path.write_text(yaml.safe_dump(scale))
+    env = {**os.environ, "PYTHONPATH": str(EXPERIMENTS.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "table1.py"), "--scale", "tiny"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.stdout.count("wrote ") == 1 and proc.stderr.count("-m dsmoe.train --config") == 5
+    rows = read_csv(scale_dir / "results" / "tiny" / "table1_ppl.csv")
+    assert len(rows) == 6 and all(float(r["PPL"]) > 1 for r in rows)
+    for run in ("dsmoe", "llama_moe", "sparsegpt", "llm_pruner_block", "llm_pruner_channel"):
+        summary = yaml.safe_load((scale_dir / "runs" / "tiny" / run / "train_summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["global_step"] == 2, run
+
+
 def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     import subprocess
     import sys
