@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from test_train import make_cfg
 
@@ -60,9 +61,12 @@ def fsdp_cfg(assets):
 
 
 def test_fsdp_sigterm_saves_sharded_and_resume_equals_the_uninterrupted_run(tmp_path, fsdp_cfg):
+    """Run b, with activation checkpointing, is stopped by SIGTERM in the middle of step 4 and resumed: its losses on
+    both ranks and its final weights are run a's (no checkpointing, never stopped)."""
     steps = {"trainer.max_steps": 5, "trainer.global_batch_size": 8, "trainer.val_check_interval": 5}
     whole = run_fsdp(tmp_path, fsdp_cfg(tmp_path / "a", **steps), "a")
     assert whole.returncode == 0, whole.stderr[-3000:]
+    steps["trainer.activation_checkpointing"] = True  # the 7B setting; the same losses
     stopped = run_fsdp(tmp_path, fsdp_cfg(tmp_path / "b", **steps), "b", stop_at=3)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr and "stopped by SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
@@ -76,9 +80,11 @@ def test_fsdp_sigterm_saves_sharded_and_resume_equals_the_uninterrupted_run(tmp_
     resumed = run_fsdp(tmp_path, fsdp_cfg(tmp_path / "b", resume="last", **steps), "b")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in (0, 1):
-        assert losses(tmp_path, "b", rank) == losses(tmp_path, "a", rank)  # the resumed run's too, to the last bit
+        assert losses(tmp_path, "b", rank) == pytest.approx(losses(tmp_path, "a", rank), rel=1e-6)  # resumed too
     a, b = (dsmoe.load(tmp_path / x / "run" / "final").state_dict() for x in "ab")
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
     assert json.loads((tmp_path / "a" / "run" / "train_summary.json").read_text())["world_size"] == 2
 
 
