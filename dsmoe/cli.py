@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import yaml
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -24,6 +25,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     NotADirectoryError,
     OmegaConfBaseException,
+    yaml.YAMLError,  # a config or scale file that is not YAML
 )
 
 

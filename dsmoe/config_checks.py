@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from typing import Any, Self
 
@@ -63,3 +63,15 @@ def merged(base: Any, *configs: Any, schema: type, where: str) -> DictConfig:
         return OmegaConf.merge(base, *configs)
     except OmegaConfBaseException as error:
         raise ValueError(f"{where}: {' '.join(line.strip() for line in str(error).splitlines())}") from error
+
+
+def options_check(config: type, method: str) -> Callable[[dict[str, Any], bool], None]:
+    """A method's options check (``Method.check_options``) from its options dataclass: every key one of its fields;
+    unless match_activated will set some of them, the values pass the dataclass's own checks."""
+
+    def check(options: dict[str, Any], matched: bool) -> None:
+        reject_unknown_keys(options, config.__dataclass_fields__, "option(s)", f" for method {method!r}")
+        if not matched:
+            config(**options)
+
+    return check

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dsmoe.config import DSMoEConfig
+from dsmoe.config_checks import options_check
 from dsmoe.hf_remote.partitioned_swiglu import replace_swiglu, swiglu_parts
 from dsmoe.layer import DSMoEMLP
 from dsmoe.losses import sparsity_loss
@@ -123,4 +124,5 @@ DSMOE = Method(
     recognises=lambda config: "dsmoe" in config,
     describe=describe,
     dynamic=DYNAMIC_ACTIVATION,
+    check_options=options_check(DSMoEConfig, "dsmoe"),
 )

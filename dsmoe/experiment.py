@@ -121,7 +121,7 @@ def launch_training(config_file: Path) -> None:
         signal.signal(signal.SIGTERM, previous)
     if code == PREEMPTED:
         print(
-            "[experiment] training stopped by SIGTERM after saving a checkpoint; run the same command again to resume"
+            "[experiment] training stopped by SIGTERM (see above what it saved); run the same command again to resume"
         )
         raise SystemExit(PREEMPTED)
     if code:
@@ -134,9 +134,48 @@ def launch_training(config_file: Path) -> None:
 PREEMPTED = 143  # dsmoe.train's exit status after SIGTERM
 
 
+# what makes a run's result what it is, besides model, method, options, data and optim (not where it runs, on how
+# many devices, or how often it validates and checkpoints)
+RESULT_TRAINER_KEYS = ("global_batch_size", "max_tokens", "max_steps", "gradient_clip_val", "precision", "seed")
+
+
+def run_settings(cfg: DictConfig, matched_to_dsmoe: bool) -> dict[str, Any]:
+    """The settings that decide a run's result, flattened to dotted keys; ``matched_to_dsmoe``: leave out
+    method_options.match_activated (the fraction DSMoE measured when the run was launched)."""
+    c = OmegaConf.to_container(cfg)
+    settings = {"model": c["model"], "method": c["method"], "calibration_batches": c["calibration_batches"]}
+    settings.update({f"method_options.{k}": v for k, v in c["method_options"].items()})
+    if matched_to_dsmoe:
+        settings.pop("method_options.match_activated", None)
+    settings.update({f"optim.{k}": v for k, v in c["optim"].items()})
+    settings.update({f"trainer.{k}": c["trainer"][k] for k in RESULT_TRAINER_KEYS})
+    settings["data"] = c["data"]
+    return json.loads(json.dumps(settings))  # tuples as lists, as in the YAML file
+
+
+def check_same_run(cfg: DictConfig) -> None:
+    """Refuse to reuse or resume a run directory trained with other settings than the scale gives now (a table would
+    otherwise mix configurations under one provenance)."""
+    saved_file = run_dir(cfg) / "config.yaml"
+    if not saved_file.exists():
+        return
+    matched = cfg.method_options.get("match_activated") == "dsmoe"
+    saved, now = run_settings(OmegaConf.load(saved_file), matched), run_settings(cfg, matched)
+    differ = [
+        f"{k}: {saved.get(k)!r} (trained) vs {now.get(k)!r} (now)" for k in now | saved if saved.get(k) != now.get(k)
+    ]
+    if differ:
+        raise ValueError(
+            f"{run_dir(cfg)} was trained with other settings than the scale gives now — {'; '.join(differ)}. Restore "
+            f"the scale's settings, or delete {run_dir(cfg)} to train the run again with the new ones"
+        )
+
+
 def ensure_run(scale: str, run: str, seed: int = 0) -> Path:
-    """The run's final model directory, training it first (in its own processes) unless a finished run exists."""
+    """The run's final model directory, training it first (in its own processes) unless a finished run exists; a
+    run directory trained with other settings is refused (:func:`check_same_run`)."""
     cfg = run_config(scale, run, seed)
+    check_same_run(cfg)
     final = run_dir(cfg) / "final"
     if is_finished(cfg):
         print(f"[experiment] {scale}/{cfg.run_name}: finished run found, skipping training")

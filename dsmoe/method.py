@@ -57,7 +57,9 @@ class Method:
     ``target`` params (None: the method's activation is not set but learned, or fixed); structure(meta dense model,
     options) -> (params of the prepared model, its setting), for the disk plan, on the meta device;
     on_train_start(model) once the Trainer has wrapped (possibly sharded) the model; after_optimizer_step(model);
-    dynamic: how activation is measured when it depends on the input (None: fixed once applied)."""
+    dynamic: how activation is measured when it depends on the input (None: fixed once applied);
+    check_options(options, matched) -> None: a ValueError naming an unknown or invalid option, before any model is
+    loaded (``matched``: match will set some options from match_activated, so they may still be missing)."""
 
     name: str
     apply: Callable[[PreTrainedModel, dict[str, Any], Batches | None], PreTrainedModel]
@@ -73,6 +75,7 @@ class Method:
     needs_calibration: bool = False
     on_train_start: Callable[[nn.Module], None] | None = None
     dynamic: DynamicActivation | None = None
+    check_options: Callable[[dict[str, Any], bool], None] = lambda options, matched: None
 
     def planned_structure(self, dense: PreTrainedModel, options: dict[str, Any]) -> tuple[int, str]:
         """Parameters and setting of the model ``apply`` would build from ``dense`` (a model on the meta device)."""
@@ -116,9 +119,13 @@ def from_pretrained(directory: Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(directory)
 
 
+def _dense_options(options: dict[str, Any], matched: bool = False) -> None:
+    if options or matched:
+        raise ValueError(f"method 'dense' takes no options, got {sorted(options) + ['match_activated'] * matched}")
+
+
 def _dense_apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:
-    if options:
-        raise ValueError(f"method 'dense' takes no options, got {sorted(options)}")
+    _dense_options(options)
     return model
 
 
@@ -131,4 +138,5 @@ DENSE = Method(
     from_pretrained,
     recognises=lambda config: True,  # the registry asks every other method first
     describe=describe_dense,
+    check_options=_dense_options,
 )

@@ -32,10 +32,11 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
@@ -94,15 +95,27 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Structured defaults ← YAML ← dot-list overrides; unknown keys raise an error that names them."""
+    """Structured defaults ← YAML ← dot-list overrides; unknown keys raise an error that names them. A whole
+    ``method_options={...}`` override replaces the YAML's options (e.g. with another method's)."""
     cfg = OmegaConf.structured(TrainConfig)
     if path is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        cfg = merged(cfg, OmegaConf.load(path), schema=TrainConfig, where=str(path))
+        cfg = merged(cfg, read_yaml(lambda: OmegaConf.load(path), str(path)), schema=TrainConfig, where=str(path))
     if overrides:
-        cfg = merged(cfg, OmegaConf.from_dotlist(list(overrides)), schema=TrainConfig, where="the command line")
+        if any(o.partition("=")[0].strip() == "method_options" for o in overrides):
+            cfg.method_options = {}  # method_options={...} replaces the YAML's options (method_options.k=v sets one)
+        given = read_yaml(lambda: OmegaConf.from_dotlist(list(overrides)), "the command line")
+        cfg = merged(cfg, given, schema=TrainConfig, where="the command line")
     return cfg
+
+
+def read_yaml(read, where: str):
+    """``read()``, with a YAML syntax error turned into a ValueError naming ``where``."""
+    try:
+        return read()
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where} is not valid YAML: {' '.join(str(error).split())}") from None
 
 
 def on_gpu(t: TrainerConfig) -> bool:
@@ -160,6 +173,26 @@ def export_dtype(t: TrainerConfig) -> torch.dtype:
     )
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+
+def check_devices(t: TrainerConfig) -> None:
+    """trainer.accelerator and trainer.devices as Lightning will read them, on this machine."""
+    if t.accelerator not in ACCELERATORS:
+        raise ValueError(f"trainer.accelerator {t.accelerator!r} is unknown; choose one of {list(ACCELERATORS)}")
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={t.accelerator!r} but this machine has no GPU: run it on a GPU machine, or set "
+            "trainer.accelerator=cpu (with trainer.precision=32-true) for a CPU run"
+        )
+    try:
+        processes = world_size(t)
+    except (MisconfigurationException, TypeError, ValueError) as error:
+        raise ValueError(f"trainer.devices={t.devices!r} (accelerator {t.accelerator!r}): {error}") from None
+    if processes < 1:
+        raise ValueError(f"trainer.devices={t.devices!r} gives no process; give a positive count or device list")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Everything that can be checked before any model is loaded, converted or written."""
     t, o = cfg.trainer, cfg.optim
@@ -173,7 +206,20 @@ def check_config(cfg: DictConfig) -> None:
         positive(f"trainer.{key}", t[key])
     positive("trainer.keep_last_checkpoints", t.keep_last_checkpoints)
     positive("trainer.log_every_n_steps", t.log_every_n_steps)
+    positive("trainer.num_nodes", t.num_nodes)
+    positive("calibration_batches", cfg.calibration_batches)
     positive("optim.lr", o.lr, integer=False)
+    if o.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay must be >= 0, got {o.weight_decay!r}")
+    limit = t.limit_val_batches
+    if isinstance(limit, bool) or not (
+        (isinstance(limit, int) and limit > 0) or (isinstance(limit, float) and 0 < limit <= 1)
+    ):
+        raise ValueError(
+            f"trainer.limit_val_batches must be a positive number of batches per source or a fraction in (0, 1], "
+            f"got {limit!r}"
+        )
+    check_devices(t)
     if t.max_tokens < 0:
         raise ValueError(f"trainer.max_tokens must be >= 0, got {t.max_tokens!r}")
     if o.warmup_steps < 0:
@@ -202,7 +248,12 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(
                 f"trainer.export_tokens: {point!r} is not a token count in (0, {total}] (the run's tokens)"
             )
-    get_method(cfg.method)  # an unknown method fails here, naming the known ones
+    method = get_method(cfg.method)  # an unknown method fails here, naming the known ones
+    options = dict(OmegaConf.to_container(cfg.method_options))
+    matched = options.pop("match_activated", None) is not None
+    if matched and method.match is None:
+        raise ValueError(f"method {cfg.method!r} takes no method_options.match_activated (its activation is learned)")
+    method.check_options(options, matched)
     from dsmoe.data import DataConfig
 
     data = DataConfig.from_dict({**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size})
@@ -451,10 +502,17 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
             f"{error}. The last finite checkpoint is {last}; lower optim.lr, then resume=last"
         ) from None
     except SIGTERMException:
-        print(
-            f"[dsmoe.train] stopped by SIGTERM; continue with resume=last ({checkpoints.last_model_path})",
-            file=sys.stderr,
-        )
+        if checkpoints.last_model_path:
+            print(
+                f"[dsmoe.train] stopped by SIGTERM; continue with resume=last ({checkpoints.last_model_path})",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                "[dsmoe.train] stopped by SIGTERM before the first checkpoint was written; the same command with "
+                "resume=last starts this run again from its prepared model",
+                file=sys.stderr,
+            )
         raise Preempted(PREEMPTED) from None
     export_model(trainer, lit, init_dir, final, dtype, tokenizer)
     if trainer.is_global_zero:

@@ -119,6 +119,29 @@ def test_cached_evaluation_is_recomputed_when_its_settings_change(tiny_scale, mo
     assert de.evaluate("tiny", "dense") == fewer and len(loads) == 1
 
 
+def test_a_run_trained_with_other_settings_is_refused_not_reused(write_scale, monkeypatch):
+    import dsmoe.experiment as de
+    from dsmoe.train import load_config, train
+
+    scale_dir = write_scale(["dsmoe", "sparsegpt"])
+    monkeypatch.setattr(de, "launch_training", lambda config_file: train(load_config(config_file)))
+    de.ensure_run("tiny", "sparsegpt")  # matched to the DSMoE run's measured fraction: trains dsmoe first
+    path = scale_dir / "scales" / "tiny.yaml"
+    scale = yaml.safe_load(path.read_text())
+    scale["base"]["trainer"].update(devices=1, checkpoint_every_n_steps=4, limit_val_batches=2)  # not the result's
+    scale["eval"]["val_windows"] = 1
+    path.write_text(yaml.safe_dump(scale))
+    assert de.ensure_run("tiny", "dsmoe").name == "final" and de.ensure_run("tiny", "sparsegpt").name == "final"
+    scale["methods"]["dsmoe"]["method_options"]["tau"] = 0.9
+    scale["base"]["trainer"]["max_steps"] = 6
+    path.write_text(yaml.safe_dump(scale))
+    message = r"runs/tiny/dsmoe was trained with other settings .*method_options.tau: 0.5 \(trained\) vs 0.9 \(now\)"
+    with pytest.raises(ValueError, match=message + r".*trainer.max_steps: 4 \(trained\) vs 6"):
+        de.ensure_run("tiny", "dsmoe")
+    with pytest.raises(ValueError, match=r"runs/tiny/sparsegpt was trained with other settings .*trainer.max_steps"):
+        de.ensure_run("tiny", "sparsegpt")
+
+
 def test_model_fingerprint_changes_when_a_model_is_written_again(tmp_path):
     from dsmoe.experiment import model_fingerprint
 

@@ -387,6 +387,41 @@ def test_bad_config_fails_before_anything_is_written_and_a_changed_config_is_ref
         train(changed)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"trainer.devices": 0}, r"trainer.devices=0 \(accelerator 'cpu'\): .*should be an int > 0"),
+        ({"trainer.num_nodes": 0}, "trainer.num_nodes must be a positive integer, got 0"),
+        ({"trainer.accelerator": "tpu"}, r"trainer.accelerator 'tpu' is unknown; choose one of \['auto', 'cpu'"),
+        ({"trainer.limit_val_batches": 1.5}, r"trainer.limit_val_batches must be .* in \(0, 1\], got 1.5"),
+        ({"calibration_batches": 0}, "calibration_batches must be a positive integer, got 0"),  # hung before
+        ({"optim.weight_decay": -1}, "optim.weight_decay must be >= 0"),
+        ({"method": "llama_moe"}, r"unknown option\(s\) \['tau'\] for method 'llama_moe'; allowed: .*'top_k'"),
+        ({"method_options.tau": 2}, r"tau must lie in \[0, 1\)"),
+        ({"method_options.match_activated": 0.6}, "method 'dsmoe' takes no method_options.match_activated"),
+        ({"method": "dense"}, r"method 'dense' takes no options, got \['num_experts', 'tau'\]"),
+    ],
+)
+def test_bad_trainer_and_method_options_are_named_before_the_model_is_prepared(tmp_path, assets, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(make_cfg(assets, tmp_path, **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_whole_method_options_override_replaces_the_yamls_and_bad_yaml_is_named(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: dsmoe\nmethod_options: {num_experts: 4, tau: 0.5}\n")
+    cfg = load_config(
+        tmp_path / "c.yaml", ["method=llama_moe", "method_options={top_k: 2}", "method_options.num_experts=4"]
+    )
+    assert cfg.method_options == {"top_k": 2, "num_experts": 4}
+    assert load_config(tmp_path / "c.yaml", ["method_options.tau=0.7"]).method_options == {"num_experts": 4, "tau": 0.7}
+    (tmp_path / "bad.yaml").write_text("trainer: {a: [\n")
+    with pytest.raises(ValueError, match=r"bad.yaml is not valid YAML: while parsing"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="the command line is not valid YAML"):
+        load_config(None, ["trainer.export_tokens=[100,"])
+
+
 def test_weights_that_turn_non_finite_are_never_checkpointed(tmp_path, assets):
     from dsmoe.checkpoints import NonFiniteError
 

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 import dsmoe.fast as fast
-from dsmoe.config_checks import StoredConfig
+from dsmoe.config_checks import StoredConfig, options_check
 from dsmoe.hf_remote.partitioned_swiglu import (
     GATE_NETWORKS,
     SwiGLUParts,
@@ -257,4 +257,5 @@ LLAMA_MOE = Method(
     match=lambda model, target, options: match_llama_moe(
         model, target, options.get("num_experts", 8), options.get("gate_network", "linear")
     ),
+    check_options=options_check(LlamaMoEConfig, "llama_moe"),
 )

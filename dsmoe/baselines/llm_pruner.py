@@ -577,6 +577,7 @@ def _method(mode: str) -> Method:
         match=match,
         structure=structure,
         needs_calibration=True,
+        check_options=lambda options, matched: _check_options(mode, options),
     )
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from dsmoe.config_checks import options_check
 from dsmoe.matching import Match, resolve_target
 from dsmoe.method import Batches, Method, describe_dense, no_aux_losses, save_pretrained
 from dsmoe.stats import count_params
@@ -329,4 +330,5 @@ SPARSEGPT = Method(
     after_optimizer_step=enforce_masks,
     needs_calibration=True,
     on_train_start=take_training_masks,
+    check_options=options_check(SparseGPTConfig, "sparsegpt"),
 )
