@@ -243,17 +243,14 @@ def evaluation_precision() -> str:
 
 
 _WINDOWS: dict[tuple, dict[str, Any]] = {}
-PROTOCOLS = ("windows", "documents")
 
 
 def eval_protocol(scale: str) -> str:
-    """How validation PPL is measured at a scale (``eval.protocol``): "documents", the paper's (§5.1: each held-out
-    document its own sequence of at most seq_len tokens), or "windows" (the held-out documents packed into seq_len+1
-    windows like training, the first ``eval.val_windows`` of them: fewer, fuller sequences for small runs)."""
-    protocol = scale_config(scale).eval.get("protocol", "windows")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"eval.protocol of scale {scale!r} is {protocol!r}; choose one of {list(PROTOCOLS)}")
-    return protocol
+    """How validation PPL is measured at a scale (``eval.protocol``, one of dsmoe.scales.PROTOCOLS, checked when the
+    scale is loaded): "documents", the paper's (§5.1: each held-out document its own sequence of at most seq_len
+    tokens), or "windows" (the held-out documents packed into seq_len+1 windows like training, the first
+    ``eval.val_windows`` of them: fewer, fuller sequences for small runs)."""
+    return scale_config(scale).eval.protocol
 
 
 def validation_windows(scale: str, tokenizer) -> dict[str, Any]:

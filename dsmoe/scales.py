@@ -3,8 +3,8 @@
 A scale holds one base training config (``base``), one override block per run (``methods``) and the evaluation
 settings (``eval``). ``base`` and each run merged over it (as the run is configured) are checked against the
 training config's schema (:class:`dsmoe.train.TrainConfig`; its ``data`` against :class:`dsmoe.data.DataConfig`;
-``method_options`` are left to the method), ``eval`` against :class:`EvalConfig`. An unknown key is an error naming
-the key and the allowed ones, a value of the wrong type one naming the key.
+``method_options`` are left to the method), ``eval`` against :class:`EvalConfig` and its values' ranges (before any
+run trains). An unknown key is an error naming the key and the allowed ones, a bad value one naming the key.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from dsmoe.config_checks import merged, reject_unknown_keys
 from dsmoe.data import DataConfig
 from dsmoe.train import TrainConfig
+
+PROTOCOLS = ("windows", "documents")  # EvalConfig.protocol
 
 
 @dataclass
@@ -53,6 +55,18 @@ def check_data(data: DictConfig, where: str) -> None:
         raise ValueError(f"{where}.data: {error}") from error
 
 
+def check_eval(evaluation: EvalConfig, where: str) -> None:
+    """Every ``eval`` value in its range; a bad one is an error naming ``where``, the key, the value and what is
+    allowed."""
+    for key in ("batch_size", "max_gen_toks", "seeds", "val_windows", "benchmark_limit"):
+        value, optional = getattr(evaluation, key), key in ("val_windows", "benchmark_limit")
+        if value is not None and value < 1:  # None only where optional (the schema's types are checked first)
+            allowed = "null (all) or an integer >= 1" if optional else "an integer >= 1"
+            raise ValueError(f"{where} eval.{key} is {value!r}; allowed: {allowed}")
+    if evaluation.protocol not in PROTOCOLS:
+        raise ValueError(f"{where} eval.protocol is {evaluation.protocol!r}; choose one of {list(PROTOCOLS)}")
+
+
 def load_scale(path: str | Path) -> ScaleConfig:
     """The scale at ``path``, every key checked (see the module docstring); ``eval`` with its defaults filled in."""
     name = Path(path).stem
@@ -80,4 +94,6 @@ def load_scale(path: str | Path) -> ScaleConfig:
     missing = sorted(OmegaConf.missing_keys(evaluation))
     if missing:
         raise ValueError(f"{where} eval has no {missing}: give them (see dsmoe.scales.EvalConfig)")
-    return ScaleConfig(base=raw["base"], methods=raw["methods"], eval=OmegaConf.to_object(evaluation))
+    evaluation = OmegaConf.to_object(evaluation)
+    check_eval(evaluation, where)
+    return ScaleConfig(base=raw["base"], methods=raw["methods"], eval=evaluation)

@@ -57,6 +57,23 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     assert by_model["dense (no training)"]["tokens"] == "0" and by_model["DSMoE"]["tokens"] == "512"
 
 
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"batch_size": 0}, "eval.batch_size is 0"), ({"protocol": "document"}, "eval.protocol is 'document'")],
+)
+def test_a_bad_eval_setting_stops_the_target_before_training(write_scale, monkeypatch, setting, message):
+    import dsmoe.experiment
+
+    path = write_scale(["dsmoe"]) / "scales" / "tiny.yaml"
+    scale = yaml.safe_load(path.read_text())
+    scale["eval"].update(setting)
+    path.write_text(yaml.safe_dump(scale))
+    monkeypatch.setattr(dsmoe.experiment, "launch_training", lambda config_file: pytest.fail("training started"))
+    with pytest.raises(ValueError, match=f"scale 'tiny' {message}"):
+        run_script("table1")
+    assert not (path.parent.parent / "runs").exists()
+
+
 @pytest.mark.slow
 def test_every_figure_and_table_target(tiny_scale_all):
     run_script("table1")
@@ -288,5 +305,7 @@ def test_documents_protocol_evaluates_each_held_out_document(tiny_scale, assets)
         assert [s.tolist() for s in sequences[name]] == expected
     scale["eval"]["protocol"] = "packed"
     path.write_text(yaml.safe_dump(scale))
-    with pytest.raises(ValueError, match="eval.protocol of scale 'tiny' is 'packed'"):
+    with pytest.raises(
+        ValueError, match=r"scale 'tiny' eval.protocol is 'packed'; choose one of \['windows', 'documents'\]"
+    ):
         validation_windows("tiny", tok)

@@ -1,5 +1,5 @@
 """Scale files against their schema (dsmoe.scales): the shipped scales load unchanged with eval's defaults filled in;
-a misspelt key, a value of the wrong type or a missing eval setting is an error naming it."""
+a misspelt key, a value of the wrong type or out of range, or a missing eval setting is an error naming it."""
 
 import dataclasses
 from pathlib import Path
@@ -60,6 +60,18 @@ def edited(path: Path, edit) -> Path:
         (lambda s: s["base"]["trainer"].update(max_steps="many"), r"scale 'tiny' base: .*'many'.*trainer.max_steps"),
         (lambda s: s["eval"].pop("batch_size"), r"scale 'tiny' eval has no \['batch_size'\]"),
         (lambda s: s.pop("methods"), r"scale 'tiny': methods must be a mapping, got None"),
+        (lambda s: s["eval"].update(batch_size=0), r"scale 'tiny' eval.batch_size is 0; allowed: an integer >= 1"),
+        (
+            lambda s: s["eval"].update(max_gen_toks=-1),
+            r"scale 'tiny' eval.max_gen_toks is -1; allowed: an integer >= 1",
+        ),
+        (lambda s: s["eval"].update(seeds=0), r"scale 'tiny' eval.seeds is 0; allowed: an integer >= 1"),
+        (lambda s: s["eval"].update(val_windows=0), r"scale 'tiny' eval.val_windows is 0; allowed: null \(all\) or an"),
+        (lambda s: s["eval"].update(benchmark_limit=0), r"scale 'tiny' eval.benchmark_limit is 0; allowed: null"),
+        (
+            lambda s: s["eval"].update(protocol="document"),
+            r"scale 'tiny' eval.protocol is 'document'; choose one of \['windows', 'documents'\]",
+        ),
     ],
 )
 def test_a_bad_scale_is_an_error_naming_the_key(write_scale, edit, message):
