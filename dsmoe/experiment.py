@@ -41,6 +41,17 @@ SCALES_DIR = ROOT / "experiments" / "configs" / "scales"
 SCALES = ("demo", "smollm2", "llama1b", "llama7b")
 
 
+def scale_dirs() -> list[Path]:
+    """Where scales are looked up, in order: $DSMOE_SCALES_DIR (your own, which override shipped ones of the same
+    name), then the shipped experiments/configs/scales/."""
+    own = os.environ.get("DSMOE_SCALES_DIR")
+    return ([Path(own)] if own else []) + [SCALES_DIR]
+
+
+def known_scales() -> list[str]:
+    return sorted({p.stem for folder in scale_dirs() for p in folder.glob("*.yaml")})
+
+
 def results_dir(scale: str) -> Path:
     """results/<scale>/ ($DSMOE_RESULTS moves results/)."""
     return Path(os.environ.get("DSMOE_RESULTS", ROOT / "results")) / scale
@@ -49,12 +60,12 @@ def results_dir(scale: str) -> Path:
 def scale_config(scale: str) -> DictConfig:
     """The scale's YAML: {base: <train config>, methods: {run: overrides}, eval: {...}}.
 
-    Scales live in experiments/configs/scales/ ($DSMOE_SCALES_DIR adds your own)."""
-    folder = Path(os.environ.get("DSMOE_SCALES_DIR", SCALES_DIR))
-    path = folder / f"{scale}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ValueError(f"unknown scale {scale!r}; choose one of {known} (YAML files in {folder})")
+    Scales live in experiments/configs/scales/ ($DSMOE_SCALES_DIR adds your own, looked in first)."""
+    name = f"{scale}.yaml"
+    path = next((folder / name for folder in scale_dirs() if (folder / name).exists()), None)
+    if path is None:
+        folders = " and ".join(str(folder) for folder in scale_dirs())
+        raise ValueError(f"unknown scale {scale!r}; choose one of {known_scales()} (YAML files in {folders})")
     return OmegaConf.create(checked_scale(str(path), path.stat().st_mtime_ns))  # a fresh copy per call
 
 

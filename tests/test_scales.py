@@ -80,3 +80,13 @@ def test_a_bad_scale_is_an_error_naming_the_key(write_scale, edit, message):
         load_scale(path)
     with pytest.raises(ValueError, match=message):
         scale_config("tiny")
+
+
+def test_own_scales_dir_adds_to_the_shipped_scales(write_scale):
+    own = write_scale(["dsmoe"]) / "scales"  # DSMOE_SCALES_DIR holds only 'tiny'
+    assert scale_config("tiny").eval.val_windows == 2
+    assert scale_config("demo") == OmegaConf.create(load_scale(SCALES_DIR / "demo.yaml").to_dict())
+    (own / "demo.yaml").write_text((own / "tiny.yaml").read_text())  # an own copy overrides the shipped one
+    assert scale_config("demo").base.model == scale_config("tiny").base.model
+    with pytest.raises(ValueError, match=rf"unknown scale 'huge'; choose one of \[.*'llama7b'.*'tiny'\] .*{own} and "):
+        scale_config("huge")
