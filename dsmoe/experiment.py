@@ -52,16 +52,25 @@ def known_scales() -> list[str]:
     return sorted({p.stem for folder in scale_dirs() for p in folder.glob("*.yaml")})
 
 
+def checked_scale_name(scale: str) -> str:
+    """``scale`` if it is a plain name (no path separator, no '..'): it names a file and the runs/results folders."""
+    if not scale or Path(scale).name != scale or "\\" in scale or ".." in scale:
+        raise ValueError(
+            f"scale {scale!r} is not a plain name (no path separators or '..'); choose one of {known_scales()}"
+        )
+    return scale
+
+
 def results_dir(scale: str) -> Path:
     """results/<scale>/ ($DSMOE_RESULTS moves results/)."""
-    return Path(os.environ.get("DSMOE_RESULTS", ROOT / "results")) / scale
+    return Path(os.environ.get("DSMOE_RESULTS", ROOT / "results")) / checked_scale_name(scale)
 
 
 def scale_config(scale: str) -> DictConfig:
     """The scale's YAML: {base: <train config>, methods: {run: overrides}, eval: {...}}.
 
     Scales live in experiments/configs/scales/ ($DSMOE_SCALES_DIR adds your own, looked in first)."""
-    name = f"{scale}.yaml"
+    name = f"{checked_scale_name(scale)}.yaml"
     path = next((folder / name for folder in scale_dirs() if (folder / name).exists()), None)
     if path is None:
         folders = " and ".join(str(folder) for folder in scale_dirs())
@@ -78,7 +87,8 @@ def checked_scale(path: str, mtime_ns: int) -> dict[str, Any]:
 
 
 def runs_root(scale: str) -> Path:
-    return Path(os.environ.get("DSMOE_RUNS", ROOT / "runs")) / scale
+    """runs/<scale>/ ($DSMOE_RUNS moves runs/)."""
+    return Path(os.environ.get("DSMOE_RUNS", ROOT / "runs")) / checked_scale_name(scale)
 
 
 def run_name(run: str, seed: int = 0) -> str:

@@ -2,13 +2,14 @@
 a misspelt key, a value of the wrong type or out of range, or a missing eval setting is an error naming it."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from dsmoe.experiment import SCALES, SCALES_DIR, scale_config
+from dsmoe.experiment import SCALES, SCALES_DIR, parse_scale, results_dir, runs_root, scale_config
 from dsmoe.scales import EvalConfig, load_scale
 
 
@@ -80,6 +81,18 @@ def test_a_bad_scale_is_an_error_naming_the_key(write_scale, edit, message):
         load_scale(path)
     with pytest.raises(ValueError, match=message):
         scale_config("tiny")
+
+
+@pytest.mark.parametrize("scale", ["../scales/demo", "demo/..", "/tmp/demo", "..", ".", "", "sub\\demo"])
+def test_a_scale_is_a_plain_name(scale):
+    message = (
+        re.escape(f"scale {scale!r}") + r" is not a plain name \(no path separators or '..'\); choose one of \[.*'demo'"
+    )
+    for where in (scale_config, runs_root, results_dir):
+        with pytest.raises(ValueError, match=message):
+            where(scale)
+    with pytest.raises(ValueError, match=message):
+        parse_scale("", ["--scale", scale])
 
 
 def test_own_scales_dir_adds_to_the_shipped_scales(write_scale):
