@@ -27,9 +27,10 @@ import math
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from dsmoe.cli import run as run_cli
@@ -115,15 +116,28 @@ def source_dtype(config) -> torch.dtype:
     return saved if isinstance(saved, torch.dtype) else torch.float32
 
 
+def fewest_devices(devices: Any) -> int:
+    """Devices per node as configured (2, "2", "0,1", [0, 1]); 1 where the machine decides ("auto", -1)."""
+    if isinstance(devices, (list, ListConfig)):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    try:
+        return max(int(devices), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
 def planned_steps(cfg: DictConfig) -> int:
     """Optimizer steps (dsmoe.train.schedule: ceil(max_tokens / (global batch × seq_len))), independent of the
-    number of devices, which need not exist on the machine that plans."""
+    number of devices, which need not exist on the machine that plans. schedule's checks run as training runs them,
+    on the configured devices per node (one where the machine decides: a global batch that one such process per node
+    cannot divide, no run can)."""
     from dsmoe.train import schedule
 
-    single = cfg.copy()
-    single.trainer.accelerator, single.trainer.devices, single.trainer.num_nodes = "cpu", 1, 1
-    single.trainer.micro_batch_size = single.trainer.global_batch_size
-    return schedule(single)[0]
+    planned = cfg.copy()
+    planned.trainer.accelerator, planned.trainer.devices = "cpu", fewest_devices(cfg.trainer.devices)
+    return schedule(planned)[0]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -214,11 +228,11 @@ def disk_events(run: RunPlan) -> list[tuple[str, int]]:
 def plan_run(cfg: DictConfig, labels: list[str], config: PretrainedConfig, dsmoe_fraction: float) -> RunPlan:
     """Sizes and disk events of one trained run of the scale."""
     t = cfg.trainer
-    for key in ("checkpoint_every_n_steps", "keep_last_checkpoints"):
+    for key in ("global_batch_size", "micro_batch_size", "checkpoint_every_n_steps", "keep_last_checkpoints"):
         if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
             raise ValueError(f"trainer.{key} must be a positive integer, got {t[key]!r}")
-    structure = prepared_structure(cfg, config, dsmoe_fraction)
     steps = planned_steps(cfg)
+    structure = prepared_structure(cfg, config, dsmoe_fraction)
     tokens_per_step = t.global_batch_size * int(cfg.data.get("seq_len", 1024))
     precision, dtype, weights = resolved_precision(t), export_dtype(t), weights_dtype(t)
     exports = []

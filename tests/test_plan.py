@@ -167,6 +167,34 @@ def test_bad_input_is_named(offline, tmp_path, monkeypatch):
         dp.plan_target("table5", "bad")
 
 
+@pytest.mark.parametrize(
+    "trainer, message",
+    [
+        (
+            {"global_batch_size": 5, "micro_batch_size": 2},
+            r"trainer.global_batch_size=5 is not divisible by .* = 2 × 1 = 2",
+        ),
+        ({"devices": 3}, r"trainer.global_batch_size=32 is not divisible by micro_batch_size × devices = 4 × 3 = 12"),
+        (
+            {"devices": "0,1,2", "micro_batch_size": 8},
+            r"trainer.global_batch_size=32 is not divisible by .* = 8 × 3 = 24",
+        ),
+        ({"devices": -1, "num_nodes": 3}, r"trainer.global_batch_size=32 is not divisible by .* = 4 × 3 = 12"),
+        ({"micro_batch_size": 0}, r"trainer.micro_batch_size must be a positive integer, got 0"),
+        ({"max_steps": -1, "max_tokens": 0}, r"set trainer.max_tokens \(preferred\) or trainer.max_steps"),
+    ],
+)
+def test_the_plan_refuses_a_batch_schedule_the_run_refuses(offline, tmp_path, monkeypatch, trainer, message):
+    """dsmoe.train.schedule's checks, on the configured devices (one per node where the machine decides)."""
+    scale = yaml.safe_load((ROOT / "experiments" / "configs" / "scales" / "llama1b.yaml").read_text())
+    scale["base"]["trainer"].update(trainer)
+    (tmp_path / "scales").mkdir()
+    (tmp_path / "scales" / "bad.yaml").write_text(yaml.safe_dump(scale))
+    monkeypatch.setenv("DSMOE_SCALES_DIR", str(tmp_path / "scales"))
+    with pytest.raises(ValueError, match="run 'dsmoe' of scale 'bad': " + message):
+        dp.main(["table1", "--scale", "bad"])
+
+
 @pytest.mark.parametrize("method", ["dsmoe", "llama_moe", "llm_pruner_block", "sparsegpt"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_planned_final_size_matches_a_real_save(tmp_path, assets, write_scale, method, dtype):
