@@ -463,7 +463,12 @@ def parse_scale(description: str, argv: list[str] | None = None) -> argparse.Nam
     parser.add_argument(
         "--seeds", type=int, default=None, help="repetitions of every trained run (default: the scale's)"
     )
-    args = parser.parse_args(argv)
+    return scale_arguments(parser.parse_args(argv))
+
+
+def scale_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``--scale`` checked and ``--limit`` / ``--seeds`` checked, their defaults the scale's eval
+    settings (the targets' and ``--plan``'s command lines)."""
     sc = scale_config(args.scale)  # fail early on an unknown scale
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of benchmark items per task, got {args.limit}")

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import ROOT, run_config, runs_root, scale_config
+from dsmoe.experiment import ROOT, run_config, runs_root, scale_arguments, scale_config
 from dsmoe.methods import get_method, match_options
 from dsmoe.models import EMBEDDED, EMBEDDED_ALIASES, EMBEDDED_CACHE_NAME
 from dsmoe.packages import cache_dir
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> TargetPlan:
     parser.add_argument(
         "--seeds", type=int, default=None, help="repetitions of every trained run (default: the scale's)"
     )
-    args = parser.parse_args(argv)
+    args = scale_arguments(parser.parse_args(argv))  # --scale, --limit and --seeds as the targets check them
     plan = plan_target(args.target, args.scale, args.seeds)
     print(format_plan(plan))
     return plan

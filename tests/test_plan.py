@@ -195,6 +195,20 @@ def test_the_plan_refuses_a_batch_schedule_the_run_refuses(offline, tmp_path, mo
         dp.main(["table1", "--scale", "bad"])
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0"], "--seeds must be a positive number of repetitions, got 0"),
+        (["--seeds", "-2"], "--seeds must be a positive number of repetitions, got -2"),
+        (["--limit", "0"], "--limit must be a positive number of benchmark items per task, got 0"),
+        (["--scale", "../scales/demo"], r"scale '../scales/demo' is not a plain name"),
+    ],
+)
+def test_plan_arguments_are_checked_as_the_targets_check_them(offline, argv, message):
+    with pytest.raises(ValueError, match=message):
+        dp.main(["table1", *argv])
+
+
 @pytest.mark.parametrize("method", ["dsmoe", "llama_moe", "llm_pruner_block", "sparsegpt"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_planned_final_size_matches_a_real_save(tmp_path, assets, write_scale, method, dtype):
