@@ -227,10 +227,10 @@ def disk_events(run: RunPlan) -> list[tuple[str, int]]:
 
 def plan_run(cfg: DictConfig, labels: list[str], config: PretrainedConfig, dsmoe_fraction: float) -> RunPlan:
     """Sizes and disk events of one trained run of the scale."""
+    from dsmoe.train import check_values
+
     t = cfg.trainer
-    for key in ("global_batch_size", "micro_batch_size", "checkpoint_every_n_steps", "keep_last_checkpoints"):
-        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
-            raise ValueError(f"trainer.{key} must be a positive integer, got {t[key]!r}")
+    check_values(cfg)  # what the run itself would refuse, except what needs its machine or files
     steps = planned_steps(cfg)
     structure = prepared_structure(cfg, config, dsmoe_fraction)
     tokens_per_step = t.global_batch_size * int(cfg.data.get("seq_len", 1024))

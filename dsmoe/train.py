@@ -178,8 +178,6 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 def check_devices(t: TrainerConfig) -> None:
     """trainer.accelerator and trainer.devices as Lightning will read them, on this machine."""
-    if t.accelerator not in ACCELERATORS:
-        raise ValueError(f"trainer.accelerator {t.accelerator!r} is unknown; choose one of {list(ACCELERATORS)}")
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"trainer.accelerator={t.accelerator!r} but this machine has no GPU: run it on a GPU machine, or set "
@@ -193,8 +191,9 @@ def check_devices(t: TrainerConfig) -> None:
         raise ValueError(f"trainer.devices={t.devices!r} gives no process; give a positive count or device list")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Everything that can be checked before any model is loaded, converted or written."""
+def check_values(cfg: DictConfig) -> None:
+    """The configuration's values on their own: no file is read and nothing is asked of this machine (the disk plan
+    checks every run of a scale with it)."""
     t, o = cfg.trainer, cfg.optim
 
     def positive(name: str, value: Any, integer: bool = True) -> None:
@@ -219,7 +218,8 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.limit_val_batches must be a positive number of batches per source or a fraction in (0, 1], "
             f"got {limit!r}"
         )
-    check_devices(t)
+    if t.accelerator not in ACCELERATORS:
+        raise ValueError(f"trainer.accelerator {t.accelerator!r} is unknown; choose one of {list(ACCELERATORS)}")
     if t.max_tokens < 0:
         raise ValueError(f"trainer.max_tokens must be >= 0, got {t.max_tokens!r}")
     if o.warmup_steps < 0:
@@ -241,6 +241,23 @@ def check_config(cfg: DictConfig) -> None:
         )
     if t.gradient_clip_val is not None and t.gradient_clip_val <= 0:
         raise ValueError(f"trainer.gradient_clip_val must be > 0 or null (no clipping), got {t.gradient_clip_val!r}")
+    method = get_method(cfg.method)  # an unknown method fails here, naming the known ones
+    options = dict(OmegaConf.to_container(cfg.method_options))
+    matched = options.pop("match_activated", None) is not None
+    if matched and method.match is None:
+        raise ValueError(f"method {cfg.method!r} takes no method_options.match_activated (its activation is learned)")
+    method.check_options(options, matched)
+    from dsmoe.data import DataConfig
+
+    DataConfig.from_dict({**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size})
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Everything that can be checked before any model is loaded, converted or written: the values
+    (:func:`check_values`), the devices on this machine, the run's length, the data files and the model path."""
+    check_values(cfg)
+    t = cfg.trainer
+    check_devices(t)
     max_steps, _ = schedule(cfg)
     total = max_steps * t.global_batch_size * int(cfg.data.get("seq_len", 1024))
     for point in t.export_tokens:
@@ -248,12 +265,6 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(
                 f"trainer.export_tokens: {point!r} is not a token count in (0, {total}] (the run's tokens)"
             )
-    method = get_method(cfg.method)  # an unknown method fails here, naming the known ones
-    options = dict(OmegaConf.to_container(cfg.method_options))
-    matched = options.pop("match_activated", None) is not None
-    if matched and method.match is None:
-        raise ValueError(f"method {cfg.method!r} takes no method_options.match_activated (its activation is learned)")
-    method.check_options(options, matched)
     from dsmoe.data import DataConfig
 
     data = DataConfig.from_dict({**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size})
