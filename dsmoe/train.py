@@ -132,8 +132,10 @@ def world_size(t: TrainerConfig) -> int:
 
 def schedule(cfg: DictConfig) -> tuple[int, int]:
     """(max_steps, accumulate_grad_batches) from the global batch, micro batch, devices and max_tokens."""
+    from dsmoe.data.config import data_seq_len
+
     t = cfg.trainer
-    seq_len = int(cfg.data.get("seq_len", 1024))
+    seq_len = data_seq_len(cfg.data)
     per_step = t.micro_batch_size * world_size(t)
     if t.global_batch_size % per_step:
         raise ValueError(

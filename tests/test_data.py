@@ -127,6 +127,25 @@ def test_source_config_validation_names_the_bad_value(tmp_path):
     assert DataConfig(sources=["embedded:math"], val_docs_per_source=7).val_pool_docs == 70
 
 
+def test_data_config_shape_mistakes_are_named():
+    """A source without a name, sources given as one string, a non-integer setting: ValueErrors naming the key."""
+    with pytest.raises(ValueError, match=r"source \{'data_files': '/x/a.jsonl'\} lacks required key\(s\) \['name'\]"):
+        DataConfig.from_dict({"sources": [{"data_files": "/x/a.jsonl"}]})
+    with pytest.raises(
+        ValueError, match=r"data.sources must be a list \(of source mappings or shorthands.*got '/x/a.jsonl'"
+    ):
+        DataConfig.from_dict({"sources": "/x/a.jsonl"})
+    with pytest.raises(ValueError, match="data.sources must be a list .*got None"):
+        DataConfig.from_dict({"sources": None})
+    with pytest.raises(ValueError, match="unknown source shorthand 7; use 'embedded:"):
+        DataConfig.from_dict({"sources": [{"preset": 7}]})
+    for key in ("seq_len", "val_docs_per_source", "shuffle_buffer", "micro_batch_size", "seed"):
+        with pytest.raises(ValueError, match=f"data.{key} must be an integer.*, got 'abc'"):
+            DataConfig.from_dict({"sources": ["embedded:math"], key: "abc"})
+    with pytest.raises(ValueError, match="data.shuffle_buffer must be an integer >= 1, got 1.5"):
+        DataConfig.from_dict({"sources": ["embedded:math"], "shuffle_buffer": 1.5})
+
+
 def test_source_shorthands_and_presets():
     cfg = DataConfig.from_dict(
         {

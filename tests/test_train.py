@@ -109,6 +109,9 @@ def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
         schedule(cfg)
     cfg = make_cfg(assets, tmp_path, **{"trainer.max_tokens": 12800, "data.seq_len": 100})
     assert schedule(cfg) == (32, 2)  # 12800 tokens / (4 seqs × 100 tokens)
+    with pytest.raises(ValueError, match="data.seq_len must be an integer >= 1, got 'abc'"):
+        train(make_cfg(assets, tmp_path, **{"data.seq_len": "abc"}))
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="unknown method 'moe'"):
         train(make_cfg(assets, tmp_path, method="moe"))
 

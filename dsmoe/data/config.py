@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,14 @@ class DataConfig:
     max_unusable_fraction: float = 0.01
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sources, (list, tuple)):
+            raise ValueError(
+                f"data.sources must be a list (of source mappings or shorthands such as 'embedded:math'), "
+                f"got {self.sources!r}"
+            )
         self.sources = [SourceConfig.from_obj(s) for s in self.sources]
         if not self.sources:
-            raise ValueError("DataConfig.sources is empty: give at least one source")
+            raise ValueError("data.sources is empty: give at least one source")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
@@ -58,10 +64,7 @@ class DataConfig:
             ("seed", None),
             ("val_seed", None),
         ):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-                bound = f" >= {low}" if low is not None else ""
-                raise ValueError(f"DataConfig.{key} must be an integer{bound}, got {value!r}")
+            checked_int(key, getattr(self, key), low)
         if self.val_pool_docs is None:
             self.val_pool_docs = VAL_POOL_FACTOR * self.val_docs_per_source
         if (
@@ -70,12 +73,12 @@ class DataConfig:
             or self.val_pool_docs < self.val_docs_per_source
         ):
             raise ValueError(
-                f"DataConfig.val_pool_docs must be an integer >= val_docs_per_source={self.val_docs_per_source} "
+                f"data.val_pool_docs must be an integer >= val_docs_per_source={self.val_docs_per_source} "
                 f"(or null for {VAL_POOL_FACTOR}x), got {self.val_pool_docs!r}"
             )
         fraction = self.max_unusable_fraction
         if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
-            raise ValueError(f"DataConfig.max_unusable_fraction must be a number in [0, 1], got {fraction!r}")
+            raise ValueError(f"data.max_unusable_fraction must be a number in [0, 1], got {fraction!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
@@ -95,6 +98,19 @@ class DataConfig:
             **{k: getattr(self, k) for k in keys},
             "shuffle_buffer": self.shuffle_buffer,
         }
+
+
+def checked_int(key: str, value: Any, low: int | None) -> int:
+    """``value`` if it is an integer (>= ``low`` unless None); else a ValueError naming ``data.<key>``."""
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise ValueError(f"data.{key} must be an integer{bound}, got {value!r}")
+    return value
+
+
+def data_seq_len(data: Mapping[str, Any]) -> int:
+    """seq_len of a ``data`` config section (default 1024), checked as :class:`DataConfig` checks it."""
+    return checked_int("seq_len", data.get("seq_len", DataConfig.seq_len), 1)
 
 
 def check_data_files(config: DataConfig) -> dict[str, list[str]]:

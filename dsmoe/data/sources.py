@@ -79,6 +79,13 @@ class SourceConfig:
         overrides = {k: v for k, v in obj.items() if k != "preset"}
         if "preset" in obj:
             return dataclasses.replace(source_preset(obj["preset"]), **overrides)
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [key for key in required if key not in overrides]
+        if missing:
+            raise ValueError(
+                f"source {obj!r} lacks required key(s) {missing}: a source mapping needs name and one of path or "
+                "data_files (or preset: <shorthand>)"
+            )
         return cls(**overrides)
 
 
@@ -93,10 +100,11 @@ PAPER_SOURCES: dict[str, SourceConfig] = {
 
 def source_preset(shorthand: str) -> SourceConfig:
     """``embedded:<domain>`` or ``paper:<name>`` as a SourceConfig."""
-    if shorthand.startswith(EMBEDDED_PREFIX):
+    if isinstance(shorthand, str) and shorthand.startswith(EMBEDDED_PREFIX):
         return SourceConfig(name=shorthand.removeprefix(EMBEDDED_PREFIX), path=shorthand)
-    if shorthand.startswith(PAPER_PREFIX) and shorthand.removeprefix(PAPER_PREFIX) in PAPER_SOURCES:
-        return dataclasses.replace(PAPER_SOURCES[shorthand.removeprefix(PAPER_PREFIX)])
+    paper = shorthand.removeprefix(PAPER_PREFIX) if isinstance(shorthand, str) else None
+    if paper in PAPER_SOURCES and shorthand.startswith(PAPER_PREFIX):
+        return dataclasses.replace(PAPER_SOURCES[paper])
     raise ValueError(
         f"unknown source shorthand {shorthand!r}; use 'embedded:<{'|'.join(DOMAINS)}>' "
         f"or 'paper:<{'|'.join(PAPER_SOURCES)}>'"
