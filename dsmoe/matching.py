@@ -1,14 +1,16 @@
 """Match each baseline's setting to a target activated-parameter count (paper §5: "configured to match
 DSMoE's activated parameter count"; Table 1 counts 735M of 1.24B for LLaMA-1B).
 
-A target is absolute (> 1) or a fraction (≤ 1) of the dense model's total parameters. Each method's ``match``
-hook (:class:`dsmoe.method.Method`) derives its own knob from the dense model and returns a :class:`Match` with
-the achieved count and the relative mismatch; ``within_tolerance`` is |mismatch| ≤ 1% unless the method's granularity
-makes that impossible, in which case ``note`` says so.
+A target is a fraction in (0, 1] of the dense model's total parameters or an absolute count: a whole number of at
+least ``MIN_COUNT`` (a float such as 2.0 or 1.5 is refused rather than read as 2 parameters or as 200%). Each
+method's ``match`` hook (:class:`dsmoe.method.Method`) derives its own knob from the dense model and returns a
+:class:`Match` with the achieved count and the relative mismatch; ``within_tolerance`` is |mismatch| ≤ 1% unless the
+method's granularity makes that impossible, in which case ``note`` says so.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,9 @@ from torch import nn
 from dsmoe.stats import count_params
 
 TOLERANCE = 0.01
+MIN_COUNT = 1000  # the smallest absolute target: fewer parameters is no model's activated size
+KEY = "method_options.match_activated"
+TARGET_FORMS = f"a fraction in (0, 1] of the dense params or a whole parameter count >= {MIN_COUNT}"
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,49 @@ class Match:
         return abs(self.rel_error) <= TOLERANCE
 
 
+def check_target(target: float, name: str = "target activated params") -> float:
+    """``target`` if it is a fraction in (0, 1] or a whole count >= MIN_COUNT; else a ValueError naming ``name``."""
+    if not math.isfinite(target) or target <= 0:
+        raise ValueError(f"{name} must be > 0: {TARGET_FORMS}; got {target!r}")
+    if target > 1 and target != int(target):
+        raise ValueError(
+            f"{name}={target!r} is neither a fraction in (0, 1] nor a whole parameter count: {TARGET_FORMS}"
+        )
+    if 1 < target < MIN_COUNT:
+        raise ValueError(
+            f"{name}={target!r} is below {MIN_COUNT}: as a count, {target:.0f} parameters is reached by no "
+            f"configuration, and it is no fraction ({target:.0%} of the dense params would exceed them): {TARGET_FORMS}"
+        )
+    return target
+
+
+def parse_target(value: Any, dsmoe_fraction: float | None = None) -> float | None:
+    """``method_options.match_activated`` as a number for :func:`resolve_target` (None stays None): "dsmoe" is
+    ``dsmoe_fraction`` (DSMoE's measured fraction, known to the experiment driver), numbers are checked by
+    :func:`check_target`. Anything else is a ValueError naming the key and the allowed forms."""
+    if value is None:
+        return None
+    if value == "dsmoe":
+        if dsmoe_fraction is None:
+            raise ValueError(
+                f"{KEY}='dsmoe' is resolved by the experiment driver (dsmoe.experiment) to DSMoE's measured "
+                f"activated fraction; a run trained on its own needs {TARGET_FORMS}"
+            )
+        value = dsmoe_fraction
+    allowed = f"{KEY} must be 'dsmoe' (DSMoE's measured fraction), {TARGET_FORMS}; got {value!r}"
+    if isinstance(value, bool):
+        raise ValueError(allowed)
+    try:
+        target = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(allowed) from None
+    return check_target(target, KEY)
+
+
 def resolve_target(model: nn.Module, target: float) -> float:
-    """A fraction in (0, 1] of the dense model's parameters, or an absolute count (> 1) below the total."""
+    """A fraction in (0, 1] of the dense model's parameters, or a whole count (>= MIN_COUNT) up to the total."""
     total = count_params(model)
-    if target <= 0:
-        raise ValueError(f"target activated params must be > 0, got {target!r}")
+    check_target(target)
     absolute = target * total if target <= 1 else float(target)
     if absolute > total:
         raise ValueError(f"target {absolute:.0f} exceeds the dense model's {total} parameters")

@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from dsmoe.cli import run as run_cli
 from dsmoe.experiment import ROOT, run_config, runs_root, scale_arguments, scale_config
+from dsmoe.matching import parse_target
 from dsmoe.methods import get_method, match_options
 from dsmoe.models import EMBEDDED, EMBEDDED_ALIASES, EMBEDDED_CACHE_NAME
 from dsmoe.packages import cache_dir
@@ -96,11 +97,11 @@ def prepared_structure(cfg: DictConfig, config: PretrainedConfig, dsmoe_fraction
     ``prepare_model`` does ("dsmoe" → ``dsmoe_fraction``), then the method applied to the structure."""
     method = get_method(cfg.method)
     options = OmegaConf.to_container(cfg.method_options)
-    target = options.pop("match_activated", None)
+    target = parse_target(options.pop("match_activated", None), dsmoe_fraction)
     dense = meta_model(copy.deepcopy(config))  # methods may change the config (LLM-Pruner's untying)
     note = ""
     if target is not None:
-        match = match_options(method.name, dense, dsmoe_fraction if target == "dsmoe" else float(target), options)
+        match = match_options(method.name, dense, target, options)
         options, note = {**options, **match.options}, match.note
     params, setting = method.planned_structure(dense, options)
     return Structure(params, setting, note)

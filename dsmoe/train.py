@@ -44,6 +44,7 @@ from dsmoe.cli import run as run_cli
 from dsmoe.config_checks import merged
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
+from dsmoe.matching import parse_target
 from dsmoe.methods import Method, get_method, match_options
 from dsmoe.models import EMBEDDED, load_model, load_tokenizer
 from dsmoe.packages import write_json
@@ -330,13 +331,13 @@ def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
     from dsmoe.data import DataConfig, PretrainDataModule
 
     method = get_method(cfg.method)
+    options = dict(cfg.method_options)
+    target = parse_target(options.pop("match_activated", None))  # a fraction of the dense params, or a count
     L.seed_everything(cfg.trainer.seed)  # router inits, calibration sampling
     dense, tokenizer = load_model(cfg.model)
     dense_params = count_params(dense)
-    options = dict(cfg.method_options)
-    target = options.pop("match_activated", None)  # fraction of the dense params, or an absolute count
     if target is not None:
-        match = match_options(cfg.method, dense, float(target), options)
+        match = match_options(cfg.method, dense, target, options)
         print(
             f"[dsmoe.train] {cfg.method} matched to {match.target:.4g} activated params: {match.options} "
             f"→ {match.achieved:.4g} ({100 * match.rel_error:+.2f}%) {match.note}",

@@ -2,6 +2,7 @@
 of the paper's LLaMA shapes (Table 1)."""
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 from dsmoe.baselines import llm_pruner as lp
 from dsmoe.baselines.llama_moe import LLAMA_MOE, match_llama_moe
 from dsmoe.baselines.sparsegpt import SPARSEGPT, match_sparsegpt
-from dsmoe.matching import resolve_target
+from dsmoe.matching import parse_target, resolve_target
 from dsmoe.methods import match_options
 from dsmoe.stats import count_params
 
@@ -39,6 +40,26 @@ def test_resolve_target():
         resolve_target(model, total + 1)
     with pytest.raises(ValueError, match="must be > 0"):
         resolve_target(model, 0)
+    with pytest.raises(ValueError, match=r"=2.0 is below 1000: as a count, 2 parameters .*no fraction \(200%"):
+        resolve_target(model, 2.0)  # not 2 parameters, and not 200%
+    with pytest.raises(ValueError, match=r"=1.5 is neither a fraction in \(0, 1\] nor a whole parameter count"):
+        resolve_target(model, 1.5)
+
+
+def test_match_activated_is_parsed_with_its_key_and_allowed_forms():
+    assert parse_target(None) is None
+    assert parse_target(0.6) == parse_target("0.6") == 0.6 and parse_target(7.35e8) == 7.35e8
+    assert parse_target("dsmoe", dsmoe_fraction=0.55) == 0.55
+    allowed = r"method_options.match_activated must be 'dsmoe' .*a fraction in \(0, 1\].*count >= 1000; got "
+    for bad in ("abc", True, [1]):
+        with pytest.raises(ValueError, match=allowed + re.escape(repr(bad))):
+            parse_target(bad)
+    with pytest.raises(ValueError, match="method_options.match_activated=2.0 is below 1000"):
+        parse_target(2.0)
+    with pytest.raises(ValueError, match="method_options.match_activated must be > 0: .*got -0.5"):
+        parse_target(-0.5)
+    with pytest.raises(ValueError, match="match_activated='dsmoe' is resolved by the experiment driver"):
+        parse_target("dsmoe")
 
 
 def test_sparsegpt_match_is_what_pruning_achieves():

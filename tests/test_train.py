@@ -116,6 +116,17 @@ def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
         train(make_cfg(assets, tmp_path, method="moe"))
 
 
+def test_bad_match_activated_is_named_before_the_model_is_loaded(tmp_path, assets, monkeypatch):
+    monkeypatch.setattr("dsmoe.train.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for value, error in [
+        ("abc", r"method_options.match_activated must be 'dsmoe' .*, a fraction .*count >= 1000; got 'abc'"),
+        (2.0, r"method_options.match_activated=2.0 is below 1000"),
+    ]:
+        cfg = make_cfg(assets, tmp_path, method="llama_moe", **{"method_options.match_activated": value})
+        with pytest.raises(ValueError, match=error):
+            train(cfg)
+
+
 def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets):
     cfg = make_cfg(
         assets,
