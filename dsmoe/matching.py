@@ -5,7 +5,10 @@ A target is a fraction in (0, 1] of the dense model's total parameters or an abs
 least ``MIN_COUNT`` (a float such as 2.0 or 1.5 is refused rather than read as 2 parameters or as 200%). Each
 method's ``match`` hook (:class:`dsmoe.method.Method`) derives its own knob from the dense model and returns a
 :class:`Match` with the achieved count and the relative mismatch; ``within_tolerance`` is |mismatch| ≤ 1% unless the
-method's granularity makes that impossible, in which case ``note`` says so.
+method's granularity makes that impossible, in which case ``note`` says so. A method whose nearest setting misses
+by more than ``MAX_MISS`` refuses the target (:func:`refuse_far_miss`) instead of training a model of another size:
+10% is above half of LLaMA-MoE's step in k with the paper's 8 experts (its nearest k misses the paper's 1B and 7B
+targets by -0.3% and +2.65%, and any target between k=1 and k=8 of those models by under 9%).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 from dsmoe.stats import count_params
 
 TOLERANCE = 0.01
+MAX_MISS = 0.10  # a nearest setting missing the target by more than this is refused
 MIN_COUNT = 1000  # the smallest absolute target: fewer parameters is no model's activated size
 KEY = "method_options.match_activated"
 TARGET_FORMS = f"a fraction in (0, 1] of the dense params or a whole parameter count >= {MIN_COUNT}"
@@ -81,6 +85,17 @@ def parse_target(value: Any, dsmoe_fraction: float | None = None) -> float | Non
     except (TypeError, ValueError):
         raise ValueError(allowed) from None
     return check_target(target, KEY)
+
+
+def refuse_far_miss(match: Match, choices: str) -> Match:
+    """``match``, unless its nearest setting misses the target by more than MAX_MISS: then a ValueError naming the
+    target, the nearest achievable count with its options, and ``choices`` (what the method can reach)."""
+    if abs(match.rel_error) <= MAX_MISS:
+        return match
+    raise ValueError(
+        f"{match.method} cannot match target {match.target:.0f} activated params within {MAX_MISS:.0%}: the nearest, "
+        f"{match.options}, gives {match.achieved:.0f} ({100 * match.rel_error:+.2f}%). {choices}"
+    )
 
 
 def resolve_target(model: nn.Module, target: float) -> float:

@@ -53,7 +53,7 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     by_model = {r["Model"]: r for r in rows}
     assert abs(float(by_model["SparseGPT"]["Activated %"]) - float(by_model["DSMoE"]["Activated %"])) < 1.0
     assert by_model["DSMoE"]["Configuration"] == "d=64, D=32x4"
-    assert by_model["LLaMA-MoE"]["Configuration"].startswith("d=64, D=32x4, topK=")
+    assert by_model["LLaMA-MoE"]["Configuration"].startswith("d=64, D=16x8, topK=")
     assert by_model["dense (no training)"]["tokens"] == "0" and by_model["DSMoE"]["tokens"] == "512"
 
 

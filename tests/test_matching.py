@@ -14,7 +14,7 @@ from torch import nn
 from dsmoe.baselines import llm_pruner as lp
 from dsmoe.baselines.llama_moe import LLAMA_MOE, match_llama_moe
 from dsmoe.baselines.sparsegpt import SPARSEGPT, match_sparsegpt
-from dsmoe.matching import parse_target, resolve_target
+from dsmoe.matching import Match, parse_target, refuse_far_miss, resolve_target
 from dsmoe.methods import match_options
 from dsmoe.stats import count_params
 
@@ -60,6 +60,25 @@ def test_match_activated_is_parsed_with_its_key_and_allowed_forms():
         parse_target(-0.5)
     with pytest.raises(ValueError, match="match_activated='dsmoe' is resolved by the experiment driver"):
         parse_target("dsmoe")
+
+
+def test_topk_match_refuses_a_far_miss_naming_what_each_k_gives():
+    """The tiny model's 4 experts reach 66%..100% of its params: 50% would train k=1 at +31.9%."""
+    model = tiny_model("llama")
+    with pytest.raises(
+        ValueError,
+        match=r"llama_moe cannot match target 53408 activated params within 10%: the nearest, \{'num_experts': 4, "
+        r"'top_k': 1\}, gives 70464 \(\+31.94%\). With num_experts=4 the top-k gives k=1: 70464, k=2: 82752, .*"
+        "change the target or num_experts",
+    ):
+        match_llama_moe(model, 0.5, num_experts=4)
+    assert match_llama_moe(model, 0.9, num_experts=4).options["top_k"] == 3  # -1.1%: kept, with its note
+    near = Match("m", {"width": 3}, 1000.0, 1100.0)
+    assert refuse_far_miss(near, "") is near
+    with pytest.raises(
+        ValueError, match=r"m cannot match target 1000 .* \{'width': 3\}, gives 1101 \(\+10.10%\). Try w"
+    ):
+        refuse_far_miss(replace(near, achieved=1101.0), "Try width=2.")
 
 
 def test_sparsegpt_match_is_what_pruning_achieves():

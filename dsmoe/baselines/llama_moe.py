@@ -34,7 +34,7 @@ from dsmoe.hf_remote.partitioned_swiglu import (
     swiglu_parts,
     topk_scale,
 )
-from dsmoe.matching import Match, resolve_target
+from dsmoe.matching import Match, refuse_far_miss, resolve_target
 from dsmoe.method import Batches, Method, ffn_widths
 from dsmoe.saving import load_with_extra_params, save_hf, saved_entry
 from dsmoe.stats import count_params
@@ -214,7 +214,8 @@ def _aux(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def match_llama_moe(model: nn.Module, target: float, num_experts: int = 8, gate_network: str = "linear") -> Match:
-    """The k of n experts whose activated params lie nearest the target (k is discrete: mismatch reported)."""
+    """The k of n experts whose activated params lie nearest the target (k is discrete: mismatch reported, and a
+    miss above MAX_MISS refused, naming what each k gives)."""
     goal = resolve_target(model, target)
     candidates = {
         k: predicted_activated_params(
@@ -224,6 +225,10 @@ def match_llama_moe(model: nn.Module, target: float, num_experts: int = 8, gate_
     }
     k = min(candidates, key=lambda c: abs(candidates[c] - goal))
     match = Match("llama_moe", {"num_experts": num_experts, "top_k": k}, goal, candidates[k], candidates=candidates)
+    reachable = ", ".join(f"k={c}: {a:.0f}" for c, a in candidates.items())
+    refuse_far_miss(
+        match, f"With num_experts={num_experts} the top-k gives {reachable}: change the target or num_experts."
+    )
     if not match.within_tolerance:
         step = candidates[2] - candidates[1] if num_experts > 1 else float("nan")
         match = Match(

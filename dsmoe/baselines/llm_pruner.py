@@ -50,7 +50,7 @@ from dsmoe.hf_remote.pruned_shapes import (
     qkv_projections,
     shrink_to_spec,
 )
-from dsmoe.matching import Match, resolve_target
+from dsmoe.matching import Match, refuse_far_miss, resolve_target
 from dsmoe.method import Method, all_params, ffn_widths, no_aux_losses
 from dsmoe.saving import base_config, read_tensors, save_hf
 from dsmoe.stats import count_params
@@ -538,6 +538,7 @@ def match_llm_pruner(model: nn.Module, target: float, mode: str, **plan_options:
     goal = resolve_target(model, target)
     shapes = plan(model, mode, target_params=goal, **plan_options)
     match = Match(f"llm_pruner_{mode}", {"target_params": goal, **plan_options}, goal, float(shapes["params"]))
+    refuse_far_miss(match, f"One {mode} channel is too coarse for this model: change the target.")
     if not match.within_tolerance:
         note = f"one {mode} channel is too coarse here: nearest misses by {100 * match.rel_error:+.2f}%"
         match = Match(match.method, match.options, goal, match.achieved, note=note)
