@@ -246,7 +246,9 @@ def check_values(cfg: DictConfig) -> None:
         raise ValueError(f"trainer.gradient_clip_val must be > 0 or null (no clipping), got {t.gradient_clip_val!r}")
     method = get_method(cfg.method)  # an unknown method fails here, naming the known ones
     options = dict(OmegaConf.to_container(cfg.method_options))
-    matched = options.pop("match_activated", None) is not None
+    target = options.pop("match_activated", None)
+    parse_target(None if target == "dsmoe" else target)  # "dsmoe": resolved by the experiment driver
+    matched = target is not None
     if matched and method.match is None:
         raise ValueError(f"method {cfg.method!r} takes no method_options.match_activated (its activation is learned)")
     method.check_options(options, matched)
@@ -259,6 +261,7 @@ def check_config(cfg: DictConfig) -> None:
     """Everything that can be checked before any model is loaded, converted or written: the values
     (:func:`check_values`), the devices on this machine, the run's length, the data files and the model path."""
     check_values(cfg)
+    parse_target(cfg.method_options.get("match_activated"))  # the run itself must be given a number
     t = cfg.trainer
     check_devices(t)
     max_steps, _ = schedule(cfg)
