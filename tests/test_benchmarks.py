@@ -211,6 +211,8 @@ def test_bad_input_is_named():
         harness.select_tasks(["bogus"])
     with pytest.raises(ValueError, match="limit must be"):
         run_benchmarks(None, None, tasks=["piqa"], limit=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int .*, got 0"):
+        run_benchmarks(None, None, tasks=["piqa"], batch_size=0)
     with pytest.raises(FileNotFoundError, match=UNAVAILABLE):
         local_file("storycloze")
     results = run_benchmarks(None, None, tasks=["storycloze"], limit=3)  # nothing to run: no model needed

@@ -179,6 +179,8 @@ def run_benchmarks(
     selected = select_tasks(tasks)
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise ValueError(f"limit must be a positive int (items) or a fraction in (0, 1), got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int (sequences per forward), got {batch_size!r}")
     if max_gen_toks is not None and (not isinstance(max_gen_toks, int) or max_gen_toks < 1):
         raise ValueError(f"max_gen_toks must be a positive int or None, got {max_gen_toks!r}")
     runnable = [t for t in selected if t.name not in UNAVAILABLE_REASONS]
