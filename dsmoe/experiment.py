@@ -441,9 +441,13 @@ def benchmark(scale: str, run: str, limit: int | None, seed: int = 0) -> dict[st
         )
 
     folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
-    settings = {"model": model_fingerprint(source), "limit": limit, "batch_size": sc.eval.batch_size}
-    settings["evaluated_on"] = evaluation_precision()
-    settings["max_gen_toks"] = sc.eval.max_gen_toks
+    settings = {
+        "model": model_fingerprint(source),
+        "limit": limit,
+        "batch_size": sc.eval.batch_size,
+        "max_gen_toks": sc.eval.max_gen_toks,
+        "evaluated_on": evaluation_precision(),
+    }
     return cached(folder / f"benchmarks_limit{limit}.json", compute, settings)
 
 

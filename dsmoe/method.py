@@ -120,8 +120,8 @@ def from_pretrained(directory: Path) -> nn.Module:
 
 
 def _dense_options(options: dict[str, Any], matched: bool = False) -> None:
-    if options or matched:
-        raise ValueError(f"method 'dense' takes no options, got {sorted(options) + ['match_activated'] * matched}")
+    if options:
+        raise ValueError(f"method 'dense' takes no options, got {sorted(options)}")
 
 
 def _dense_apply(model: PreTrainedModel, options: dict[str, Any], calib: Batches | None) -> PreTrainedModel:

@@ -194,9 +194,9 @@ def check_devices(t: TrainerConfig) -> None:
         raise ValueError(f"trainer.devices={t.devices!r} gives no process; give a positive count or device list")
 
 
-def check_values(cfg: DictConfig) -> None:
+def check_values(cfg: DictConfig):
     """The configuration's values on their own: no file is read and nothing is asked of this machine (the disk plan
-    checks every run of a scale with it)."""
+    checks every run of a scale with it). Returns the run's :class:`~dsmoe.data.DataConfig`."""
     t, o = cfg.trainer, cfg.optim
 
     def positive(name: str, value: Any, integer: bool = True) -> None:
@@ -254,26 +254,23 @@ def check_values(cfg: DictConfig) -> None:
     method.check_options(options, matched)
     from dsmoe.data import DataConfig
 
-    DataConfig.from_dict({**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size})
+    return DataConfig.from_dict({**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size})
 
 
 def check_config(cfg: DictConfig) -> None:
     """Everything that can be checked before any model is loaded, converted or written: the values
     (:func:`check_values`), the devices on this machine, the run's length, the data files and the model path."""
-    check_values(cfg)
+    data = check_values(cfg)
     parse_target(cfg.method_options.get("match_activated"))  # the run itself must be given a number
     t = cfg.trainer
     check_devices(t)
     max_steps, _ = schedule(cfg)
-    total = max_steps * t.global_batch_size * int(cfg.data.get("seq_len", 1024))
+    total = max_steps * t.global_batch_size * data.seq_len
     for point in t.export_tokens:
         if isinstance(point, bool) or not isinstance(point, (int, float)) or not 0 < point <= total:
             raise ValueError(
                 f"trainer.export_tokens: {point!r} is not a token count in (0, {total}] (the run's tokens)"
             )
-    from dsmoe.data import DataConfig
-
-    data = DataConfig.from_dict({**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size})
     check_files = getattr(data, "check_files", None)
     if check_files is not None:
         check_files()
