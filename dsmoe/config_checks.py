@@ -62,7 +62,36 @@ def merged(base: Any, *configs: Any, schema: type, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, *configs)
     except OmegaConfBaseException as error:
-        raise ValueError(f"{where}: {' '.join(line.strip() for line in str(error).splitlines())}") from error
+        message = " ".join(line.strip() for line in str(error).splitlines())
+        named = "" if getattr(error, "full_key", None) else refused_value(base, configs)
+        raise ValueError(f"{where}: {named}{message}") from error
+
+
+def refused_value(base: Any, configs: tuple[Any, ...]) -> str:
+    """``"key=value: "`` for the first value OmegaConf refuses to merge over ``base`` (its errors about a sequence's
+    length or element type name neither), or ``""``."""
+
+    def leaves(values: Any, prefix: str = ""):
+        values = OmegaConf.to_container(values) if isinstance(values, DictConfig) else values
+        for key, value in values.items():
+            if isinstance(value, Mapping) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for config in configs:
+        for key, value in leaves(config):
+            single: dict[str, Any] = {}
+            *parents, last = key.split(".")
+            node = single
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+            try:
+                OmegaConf.merge(base, single)
+            except OmegaConfBaseException:
+                return f"{key}={value!r}: "
+    return ""
 
 
 def options_check(config: type, method: str) -> Callable[[dict[str, Any], bool], None]:

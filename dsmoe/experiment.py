@@ -155,41 +155,11 @@ def launch_training(config_file: Path) -> None:
 PREEMPTED = 143  # dsmoe.train's exit status after SIGTERM
 
 
-# what makes a run's result what it is, besides model, method, options, data and optim (not where it runs, on how
-# many devices, or how often it validates and checkpoints)
-RESULT_TRAINER_KEYS = ("global_batch_size", "max_tokens", "max_steps", "gradient_clip_val", "precision", "seed")
-
-
-def run_settings(cfg: DictConfig, matched_to_dsmoe: bool) -> dict[str, Any]:
-    """The settings that decide a run's result, flattened to dotted keys; ``matched_to_dsmoe``: leave out
-    method_options.match_activated (the fraction DSMoE measured when the run was launched)."""
-    c = OmegaConf.to_container(cfg)
-    settings = {"model": c["model"], "method": c["method"], "calibration_batches": c["calibration_batches"]}
-    settings.update({f"method_options.{k}": v for k, v in c["method_options"].items()})
-    if matched_to_dsmoe:
-        settings.pop("method_options.match_activated", None)
-    settings.update({f"optim.{k}": v for k, v in c["optim"].items()})
-    settings.update({f"trainer.{k}": c["trainer"][k] for k in RESULT_TRAINER_KEYS})
-    settings["data"] = c["data"]
-    return json.loads(json.dumps(settings))  # tuples as lists, as in the YAML file
-
-
 def check_same_run(cfg: DictConfig) -> None:
-    """Refuse to reuse or resume a run directory trained with other settings than the scale gives now (a table would
-    otherwise mix configurations under one provenance)."""
-    saved_file = run_dir(cfg) / "config.yaml"
-    if not saved_file.exists():
-        return
-    matched = cfg.method_options.get("match_activated") == "dsmoe"
-    saved, now = run_settings(OmegaConf.load(saved_file), matched), run_settings(cfg, matched)
-    differ = [
-        f"{k}: {saved.get(k)!r} (trained) vs {now.get(k)!r} (now)" for k in now | saved if saved.get(k) != now.get(k)
-    ]
-    if differ:
-        raise ValueError(
-            f"{run_dir(cfg)} was trained with other settings than the scale gives now — {'; '.join(differ)}. Restore "
-            f"the scale's settings, or delete {run_dir(cfg)} to train the run again with the new ones"
-        )
+    """Refuse to reuse or resume a run directory trained with other settings than the scale gives now."""
+    from dsmoe.train import check_same_run as check
+
+    check(run_dir(cfg), cfg, matched_to_dsmoe=cfg.method_options.get("match_activated") == "dsmoe")
 
 
 def ensure_run(scale: str, run: str, seed: int = 0) -> Path:

@@ -11,7 +11,7 @@ A run directory holds:
   init_model/    the method applied once to the dense model (conversion, calibration, pruning), by rank 0 alone, in
                  the dtype training holds its weights in (fp32; 16-bit under *-true precision), so that every
                  process maps the same file instead of holding its own converted copy; tied to the configuration
-                 that made it (prepared_from.json); its weights are deleted when the run finishes (unless
+                 that made it (config.yaml); its weights are deleted when the run finishes (unless
                  trainer.keep_checkpoints)
   checkpoints/   resume checkpoints (weights + optimizer + data-stream position), rotated; deleted at the end
                  unless trainer.keep_checkpoints
@@ -45,9 +45,9 @@ from dsmoe.config_checks import merged
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
 from dsmoe.matching import parse_target
-from dsmoe.methods import Method, get_method, match_options
+from dsmoe.methods import get_method, match_options
 from dsmoe.models import EMBEDDED, load_model, load_tokenizer
-from dsmoe.packages import write_json
+from dsmoe.packages import write_atomic, write_json
 from dsmoe.stats import count_params
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
@@ -284,31 +284,51 @@ def check_config(cfg: DictConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------- preparation
 
-SHAPING_KEYS = ("model", "method", "method_options", "calibration_batches")  # what makes init_model what it is
+# what decides a run's result besides model, method, options, data and optim (not where it runs, on how many devices,
+# or how often it validates and checkpoints: those may change between a run and its resumption)
+RESULT_TRAINER_KEYS = ("global_batch_size", "max_tokens", "max_steps", "gradient_clip_val", "precision", "seed")
 
 
-def preparation_record(cfg: DictConfig, method: Method) -> dict[str, Any]:
-    """The parts of the configuration that shape the prepared model (with the data and seed when it calibrates)."""
-    record = {k: OmegaConf.to_container(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k] for k in SHAPING_KEYS}
-    if method.needs_calibration:
-        record["data"] = OmegaConf.to_container(cfg.data)
-        record["seed"] = cfg.trainer.seed
-    return record
+def run_settings(cfg: DictConfig, matched_to_dsmoe: bool = False) -> dict[str, Any]:
+    """The settings that decide a run's result, flattened to dotted keys; ``matched_to_dsmoe``: leave out
+    method_options.match_activated (the fraction DSMoE measured when the run was launched)."""
+    c = OmegaConf.to_container(cfg)
+    settings = {"model": c["model"], "method": c["method"], "calibration_batches": c["calibration_batches"]}
+    settings.update({f"method_options.{k}": v for k, v in c["method_options"].items()})
+    if matched_to_dsmoe:
+        settings.pop("method_options.match_activated", None)
+    settings.update({f"optim.{k}": v for k, v in c["optim"].items()})
+    settings.update({f"trainer.{k}": c["trainer"][k] for k in RESULT_TRAINER_KEYS})
+    settings["data"] = c["data"]
+    return json.loads(json.dumps(settings))  # tuples as lists, as in the YAML file
 
 
-def check_prepared(init_dir: Path, record: dict[str, Any]) -> None:
-    """A run directory whose model was prepared from another configuration is never reused silently."""
-    saved_file = init_dir / "prepared_from.json"
-    if not saved_file.exists():
+def saved_config(run_dir: Path) -> DictConfig | None:
+    """The configuration a run directory was started with (config.yaml), keys added since then at their defaults."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    saved = OmegaConf.load(path)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    except Exception:  # written by a version with keys since removed: compare what it holds
+        return saved
+
+
+def check_same_run(run_dir: Path, cfg: DictConfig, matched_to_dsmoe: bool = False) -> None:
+    """Refuse to resume or reuse a run directory started with other result-deciding settings (its prepared model, its
+    checkpoints and its result belong to those; a table would otherwise mix configurations under one provenance)."""
+    saved = saved_config(run_dir)
+    if saved is None:
         return
-    saved = json.loads(saved_file.read_text())
+    before, now = run_settings(saved, matched_to_dsmoe), run_settings(cfg, matched_to_dsmoe)
     differ = [
-        f"{k}: {saved.get(k)!r} (prepared) vs {record.get(k)!r} (now)" for k in record if saved.get(k) != record.get(k)
+        f"{k}: {before.get(k)!r} (run) vs {now.get(k)!r} (now)" for k in now | before if before.get(k) != now.get(k)
     ]
     if differ:
         raise ValueError(
-            f"{init_dir} was prepared from a different configuration — {'; '.join(differ)}. To train this "
-            f"configuration use another run_name (or out_dir), or delete {init_dir.parent} to start it afresh"
+            f"{run_dir} holds a run with other settings — {'; '.join(differ)}. Restore its settings, train this "
+            f"configuration under another run_name (or out_dir), or delete {run_dir} to start it afresh"
         )
 
 
@@ -356,7 +376,6 @@ def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
     del model, dense
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    write_json(init_dir / "prepared_from.json", preparation_record(cfg, method))
     write_json(init_dir / "dense_params.json", {"dense_params": dense_params, "model": cfg.model})
 
 
@@ -433,13 +452,15 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     method = get_method(cfg.method)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     init_dir, final = run_dir / "init_model", run_dir / "final"
+    check_same_run(run_dir, cfg)
     if (run_dir / "train_summary.json").exists() and (final / "config.json").exists():
         if cfg.resume == "last":
             print(f"[dsmoe.train] {run_dir} has finished: {final}", file=sys.stderr)
             return final
         raise ValueError(f"{run_dir} holds a finished run ({final}); choose another run_name or out_dir")
-    check_prepared(init_dir, preparation_record(cfg, method))
     ckpt = resume_checkpoint(cfg.resume, run_dir / "checkpoints")
+    if launch_rank() == 0:  # before preparation: init_model/ and the checkpoints belong to this configuration
+        write_atomic(run_dir / "config.yaml", lambda path: path.write_text(OmegaConf.to_yaml(cfg)))
     run_once(
         init_dir / "dense_params.json",
         run_dir / "init_model.failed",
@@ -502,7 +523,6 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         enable_progress_bar=True,
     )
     if launch_rank() == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         print(
             f"[dsmoe.train] {cfg.method} on {cfg.model}: {max_steps} steps × {t.global_batch_size} seqs × {seq_len} "
             f"tokens, {precision}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}",

@@ -152,10 +152,10 @@ def test_a_run_trained_with_other_settings_is_refused_not_reused(write_scale, mo
     scale["methods"]["dsmoe"]["method_options"]["tau"] = 0.9
     scale["base"]["trainer"]["max_steps"] = 6
     path.write_text(yaml.safe_dump(scale))
-    message = r"runs/tiny/dsmoe was trained with other settings .*method_options.tau: 0.5 \(trained\) vs 0.9 \(now\)"
-    with pytest.raises(ValueError, match=message + r".*trainer.max_steps: 4 \(trained\) vs 6"):
+    message = r"runs/tiny/dsmoe holds a run with other settings .*method_options.tau: 0.5 \(run\) vs 0.9 \(now\)"
+    with pytest.raises(ValueError, match=message + r".*trainer.max_steps: 4 \(run\) vs 6"):
         de.ensure_run("tiny", "dsmoe")
-    with pytest.raises(ValueError, match=r"runs/tiny/sparsegpt was trained with other settings .*trainer.max_steps"):
+    with pytest.raises(ValueError, match=r"runs/tiny/sparsegpt holds a run with other settings .*trainer.max_steps"):
         de.ensure_run("tiny", "sparsegpt")
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tiny_models import tiny_model
 
 import dsmoe
-from dsmoe.train import export, load_config, schedule, train, world_size
+from dsmoe.train import check_same_run, export, load_config, schedule, train, world_size
 
 
 def make_cfg(assets, out_dir, **overrides):
@@ -101,6 +101,11 @@ def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
         load_config(tmp_path / "typo.yaml")
     with pytest.raises(ValueError, match=r"the command line: .*'many'.*trainer.max_steps"):
         load_config(None, ["trainer.max_steps=many"])
+    with pytest.raises(ValueError, match=r"the command line: optim.betas=\[0.9\]: .*length 1 does not match .* 2"):
+        load_config(None, ["optim.betas=[0.9]"])  # OmegaConf's own message names neither key nor value
+    (tmp_path / "betas.yaml").write_text("optim:\n  lr: 0.001\n  betas: [0.9, fast]\n")
+    with pytest.raises(ValueError, match=r"betas.yaml: optim.betas=\[0.9, 'fast'\]: .*converted to Float"):
+        load_config(tmp_path / "betas.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ValueError, match=r"list.yaml must be a mapping of \[.*'trainer'\], got \[1\]"):
         load_config(tmp_path / "list.yaml")
@@ -396,9 +401,29 @@ def test_bad_config_fails_before_anything_is_written_and_a_changed_config_is_ref
     (tmp_path / "run" / "train_summary.json").unlink()  # as if it had stopped before finishing
     changed = make_cfg(assets, tmp_path, resume="last", **{"method_options.num_experts": 2})
     with pytest.raises(
-        ValueError, match=r"different configuration — method_options: .*'num_experts': 4.*'num_experts': 2"
+        ValueError, match=r"holds a run with other settings — method_options.num_experts: 4 \(run\) vs 2"
     ):
         train(changed)
+    longer = make_cfg(assets, tmp_path, resume="last", **{"trainer.max_steps": 3, "optim.lr": 1e-3})
+    with pytest.raises(
+        ValueError, match=r"optim.lr: 0.003 \(run\) vs 0.001 \(now\).*trainer.max_steps: 1 \(run\) vs 3"
+    ):
+        train(longer)  # a run resumed by calling dsmoe.train directly is held to what decides its result
+    # where it runs and how often it checkpoints may change between a run and its resumption
+    moved = make_cfg(assets, tmp_path, resume="last", **{"trainer.max_steps": 1, "trainer.checkpoint_every_n_steps": 5})
+    check_same_run(tmp_path / "run", moved)
+
+
+def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default(tmp_path, assets):
+    cfg = make_cfg(assets, tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    old = OmegaConf.to_container(cfg)
+    del old["calibration_batches"], old["trainer"]["gradient_clip_val"]  # as an older version wrote it
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_batches=8))  # the defaults: the same run
+    with pytest.raises(ValueError, match=r"trainer.gradient_clip_val: 1.0 \(run\) vs 0.5 \(now\)"):
+        check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_batches=8, **{"trainer.gradient_clip_val": 0.5}))
 
 
 @pytest.mark.parametrize(
