@@ -247,6 +247,52 @@ def test_ddp_two_cpu_processes(tmp_path, assets):
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["global_step"] == 2
 
 
+@pytest.mark.slow
+def test_two_nodes_started_by_torchrun_train_what_one_node_with_two_devices_trains(tmp_path, assets):
+    """The README's torchrun example: one torchrun per node (here 2 'nodes' of 1 CPU process each, c10d rendezvous),
+    trainer.num_nodes: 2; Lightning takes the ranks torchrun gives. Same world size, seed and global batch as
+    Lightning's own 2-process DDP: the same trained weights."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    nodes = make_cfg(assets, tmp_path / "nodes", **{"trainer.num_nodes": 2, "trainer.strategy": "ddp"})
+    nodes.trainer.max_steps = 3
+    OmegaConf.save(nodes, tmp_path / "nodes.yaml")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+    rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}"]
+    procs = [
+        subprocess.Popen(
+            [*torchrun, f"--node-rank={n}", *rendezvous, "-m", "dsmoe.train", "--config", str(tmp_path / "nodes.yaml")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0 and "Traceback" not in out, out[-3000:]
+    summary = json.loads((tmp_path / "nodes" / "run" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 3
+
+    one = make_cfg(assets, tmp_path / "one", **{"trainer.devices": 2, "trainer.strategy": "ddp"})
+    one.trainer.max_steps = 3
+    OmegaConf.save(one, tmp_path / "one.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsmoe.train", "--config", str(tmp_path / "one.yaml")], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_nodes = load_file(tmp_path / "nodes" / "run" / "final" / "model.safetensors")
+    by_devices = load_file(tmp_path / "one" / "run" / "final" / "model.safetensors")
+    assert by_nodes.keys() == by_devices.keys()
+    for k, v in by_devices.items():
+        torch.testing.assert_close(by_nodes[k], v, msg=k)
+
+
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, assets):
     from dsmoe.lit import NonFiniteLossError
 
