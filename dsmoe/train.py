@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -192,6 +193,25 @@ def check_devices(t: TrainerConfig) -> None:
         raise ValueError(f"trainer.devices={t.devices!r} (accelerator {t.accelerator!r}): {error}") from None
     if processes < 1:
         raise ValueError(f"trainer.devices={t.devices!r} gives no process; give a positive count or device list")
+    launched = launched_world_size()
+    if launched is not None and launched[0] != processes:
+        raise ValueError(
+            f"{launched[1]} started {launched[0]} processes but trainer.devices={t.devices!r} × trainer.num_nodes="
+            f"{t.num_nodes} gives {processes}: make them agree (e.g. trainer.num_nodes=<nodes>, trainer.devices="
+            "<processes per node>)"
+        )
+
+
+def launched_world_size() -> tuple[int, str] | None:
+    """(processes, launcher) when torchrun or srun started this process, as Lightning will read them; None when
+    Lightning starts the processes itself."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return int(os.environ["WORLD_SIZE"]), "torchrun"
+    if SLURMEnvironment.detect():
+        return int(os.environ["SLURM_NTASKS"]), "srun"
+    return None
 
 
 def check_values(cfg: DictConfig):

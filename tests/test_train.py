@@ -247,6 +247,24 @@ def test_ddp_two_cpu_processes(tmp_path, assets):
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["global_step"] == 2
 
 
+def test_processes_started_by_torchrun_or_srun_must_agree_with_devices_times_nodes(monkeypatch, tmp_path, assets):
+    from dsmoe.train import check_devices
+
+    cfg = make_cfg(assets, tmp_path, **{"trainer.devices": 2, "trainer.num_nodes": 2})
+    check_devices(cfg.trainer)  # Lightning starts the processes itself: nothing to compare
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ValueError, match=r"torchrun started 8 processes but trainer.devices=2 × trainer.num_nodes=2"):
+        check_devices(cfg.trainer)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    check_devices(cfg.trainer)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_JOB_NAME", "table1")
+    with pytest.raises(ValueError, match=r"srun started 16 processes .* gives 4"):
+        check_devices(cfg.trainer)
+
+
 @pytest.mark.slow
 def test_two_nodes_started_by_torchrun_train_what_one_node_with_two_devices_trains(tmp_path, assets):
     """The README's torchrun example: one torchrun per node (here 2 'nodes' of 1 CPU process each, c10d rendezvous),
