@@ -8,13 +8,30 @@
 #         TARGET: table1 table2 table3 table4 table5 table6 fig2 fig3 all
 #   ./reproduce.sh TARGET --scale S --plan   # runs, tokens, steps, checkpoints and their sizes, peak disk; trains nothing
 #   ./reproduce.sh gpu-check                 # on a GPU machine: the GPU paths end to end in ~8 min → results/gpu_check/
+#
+# DSMOE_PYTHON=/path/to/python: use that interpreter (its packages, e.g. a cluster's CUDA PyTorch image) instead of
+# installing ./.venv; nothing is installed then (README, "Machines without internet").
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
 VENV=${DSMOE_VENV:-.venv}
 
+if [[ -n "${DSMOE_PYTHON:-}" ]]; then
+  RUN_PY=$DSMOE_PYTHON
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # dsmoe from this checkout, not installed
+else
+  RUN_PY=$VENV/bin/python
+fi
+
 setup() {
+  if [[ -n "${DSMOE_PYTHON:-}" ]]; then
+    "$RUN_PY" -c "import torch, lightning, transformers, datasets, lm_eval, omegaconf, tensorboard, matplotlib" || {
+      echo "DSMOE_PYTHON=$RUN_PY lacks a package the suite needs (above); install it (README, \"Machines without internet\")" >&2
+      exit 2
+    }
+    return
+  fi
   local stamp="$VENV/.dsmoe-installed"
   local want
   want=$(cat pyproject.toml | sha256sum | cut -c1-16)
@@ -47,7 +64,7 @@ if (( plan )); then
   case "$target" in
     table1|table2|table3|table4|table5|table6|fig2|fig3|all)
       setup
-      exec "$VENV/bin/python" -m dsmoe.plan "$target" "${args[@]}" ;;
+      exec "$RUN_PY" -m dsmoe.plan "$target" "${args[@]}" ;;
     *)
       echo "--plan works with a target: table1 table2 table3 table4 table5 table6 fig2 fig3 all (got '$target')" >&2
       exit 2 ;;
@@ -58,20 +75,20 @@ case "$target" in
   setup) setup ;;
   test)
     setup
-    exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    exec "$RUN_PY" -m pytest -q "$@" ;;
   demo)
     setup
-    exec "$VENV/bin/python" experiments/demo.py "$@" ;;
+    exec "$RUN_PY" experiments/demo.py "$@" ;;
   gpu-check)
     setup
-    exec "$VENV/bin/python" experiments/gpu_check.py "$@" ;;
+    exec "$RUN_PY" experiments/gpu_check.py "$@" ;;
   table1|table2|table3|table4|table5|table6|fig2|fig3)
     setup
-    exec "$VENV/bin/python" "experiments/${SCRIPTS[$target]}" "$@" ;;
+    exec "$RUN_PY" "experiments/${SCRIPTS[$target]}" "$@" ;;
   all)
     setup
     for t in table1 table2 table3 table4 table5 fig2 fig3; do
-      "$VENV/bin/python" "experiments/${SCRIPTS[$t]}" "$@"
+      "$RUN_PY" "experiments/${SCRIPTS[$t]}" "$@"
     done ;;
   help|-h|--help)
     sed -n '2,10p' "$0" ;;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import os
 import platform
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -35,7 +36,7 @@ def hardware() -> str:
 
 def git_commit() -> str:
     """HEAD of the repository this package lives in, '+dirty' if tracked files other than the outputs in
-    results/ changed; 'unknown' outside git."""
+    results/ changed; outside git (a copied checkout) $DSMOE_GIT_COMMIT if set, else 'unknown'."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(
@@ -49,7 +50,7 @@ def git_commit() -> str:
         )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("DSMOE_GIT_COMMIT", "unknown")
 
 
 def provenance(**fields: Any) -> dict[str, Any]:
