@@ -237,6 +237,31 @@ def test_fsdp_table1_driver_trains_every_method_with_two_processes(write_scale):
         assert summary["world_size"] == 2 and summary["global_step"] == 2, run
 
 
+@pytest.mark.slow
+def test_table1_driver_with_torchrun_as_the_launcher(write_scale):
+    """DSMOE_LAUNCHER=torchrun: the driver's runs start as torchrun's ranks (not Lightning's), the CSV is written
+    once by the driver."""
+    import os
+    import subprocess
+    import sys
+
+    scale_dir = write_scale(["dsmoe", "sparsegpt"])
+    path = scale_dir / "scales" / "tiny.yaml"
+    scale = yaml.safe_load(path.read_text())
+    scale["base"]["trainer"].update(devices=2, strategy="ddp", max_steps=2, val_check_interval=2)
+    path.write_text(yaml.safe_dump(scale))
+    torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node=2 --no-python"
+    env = {**os.environ, "PYTHONPATH": str(EXPERIMENTS.parent), "DSMOE_LAUNCHER": torchrun}
+    proc = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "table1.py"), "--scale", "tiny"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.stdout.count("wrote ") == 1 and proc.stderr.count("torch.distributed.run --standalone") == 2
+    for run_name in ("dsmoe", "sparsegpt"):
+        summary = yaml.safe_load((scale_dir / "runs" / "tiny" / run_name / "train_summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["global_step"] == 2
+
+
 def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     import subprocess
     import sys
