@@ -90,7 +90,9 @@ def load_model(
         if saved_by == "dense":
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         else:  # a transformed model: its method rebuilds the structure (routers, pruned shapes, masks)
-            model = get_method(saved_by).load(Path(path)).to(dtype)
+            model = get_method(saved_by).load(Path(path))
+            for p in model.parameters():  # not model.to(dtype): it would round RoPE's fp32 inv_freq to bf16 too
+                p.data = p.data.to(dtype)  # (from_pretrained keeps it fp32 for a dense model in any dtype)
     except Exception as error:  # diagnosed below (safetensors raises its own error type), else re-raised
         bad = damaged_weight_files(local) if local.exists() else []
         if bad:

@@ -138,3 +138,26 @@ def test_activation_stats_accumulate_every_layer_and_last_uses_the_last_forward(
         assert accumulated[i] == pytest.approx(torch.cat(counts[i]).mean().item())
         assert last[i] == pytest.approx(counts[i][1].mean().item())
     assert accumulated != last
+
+
+@pytest.mark.parametrize("method", ["dsmoe", "llm_pruner_block"])
+def test_transformed_model_loads_in_bf16_with_ropes_buffer_fp32_as_a_dense_one(tmp_path, method):
+    """GPU evaluation loads in bf16 (dsmoe.experiment.load_for_eval): the parameters in bf16, RoPE's inv_freq in
+    fp32 as from_pretrained keeps it for the dense model (rounded to bf16 the rotary angles drift with position)."""
+    from tiny_models import calib, word_tokenizer
+
+    from dsmoe.baselines import llm_pruner as lp
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "dense")
+    word_tokenizer(["a", "b"]).save_pretrained(tmp_path / "dense")
+    if method == "dsmoe":
+        dsmoe.save(dsmoe.convert(model, dsmoe.DSMoEConfig(num_experts=4)), tmp_path / "m", word_tokenizer(["a", "b"]))
+    else:
+        lp.save_llm_pruner(lp.prune_block(model, [96, 64], [1, 2], calib()), tmp_path / "m", word_tokenizer(["a", "b"]))
+    dense, _ = load_model(str(tmp_path / "dense"), dtype=torch.bfloat16)
+    loaded, _ = load_model(str(tmp_path / "m"), dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    buffers = {name: b.dtype for name, b in loaded.named_buffers()}
+    assert buffers == {name: b.dtype for name, b in dense.named_buffers()}
+    assert buffers["model.rotary_emb.inv_freq"] == torch.float32
