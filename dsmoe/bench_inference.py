@@ -47,9 +47,11 @@ class ForcedRouter(nn.Module):
 
 
 def force_routers(layers: list[DSMoEMLP], max_tokens: int) -> list[ForcedRouter]:
-    """Replace each layer's router by a :class:`ForcedRouter` for up to max_tokens tokens; returns them."""
+    """Replace each layer's router by a :class:`ForcedRouter` for up to max_tokens tokens; returns them. The layers
+    compute only their active experts on any device (the "auto" path is the masked one off the CPU: every expert)."""
     routers = []
     for layer in layers:
+        layer.inference_impl = "sparse"
         router = ForcedRouter(layer.gate_proj.in_features, layer.num_experts, max_tokens)
         layer.router = router.to(layer.gate_proj.weight)
         routers.append(layer.router)

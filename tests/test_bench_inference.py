@@ -57,6 +57,13 @@ def test_forced_router_activates_exactly_the_patterns_experts(k):
         assert torch.equal(layer.last_active, pattern[:1])
 
 
+def test_forced_layers_time_the_sparse_path_on_any_device():
+    """The "auto" path off the CPU is the masked one (every expert): the GPU rows would time no sparsity at all."""
+    layer = tiny_layer()
+    force_routers([layer], max_tokens=TOKENS)
+    assert layer.inference_impl == "sparse"
+
+
 def test_random_pattern_k_per_token_spread_over_all_experts():
     tokens, k = 4000, 3
     pattern = random_pattern(tokens, k, N, torch.Generator().manual_seed(0))
