@@ -134,6 +134,7 @@ def launch_training(config_file: Path) -> None:
     driver is passed on, and the driver exits once the run has saved its checkpoint."""
     command = [*launcher(), sys.executable, "-m", "dsmoe.train", "--config", str(config_file)]
     print(f"[experiment] {shlex.join(command)}", file=sys.stderr)
+    torch.cuda.empty_cache()  # what an evaluation here left cached on the GPUs goes to the run's processes
     proc = subprocess.Popen(command)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
     try:

@@ -266,12 +266,16 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     import subprocess
     import sys
 
+    import torch
+
     import dsmoe.experiment as experiment
 
     seen, codes = [], iter([0, 143, 1])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: seen.append("empty_cache"))
 
     class FakePopen:
         def __init__(self, command):
+            assert seen[-1] == "empty_cache"  # the driver's cached GPU memory (its evaluations) is freed first
             seen.append(command)
 
         def wait(self):
@@ -280,7 +284,7 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     monkeypatch.setenv("DSMOE_LAUNCHER", "srun --ntasks-per-node=8 --export='ALL,A=1 2'")
     experiment.launch_training(tmp_path / "launch.yaml")
-    assert seen[0] == ["srun", "--ntasks-per-node=8", "--export=ALL,A=1 2", sys.executable, "-m", "dsmoe.train"] + [
+    assert seen[1] == ["srun", "--ntasks-per-node=8", "--export=ALL,A=1 2", sys.executable, "-m", "dsmoe.train"] + [
         "--config",
         str(tmp_path / "launch.yaml"),
     ]
