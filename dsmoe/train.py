@@ -132,6 +132,12 @@ def world_size(t: TrainerConfig) -> int:
     return (devices if isinstance(devices, int) else len(devices)) * t.num_nodes
 
 
+def first_gpu(t: TrainerConfig) -> torch.device:
+    """The GPU of the run's first process (rank 0 prepares the model): trainer.devices' first, as Lightning picks."""
+    devices = OmegaConf.to_object(t.devices) if isinstance(t.devices, ListConfig) else t.devices
+    return torch.device("cuda", 0 if devices == "auto" else CUDAAccelerator.parse_devices(devices)[0])
+
+
 def schedule(cfg: DictConfig) -> tuple[int, int]:
     """(max_steps, accumulate_grad_batches) from the global batch, micro batch, devices and max_tokens."""
     from dsmoe.data.config import data_seq_len
@@ -389,8 +395,8 @@ def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
         data_cfg = {**OmegaConf.to_container(cfg.data), "micro_batch_size": cfg.trainer.micro_batch_size}
         data = PretrainDataModule(DataConfig.from_dict({**data_cfg, "seed": cfg.trainer.seed}), tokenizer)
         calib = calibration_batches(data, cfg.calibration_batches)
-    if on_gpu(cfg.trainer) and torch.cuda.is_available():
-        dense = dense.to("cuda")  # calibration (SparseGPT Hessians, LLM-Pruner gradients) on the GPU
+    if calib is not None and on_gpu(cfg.trainer) and torch.cuda.is_available():
+        dense = dense.to(first_gpu(cfg.trainer))  # calibration (SparseGPT Hessians, LLM-Pruner gradients) on the GPU
     model = method.apply(dense, options, calib)
     method.save(model.to(device="cpu", dtype=weights_dtype(cfg.trainer)), init_dir, tokenizer)
     del model, dense

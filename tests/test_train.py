@@ -265,6 +265,18 @@ def test_processes_started_by_torchrun_or_srun_must_agree_with_devices_times_nod
         check_devices(cfg.trainer)
 
 
+def test_calibration_runs_on_the_gpu_of_the_runs_first_device(monkeypatch, tmp_path, assets):
+    import lightning.fabric.accelerators.cuda as lightning_cuda
+
+    from dsmoe.train import first_gpu
+
+    monkeypatch.setattr(lightning_cuda, "num_cuda_devices", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for devices, expected in (([2, 3], 2), ("1,3", 1), (2, 0), (-1, 0), ("auto", 0)):
+        cfg = make_cfg(assets, tmp_path, **{"trainer.devices": devices})
+        assert first_gpu(cfg.trainer) == torch.device("cuda", expected), devices
+
+
 @pytest.mark.slow
 def test_two_nodes_started_by_torchrun_train_what_one_node_with_two_devices_trains(tmp_path, assets):
     """The README's torchrun example: one torchrun per node (here 2 'nodes' of 1 CPU process each, c10d rendezvous),
