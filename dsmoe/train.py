@@ -593,15 +593,34 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
 
 
 def export(checkpoint: str | Path, run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the model of a Lightning checkpoint of run_dir as an HF-format directory (dsmoe.load reads DSMoE ones).
-    Needs the run's init_model/ (kept with trainer.keep_checkpoints). In the run's export dtype, like final/."""
-    run_dir = Path(run_dir)
+    """Write the model of a Lightning checkpoint of run_dir as an HF-format directory (dsmoe.load reads DSMoE ones):
+    a single file (DDP, one device) or FSDP's sharded directory, read in one process. Needs the run's init_model/
+    (kept with trainer.keep_checkpoints). In the run's export dtype, like final/."""
+    run_dir, checkpoint = Path(run_dir), Path(checkpoint)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     method = get_method(cfg.method)
-    model = method.load(run_dir / "init_model").to(export_dtype(cfg.trainer))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    model = method.load(run_dir / "init_model")
+    if checkpoint.is_dir():
+        load_sharded_weights(model, checkpoint)
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    for p in model.parameters():
+        p.data = p.data.to(export_dtype(cfg.trainer))
     return method.save(model, Path(out_dir), load_tokenizer(cfg.model))
+
+
+def load_sharded_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """The weights of a sharded FSDP checkpoint (Lightning's: the LightningModule's state under "model", the
+    optimizer's beside it, which is not read) into ``model``, in place, without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    state = {f"model.{k}": v for k, v in model.state_dict().items() if f"model.model.{k}" in stored}
+    missing = sorted(name for name, _ in model.named_parameters() if f"model.{name}" not in state)
+    if missing:
+        raise ValueError(f"{checkpoint} holds no weights for {missing[:5]} ({len(missing)} in all): not this run's")
+    dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -14,6 +14,7 @@ from test_train import make_cfg
 
 import dsmoe
 from dsmoe.baselines.sparsegpt import load_sparsegpt, pruned_params
+from dsmoe.train import export
 
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
@@ -64,7 +65,8 @@ def test_fsdp_sigterm_saves_sharded_and_resume_equals_the_uninterrupted_run(tmp_
     """Run b, with activation checkpointing, is stopped by SIGTERM in the middle of step 4 and resumed: its losses on
     both ranks and its final weights are run a's (no checkpointing, never stopped)."""
     steps = {"trainer.max_steps": 5, "trainer.global_batch_size": 8, "trainer.val_check_interval": 5}
-    whole = run_fsdp(tmp_path, fsdp_cfg(tmp_path / "a", **steps), "a")
+    keep = {"trainer.keep_checkpoints": True, "trainer.checkpoint_every_n_steps": 5}  # a sharded one at the end
+    whole = run_fsdp(tmp_path, fsdp_cfg(tmp_path / "a", **steps, **keep), "a")
     assert whole.returncode == 0, whole.stderr[-3000:]
     steps["trainer.activation_checkpointing"] = True  # the 7B setting; the same losses
     stopped = run_fsdp(tmp_path, fsdp_cfg(tmp_path / "b", **steps), "b", stop_at=3)
@@ -86,6 +88,12 @@ def test_fsdp_sigterm_saves_sharded_and_resume_equals_the_uninterrupted_run(tmp_
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
     assert json.loads((tmp_path / "a" / "run" / "train_summary.json").read_text())["world_size"] == 2
+    # the sharded checkpoint of the last step, exported in one process, is the final model the ranks gathered
+    exported = export(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", tmp_path / "a" / "run", tmp_path / "x")
+    x = dsmoe.load(exported).state_dict()
+    assert x.keys() == a.keys()
+    for k in a:
+        torch.testing.assert_close(x[k], a[k], rtol=0, atol=0, msg=k)
 
 
 def test_fsdp_bf16_mixed_keeps_sparsegpt_pruned_weights_zero(tmp_path, fsdp_cfg):
