@@ -202,21 +202,23 @@ def check_devices(t: TrainerConfig) -> None:
     launched = launched_world_size()
     if launched is not None and launched[0] != processes:
         raise ValueError(
-            f"{launched[1]} started {launched[0]} processes but trainer.devices={t.devices!r} × trainer.num_nodes="
-            f"{t.num_nodes} gives {processes}: make them agree (e.g. trainer.num_nodes=<nodes>, trainer.devices="
-            "<processes per node>)"
+            f"{launched[1]} {launched[0]} processes but trainer.devices={t.devices!r} × trainer.num_nodes="
+            f"{t.num_nodes} gives {processes}: make them agree (trainer.num_nodes=<nodes>, trainer.devices=<processes "
+            "per node>). Under SLURM, Lightning starts no processes itself: start one task per device (srun "
+            "--ntasks-per-node=<devices>, or DSMOE_LAUNCHER for the experiment scripts; README, 'Several GPUs and "
+            "nodes')"
         )
 
 
 def launched_world_size() -> tuple[int, str] | None:
-    """(processes, launcher) when torchrun or srun started this process, as Lightning will read them; None when
-    Lightning starts the processes itself."""
+    """(processes, who started them) when torchrun or SLURM started this process, as Lightning will read them; None
+    when Lightning starts the processes itself."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     if TorchElasticEnvironment.detect():
-        return int(os.environ["WORLD_SIZE"]), "torchrun"
+        return int(os.environ["WORLD_SIZE"]), "torchrun started"
     if SLURMEnvironment.detect():
-        return int(os.environ["SLURM_NTASKS"]), "srun"
+        return int(os.environ["SLURM_NTASKS"]), "this SLURM job step has (SLURM_NTASKS)"
     return None
 
 
