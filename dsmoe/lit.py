@@ -32,6 +32,17 @@ class NonFiniteLossError(StepFailed):
     """The loss stopped being finite (e.g. a learning rate far too high); training stops."""
 
 
+def fp32_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, name, value) of every fp32 buffer of the model's rotary embeddings (what 16-bit casts must spare)."""
+    return [
+        (module, name, buffer.detach().clone())
+        for module in model.modules()
+        if type(module).__name__.endswith("RotaryEmbedding")
+        for name, buffer in module.named_buffers(recurse=False)
+        if buffer.dtype == torch.float32
+    ]
+
+
 class LitCausalLM(L.LightningModule):
     """Wraps a transformed causal LM (DSMoE, a baseline, or dense) for continued pre-training.
 
@@ -62,6 +73,7 @@ class LitCausalLM(L.LightningModule):
         self.no_decay = {name for name, p in model.named_parameters() if p.ndim < 2 or "norm" in name}
         self.val_source_names = list(val_source_names or ["val"])
         self.val_ppl = nn.ModuleList(Perplexity() for _ in self.val_source_names)
+        self.fp32_buffers = fp32_buffers(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, labels=labels)
@@ -94,6 +106,14 @@ class LitCausalLM(L.LightningModule):
         else:
             activated = self.static_activated_params
         self.log(f"{stage}/activated_params_frac", activated / self.dense_params)
+
+    def on_fit_start(self) -> None:
+        """Under bf16-true / 16-true Lightning casts the whole module, buffers too: RoPE's inv_freq would be rounded
+        (up to ~1 rad of angle at position 1024 for Llama-2-7B). Its fp32 values are put back."""
+        for module, name, value in self.fp32_buffers:
+            current = getattr(module, name)
+            if current.dtype != torch.float32:
+                setattr(module, name, value.to(current.device))
 
     def on_train_start(self) -> None:
         if self.method.on_train_start is not None:  # e.g. SparseGPT takes its (possibly sharded) masks

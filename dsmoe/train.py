@@ -504,7 +504,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     data = PretrainDataModule(data_cfg, tokenizer)
     # memory-mapped from init_model/ (already in this dtype: no copy); the precision plugin casts for compute
-    model = method.load(init_dir).to(weights_dtype(t))
+    model = method.load(init_dir)
+    for p in model.parameters():  # parameters only: RoPE's buffers stay fp32 (LitCausalLM.on_fit_start keeps them)
+        p.data = p.data.to(weights_dtype(t))
     dense_params = json.loads((init_dir / "dense_params.json").read_text())["dense_params"]
     if t.activation_checkpointing and t.strategy != "fsdp":  # FSDP applies its own, per decoder layer
         model.gradient_checkpointing_enable()

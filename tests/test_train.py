@@ -277,6 +277,27 @@ def test_calibration_runs_on_the_gpu_of_the_runs_first_device(monkeypatch, tmp_p
         assert first_gpu(cfg.trainer) == torch.device("cuda", expected), devices
 
 
+def test_bf16_true_training_keeps_ropes_buffers_fp32(tmp_path, assets):
+    """Lightning's bf16-true casts the whole module; RoPE's inv_freq must keep its fp32 values (as under bf16-mixed)."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    expected = LlamaRotaryEmbedding(AutoConfig.from_pretrained(assets / "model")).inv_freq
+    seen = {}
+
+    class Look(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rotary = [m for m in pl_module.model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+            seen["inv_freq"] = rotary[0].inv_freq.clone()
+            seen["weight"] = pl_module.model.lm_head.weight.dtype
+
+    cfg = make_cfg(assets, tmp_path, **{"trainer.precision": "bf16-true", "trainer.max_steps": 1})
+    train(cfg, callbacks=[Look()])
+    assert seen["weight"] == torch.bfloat16  # the weights are 16-bit ...
+    assert seen["inv_freq"].dtype == torch.float32  # ... RoPE's frequencies are not rounded
+    torch.testing.assert_close(seen["inv_freq"], expected, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_two_nodes_started_by_torchrun_train_what_one_node_with_two_devices_trains(tmp_path, assets):
     """The README's torchrun example: one torchrun per node (here 2 'nodes' of 1 CPU process each, c10d rendezvous),
