@@ -72,13 +72,13 @@ def run_once(done: Path, failed: Path, what: str, work: Callable[[], None]) -> N
 
 
 def mixed_precision_policy(precision: str):
-    """FSDP's policy for Lightning's ``precision``: parameters in the low dtype for compute, but buffers (RoPE's
-    ``inv_freq``) and the gradient reduction in fp32. Lightning's default policy casts both to bf16, which rounds
-    ``inv_freq`` (up to ~1.2 rad of angle error at position 1024 for Llama-2-7B) and sums gradients in bf16.
-    None for full precision."""
+    """FSDP's policy for Lightning's ``precision``: parameters in the low dtype for compute (under *-true they are
+    stored in it too), but buffers (RoPE's ``inv_freq``) and the gradient reduction in fp32. Lightning's default
+    policy casts both to bf16, which rounds ``inv_freq`` (up to ~1.2 rad of angle error at position 1024 for
+    Llama-2-7B) and sums gradients in bf16. None for full precision."""
     from torch.distributed.fsdp import MixedPrecision
 
-    low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    low = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
     if low is None:
         return None
     return MixedPrecision(param_dtype=low, reduce_dtype=torch.float32, buffer_dtype=torch.float32)

@@ -25,6 +25,10 @@ CHILD = textwrap.dedent("""
 
     class Record(L.Callback):  # each rank's per-micro-batch losses; SIGTERM to rank 0 in the middle of a step
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0 and batch_idx == 0:  # RoPE's frequencies as the first forward sees them
+                rope = [m for m in pl_module.model.modules() if type(m).__name__.endswith("RotaryEmbedding")][0]
+                with open(f"{losses}.rope{trainer.global_rank}", "w") as f:
+                    json.dump([str(rope.inv_freq.dtype), rope.inv_freq.tolist()], f)
             if trainer.global_step == stop_at and batch_idx % trainer.accumulate_grad_batches == 1:
                 if trainer.global_rank == 0:
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -94,6 +98,19 @@ def test_fsdp_sigterm_saves_sharded_and_resume_equals_the_uninterrupted_run(tmp_
     assert x.keys() == a.keys()
     for k in a:
         torch.testing.assert_close(x[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_fsdp_bf16_true_keeps_ropes_frequencies_fp32(tmp_path, fsdp_cfg, assets):
+    """Under bf16-true Lightning's FSDP policy would cast buffers to bf16 at the first forward; dsmoe's keeps them."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    steps = {"trainer.precision": "bf16-true", "trainer.max_steps": 1, "trainer.val_check_interval": 1}
+    proc = run_fsdp(tmp_path, fsdp_cfg(tmp_path, **steps), "t")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = LlamaRotaryEmbedding(AutoConfig.from_pretrained(assets / "model")).inv_freq.tolist()
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"t.rope{rank}").read_text()) == ["torch.float32", expected]
 
 
 def test_fsdp_bf16_mixed_keeps_sparsegpt_pruned_weights_zero(tmp_path, fsdp_cfg):
