@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any, Self
 
@@ -67,18 +67,19 @@ def merged(base: Any, *configs: Any, schema: type, where: str) -> DictConfig:
         raise ValueError(f"{where}: {named}{message}") from error
 
 
+def leaves(values: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested mapping; lists and empty mappings are leaves."""
+    values = OmegaConf.to_container(values) if isinstance(values, DictConfig) else values
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def refused_value(base: Any, configs: tuple[Any, ...]) -> str:
     """``"key=value: "`` for the first value OmegaConf refuses to merge over ``base`` (its errors about a sequence's
     length or element type name neither), or ``""``."""
-
-    def leaves(values: Any, prefix: str = ""):
-        values = OmegaConf.to_container(values) if isinstance(values, DictConfig) else values
-        for key, value in values.items():
-            if isinstance(value, Mapping) and value:
-                yield from leaves(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
     for config in configs:
         for key, value in leaves(config):
             single: dict[str, Any] = {}

@@ -156,25 +156,26 @@ def launch_training(config_file: Path) -> None:
 PREEMPTED = 143  # dsmoe.train's exit status after SIGTERM
 
 
-def check_same_run(cfg: DictConfig) -> None:
-    """Refuse to reuse or resume a run directory trained with other settings than the scale gives now."""
-    from dsmoe.train import check_same_run as check
-
-    check(run_dir(cfg), cfg, matched_to_dsmoe=cfg.method_options.get("match_activated") == "dsmoe")
-
-
 def ensure_run(scale: str, run: str, seed: int = 0) -> Path:
     """The run's final model directory, training it first (in its own processes) unless a finished run exists; a
-    run directory trained with other settings is refused (:func:`check_same_run`)."""
+    run directory trained with other settings is refused (:func:`dsmoe.train.check_same_run`)."""
+    from dsmoe.train import check_same_run, holds_work, saved_config
+
     cfg = run_config(scale, run, seed)
-    check_same_run(cfg)
+    matched = cfg.method_options.get("match_activated") == "dsmoe"
+    if matched:
+        cfg.match_activated_from = "dsmoe"
+    check_same_run(run_dir(cfg), cfg)
     final = run_dir(cfg) / "final"
     if is_finished(cfg):
         print(f"[experiment] {scale}/{cfg.run_name}: finished run found, skipping training")
         return final
-    target = cfg.method_options.get("match_activated")
-    if target == "dsmoe":  # baselines match the activated params DSMoE learned (paper §5.2), seed by seed
-        cfg.method_options.match_activated = evaluate(scale, "dsmoe", seed=seed)["activated_fraction"]
+    if matched:  # baselines match the activated params DSMoE learned (paper §5.2), seed by seed
+        if holds_work(run_dir(cfg)):  # an interrupted run resumes with the fraction it was prepared for
+            fraction = saved_config(run_dir(cfg)).method_options.match_activated
+        else:
+            fraction = evaluate(scale, "dsmoe", seed=seed)["activated_fraction"]
+        cfg.method_options.match_activated = fraction
     cfg.resume = "last"
     config_file = run_dir(cfg) / "launch.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)

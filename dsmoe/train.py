@@ -39,10 +39,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
-from dsmoe.config_checks import merged
+from dsmoe.config_checks import leaves, merged
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
 from dsmoe.matching import parse_target
@@ -94,6 +95,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     resume: str | None = None  # null | last | path to a checkpoint
+    # set by the experiment drivers: method_options.match_activated is the fraction this run (e.g. "dsmoe") measured
+    match_activated_from: str | None = None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -317,13 +320,14 @@ def check_config(cfg: DictConfig) -> None:
 RESULT_TRAINER_KEYS = ("global_batch_size", "max_tokens", "max_steps", "gradient_clip_val", "precision", "seed")
 
 
-def run_settings(cfg: DictConfig, matched_to_dsmoe: bool = False) -> dict[str, Any]:
-    """The settings that decide a run's result, flattened to dotted keys; ``matched_to_dsmoe``: leave out
-    method_options.match_activated (the fraction DSMoE measured when the run was launched)."""
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that decide a run's result, flattened to dotted keys. A fraction the driver measured to match
+    (``match_activated_from``, e.g. DSMoE's) is not one: the run is what it was matched to."""
     c = OmegaConf.to_container(cfg)
     settings = {"model": c["model"], "method": c["method"], "calibration_batches": c["calibration_batches"]}
     settings.update({f"method_options.{k}": v for k, v in c["method_options"].items()})
-    if matched_to_dsmoe:
+    settings["match_activated_from"] = c.get("match_activated_from")
+    if settings["match_activated_from"] is not None:
         settings.pop("method_options.match_activated", None)
     settings.update({f"optim.{k}": v for k, v in c["optim"].items()})
     settings.update({f"trainer.{k}": c["trainer"][k] for k in RESULT_TRAINER_KEYS})
@@ -332,24 +336,37 @@ def run_settings(cfg: DictConfig, matched_to_dsmoe: bool = False) -> dict[str, A
 
 
 def saved_config(run_dir: Path) -> DictConfig | None:
-    """The configuration a run directory was started with (config.yaml), keys added since then at their defaults."""
+    """The configuration a run directory was started with (config.yaml) over the current defaults: keys added since
+    keep their defaults, keys since removed are left out."""
     path = run_dir / "config.yaml"
     if not path.exists():
         return None
-    saved = OmegaConf.load(path)
-    try:
-        return OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
-    except Exception:  # written by a version with keys since removed: compare what it holds
-        return saved
+    cfg = OmegaConf.structured(TrainConfig)
+    for key, value in leaves(OmegaConf.load(path)):
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException:
+            pass
+    return cfg
 
 
-def check_same_run(run_dir: Path, cfg: DictConfig, matched_to_dsmoe: bool = False) -> None:
+def holds_work(run_dir: Path) -> bool:
+    """Whether run_dir holds a prepared model, a checkpoint or a result (not only a failed preparation's config)."""
+    checkpoints = run_dir / "checkpoints"
+    return (
+        (run_dir / "init_model" / "dense_params.json").exists()
+        or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        or (run_dir / "final").exists()
+    )
+
+
+def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
     """Refuse to resume or reuse a run directory started with other result-deciding settings (its prepared model, its
     checkpoints and its result belong to those; a table would otherwise mix configurations under one provenance)."""
     saved = saved_config(run_dir)
-    if saved is None:
+    if saved is None or not holds_work(run_dir):
         return
-    before, now = run_settings(saved, matched_to_dsmoe), run_settings(cfg, matched_to_dsmoe)
+    before, now = run_settings(saved), run_settings(cfg)
     differ = [
         f"{k}: {before.get(k)!r} (run) vs {now.get(k)!r} (now)" for k in now | before if before.get(k) != now.get(k)
     ]
@@ -604,13 +621,13 @@ def export(checkpoint: str | Path, run_dir: str | Path, out_dir: str | Path) -> 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     method = get_method(cfg.method)
     model = method.load(run_dir / "init_model")
+    for p in model.parameters():  # cast first (from the mapped file), then load: no private fp32 copy
+        p.data = p.data.to(export_dtype(cfg.trainer))
     if checkpoint.is_dir():
         load_sharded_weights(model, checkpoint)
     else:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    for p in model.parameters():
-        p.data = p.data.to(export_dtype(cfg.trainer))
     return method.save(model, Path(out_dir), load_tokenizer(cfg.model))
 
 

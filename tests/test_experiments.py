@@ -159,6 +159,33 @@ def test_a_run_trained_with_other_settings_is_refused_not_reused(write_scale, mo
         de.ensure_run("tiny", "sparsegpt")
 
 
+def test_a_matched_baseline_resumes_with_the_fraction_it_was_prepared_for(write_scale, monkeypatch):
+    """An interrupted baseline matched to DSMoE is relaunched with the fraction in its run directory (DSMoE's cached
+    evaluation may since have changed); a run matched to a fixed fraction is not reused as a DSMoE-matched one."""
+    import dsmoe.experiment as de
+    from dsmoe.train import load_config, train
+
+    scale_dir = write_scale(["dsmoe", "sparsegpt"])
+    monkeypatch.setattr(de, "launch_training", lambda config_file: train(load_config(config_file)))
+    de.ensure_run("tiny", "sparsegpt")
+    run = scale_dir / "runs" / "tiny" / "sparsegpt"
+    prepared_for = load_config(run / "launch.yaml").method_options.match_activated
+    assert isinstance(prepared_for, float) and load_config(run / "config.yaml").match_activated_from == "dsmoe"
+    (run / "train_summary.json").unlink()  # as if it had been stopped: ensure_run launches it again
+    relaunched = []
+    monkeypatch.setattr(de, "launch_training", lambda config_file: relaunched.append(load_config(config_file)))
+    monkeypatch.setattr(de, "evaluate", lambda *a, **k: pytest.fail("a started run is not matched again"))
+    with pytest.raises(de.TrainingFailed):  # the stand-in launcher trains nothing
+        de.ensure_run("tiny", "sparsegpt")
+    assert relaunched[0].method_options.match_activated == prepared_for
+    path = scale_dir / "scales" / "tiny.yaml"
+    scale = yaml.safe_load(path.read_text())
+    scale["methods"]["sparsegpt"]["method_options"]["match_activated"] = 0.5
+    path.write_text(yaml.safe_dump(scale))
+    with pytest.raises(ValueError, match=r"match_activated_from: 'dsmoe' \(run\) vs None \(now\)"):
+        de.ensure_run("tiny", "sparsegpt")
+
+
 def test_model_fingerprint_changes_when_a_model_is_written_again(tmp_path):
     from dsmoe.experiment import model_fingerprint
 

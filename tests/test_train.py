@@ -250,6 +250,8 @@ def test_ddp_two_cpu_processes(tmp_path, assets):
 def test_processes_started_by_torchrun_or_srun_must_agree_with_devices_times_nodes(monkeypatch, tmp_path, assets):
     from dsmoe.train import check_devices
 
+    for variable in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):  # as if started by Lightning
+        monkeypatch.delenv(variable, raising=False)
     cfg = make_cfg(assets, tmp_path, **{"trainer.devices": 2, "trainer.num_nodes": 2})
     check_devices(cfg.trainer)  # Lightning starts the processes itself: nothing to compare
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
@@ -511,12 +513,30 @@ def test_bad_config_fails_before_anything_is_written_and_a_changed_config_is_ref
     check_same_run(tmp_path / "run", moved)
 
 
+def test_a_failed_preparation_does_not_tie_the_run_directory_to_its_configuration(tmp_path, assets, monkeypatch):
+    import dsmoe.train as dt
+
+    def out_of_memory(cfg, init_dir):
+        raise RuntimeError("out of memory (simulated)")
+
+    real = dt.prepare_model
+    monkeypatch.setattr(dt, "prepare_model", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(make_cfg(assets, tmp_path, **{"trainer.max_steps": 1}))
+    assert (tmp_path / "run" / "config.yaml").exists()
+    monkeypatch.setattr(dt, "prepare_model", real)
+    fixed = make_cfg(assets, tmp_path, **{"trainer.max_steps": 1, "method_options.num_experts": 2})
+    assert train(fixed).name == "final"  # nothing was prepared: the changed configuration is no other run's
+
+
 def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default(tmp_path, assets):
     cfg = make_cfg(assets, tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    (run_dir / "final").mkdir()  # it holds a result
     old = OmegaConf.to_container(cfg)
-    del old["calibration_batches"], old["trainer"]["gradient_clip_val"]  # as an older version wrote it
+    del old["calibration_batches"], old["trainer"]["gradient_clip_val"]  # as an older version wrote it ...
+    old["trainer"]["retired_flag"] = True  # ... with a key since removed
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
     check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_batches=8))  # the defaults: the same run
     with pytest.raises(ValueError, match=r"trainer.gradient_clip_val: 1.0 \(run\) vs 0.5 \(now\)"):
