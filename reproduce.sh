@@ -12,6 +12,9 @@
 # DSMOE_PYTHON=/path/to/python: use that interpreter (its packages, e.g. a cluster's CUDA PyTorch image) instead of
 # installing ./.venv; nothing is installed then (README, "Machines without internet").
 set -euo pipefail
+if [[ "${DSMOE_PYTHON:-}" == */* && "$DSMOE_PYTHON" != /* ]]; then
+  DSMOE_PYTHON=$PWD/$DSMOE_PYTHON  # a relative path is taken from where the command was typed
+fi
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
@@ -26,7 +29,8 @@ fi
 
 setup() {
   if [[ -n "${DSMOE_PYTHON:-}" ]]; then
-    "$RUN_PY" -c "import torch, lightning, transformers, datasets, lm_eval, omegaconf, tensorboard, matplotlib" || {
+    local needs="torch, lightning, torchmetrics, transformers, accelerate, safetensors, gguf, datasets, lm_eval, omegaconf"
+    "$RUN_PY" -c "import $needs, tensorboard, matplotlib, pytest" || {
       echo "DSMOE_PYTHON=$RUN_PY lacks a package the suite needs (above); install it (README, \"Machines without internet\")" >&2
       exit 2
     }
@@ -91,7 +95,7 @@ case "$target" in
       "$RUN_PY" "experiments/${SCRIPTS[$t]}" "$@"
     done ;;
   help|-h|--help)
-    sed -n '2,10p' "$0" ;;
+    sed -n '2,13p' "$0" ;;
   *)
     echo "unknown target '$target'; choose one of: setup test demo gpu-check table1 table2 table3 table4 table5 table6 fig2 fig3 all" >&2
     exit 2 ;;

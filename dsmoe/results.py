@@ -36,7 +36,10 @@ def hardware() -> str:
 
 def git_commit() -> str:
     """HEAD of the repository this package lives in, '+dirty' if tracked files other than the outputs in
-    results/ changed; outside git (a copied checkout) $DSMOE_GIT_COMMIT if set, else 'unknown'."""
+    results/ changed; $DSMOE_GIT_COMMIT instead when set (a checkout copied without its .git, perhaps into another
+    repository); 'unknown' outside git."""
+    if os.environ.get("DSMOE_GIT_COMMIT"):
+        return os.environ["DSMOE_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(
@@ -50,7 +53,7 @@ def git_commit() -> str:
         )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DSMOE_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def provenance(**fields: Any) -> dict[str, Any]:

@@ -51,19 +51,23 @@ def test_ppl_is_exp_mean_nll_and_counts_activation(tokenizer):
     assert stats.tokens == 60 and 0 < stats.mean_active < 4
 
 
-def test_a_copied_checkout_without_git_takes_its_commit_from_the_environment(monkeypatch):
+def test_a_copied_checkout_takes_its_commit_from_the_environment(monkeypatch):
     import subprocess
 
     from dsmoe.results import git_commit
+
+    monkeypatch.delenv("DSMOE_GIT_COMMIT", raising=False)
+    here = git_commit()
+    monkeypatch.setenv("DSMOE_GIT_COMMIT", "375b260f0000")
+    assert git_commit() == "375b260f0000" != here  # also inside another repository, whose HEAD git would give
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
-    monkeypatch.delenv("DSMOE_GIT_COMMIT", raising=False)
-    assert git_commit() == "unknown"
-    monkeypatch.setenv("DSMOE_GIT_COMMIT", "375b260f0000")
     assert git_commit() == "375b260f0000"
+    monkeypatch.delenv("DSMOE_GIT_COMMIT")
+    assert git_commit() == "unknown"
 
 
 def test_provenance_names_commit_and_ignores_results_outputs(tmp_path):
