@@ -177,6 +177,23 @@ def test_two_item_run_on_dsmoe_converted_tiny_llama(manifest):
     assert dsmoe.activation_stats(model).tokens > 0  # the routing ran inside lm-eval's forwards
 
 
+def test_command_line_run_evaluates_where_the_tables_do(manifest, tmp_path, capsys, monkeypatch):
+    import json
+
+    import dsmoe.experiment
+    from dsmoe.benchmarks.__main__ import main
+
+    tiny_model("llama", vocab_size=49152).save_pretrained(tmp_path / "m")
+    load_tokenizer().save_pretrained(tmp_path / "m")
+    seen = []
+    real = dsmoe.experiment.load_for_eval
+    monkeypatch.setattr(dsmoe.experiment, "load_for_eval", lambda source: seen.append(source) or real(source))
+    main(["run", "--model", str(tmp_path / "m"), "--tasks", "piqa", "--limit", "2", "--offline"])
+    out = json.loads(capsys.readouterr().out)
+    assert seen == [str(tmp_path / "m")] and out["device"] == str(dsmoe.experiment.eval_devices()[0])
+    assert out["results"]["piqa"]["n"] == 2
+
+
 def test_hub_configs_only_rename_and_set_shots():
     from lm_eval.tasks._yaml_loader import load_yaml
 

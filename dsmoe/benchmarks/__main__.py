@@ -1,4 +1,5 @@
-"""``python -m dsmoe.benchmarks setup`` fetches the offline copies; ``run`` evaluates a model on them (JSON out)."""
+"""``python -m dsmoe.benchmarks setup`` fetches the offline copies; ``run`` evaluates a model on them (JSON out), on
+the first GPU in bf16 when there is one (else the CPU in fp32), like the experiment scripts."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ def main(argv: list[str] | None = None) -> None:
         manifest = setup_benchmarks(force=args.force)
         print(json.dumps({name: rec["items"] for name, rec in manifest["tasks"].items()} | manifest["unavailable"]))
         return
-    from dsmoe.models import load_model
+    from dsmoe.experiment import load_for_eval
 
     tasks = [t.name for t in select_tasks(args.tasks.split(","))]  # fail on a bad name before loading
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_for_eval(args.model)  # on the first GPU in bf16 when there is one, as the tables
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     start = time.perf_counter()
     results = run_benchmarks(
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         offline=args.offline,
         max_gen_toks=args.max_gen_toks,
     )
-    print(json.dumps({"model": args.model, "seconds": time.perf_counter() - start, "results": results}, indent=2))
+    seconds = time.perf_counter() - start
+    where = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
+    print(json.dumps({"model": args.model, **where, "seconds": seconds, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
