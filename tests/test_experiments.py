@@ -330,7 +330,14 @@ def test_gpu_check_script_runs_its_checks_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("DSMOE_RUNS", str(tmp_path))
     monkeypatch.syspath_prepend(str(EXPERIMENTS))
     gpu_check = importlib.reload(importlib.import_module("gpu_check"))
+    stale = tmp_path / "gpu_check" / "bf16"  # a finished run of an earlier check: trained again, not reused
+    (stale / "final").mkdir(parents=True)
+    (stale / "final" / "config.json").write_text("{}")
+    (stale / "train_summary.json").write_text('{"global_step": 999, "tokens": 0, "precision": "32-true"}')
     rows = gpu_check.main(["--cpu-smoke"])
+    assert rows[0]["value"] == 4
+    written = read_csv(tmp_path / "gpu_check" / "smoke_results" / "gpu_check.csv")
+    assert [r["check"] for r in written] == [r["check"] for r in rows]  # rewritten after every check
     status = {r["check"]: r["status"] for r in rows}
     assert status == {
         "train DSMoE 4 steps": "ok",
