@@ -161,3 +161,13 @@ def test_transformed_model_loads_in_bf16_with_ropes_buffer_fp32_as_a_dense_one(t
     buffers = {name: b.dtype for name, b in loaded.named_buffers()}
     assert buffers == {name: b.dtype for name, b in dense.named_buffers()}
     assert buffers["model.rotary_emb.inv_freq"] == torch.float32
+
+
+def test_tied_embeddings_stay_tied_through_save_and_a_bf16_load(tmp_path):
+    from tiny_models import word_tokenizer
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    dsmoe.save(dsmoe.convert(model, dsmoe.DSMoEConfig(num_experts=4)), tmp_path / "m", word_tokenizer(["a", "b"]))
+    loaded, _ = load_model(str(tmp_path / "m"), dtype=torch.bfloat16)  # parameters cast one by one
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and loaded.lm_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
