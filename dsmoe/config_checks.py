@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -77,21 +78,26 @@ def leaves(values: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{key}", value
 
 
+def set_leaves(config: DictConfig, values: Any) -> list[tuple[str, Any]]:
+    """Set every leaf of ``values`` on ``config`` (typed by its schema), in place; returns the (key, value) pairs
+    the schema refused (an unknown key, a wrong type), which are left out."""
+    refused = []
+    for key, value in leaves(values):
+        try:
+            OmegaConf.update(config, key, value, merge=False)
+        except OmegaConfBaseException:
+            refused.append((key, value))
+    return refused
+
+
 def refused_value(base: Any, configs: tuple[Any, ...]) -> str:
     """``"key=value: "`` for the first value OmegaConf refuses to merge over ``base`` (its errors about a sequence's
     length or element type name neither), or ``""``."""
+    trial = copy.deepcopy(base)
     for config in configs:
-        for key, value in leaves(config):
-            single: dict[str, Any] = {}
-            *parents, last = key.split(".")
-            node = single
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
-            try:
-                OmegaConf.merge(base, single)
-            except OmegaConfBaseException:
-                return f"{key}={value!r}: "
+        refused = set_leaves(trial, config)
+        if refused:
+            return f"{refused[0][0]}={refused[0][1]!r}: "
     return ""
 
 

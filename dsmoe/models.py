@@ -67,6 +67,14 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` with its parameters in ``dtype`` (tied ones stay tied; already in it: no copy). Not ``model.to``:
+    that would round RoPE's fp32 ``inv_freq`` too, which from_pretrained keeps fp32 in any dtype."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def load_model(
     name_or_path: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, **kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -90,9 +98,7 @@ def load_model(
         if saved_by == "dense":
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         else:  # a transformed model: its method rebuilds the structure (routers, pruned shapes, masks)
-            model = get_method(saved_by).load(Path(path))
-            for p in model.parameters():  # not model.to(dtype): it would round RoPE's fp32 inv_freq to bf16 too
-                p.data = p.data.to(dtype)  # (from_pretrained keeps it fp32 for a dense model in any dtype)
+            model = cast_parameters(get_method(saved_by).load(Path(path)), dtype)
     except Exception as error:  # diagnosed below (safetensors raises its own error type), else re-raised
         bad = damaged_weight_files(local) if local.exists() else []
         if bad:

@@ -39,16 +39,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
-from dsmoe.config_checks import leaves, merged
+from dsmoe.config_checks import merged, set_leaves
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
 from dsmoe.matching import parse_target
 from dsmoe.methods import get_method, match_options
-from dsmoe.models import EMBEDDED, load_model, load_tokenizer
+from dsmoe.models import EMBEDDED, cast_parameters, load_model, load_tokenizer
 from dsmoe.packages import write_atomic, write_json
 from dsmoe.stats import count_params
 
@@ -342,11 +341,7 @@ def saved_config(run_dir: Path) -> DictConfig | None:
     if not path.exists():
         return None
     cfg = OmegaConf.structured(TrainConfig)
-    for key, value in leaves(OmegaConf.load(path)):
-        try:
-            OmegaConf.update(cfg, key, value, merge=False)
-        except OmegaConfBaseException:
-            pass
+    set_leaves(cfg, OmegaConf.load(path))
     return cfg
 
 
@@ -521,9 +516,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     data = PretrainDataModule(data_cfg, tokenizer)
     # memory-mapped from init_model/ (already in this dtype: no copy); the precision plugin casts for compute
-    model = method.load(init_dir)
-    for p in model.parameters():  # parameters only: RoPE's buffers stay fp32 (LitCausalLM.on_fit_start keeps them)
-        p.data = p.data.to(weights_dtype(t))
+    model = cast_parameters(method.load(init_dir), weights_dtype(t))  # LitCausalLM.on_fit_start keeps RoPE fp32
     dense_params = json.loads((init_dir / "dense_params.json").read_text())["dense_params"]
     if t.activation_checkpointing and t.strategy != "fsdp":  # FSDP applies its own, per decoder layer
         model.gradient_checkpointing_enable()
@@ -620,9 +613,8 @@ def export(checkpoint: str | Path, run_dir: str | Path, out_dir: str | Path) -> 
     run_dir, checkpoint = Path(run_dir), Path(checkpoint)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     method = get_method(cfg.method)
-    model = method.load(run_dir / "init_model")
-    for p in model.parameters():  # cast first (from the mapped file), then load: no private fp32 copy
-        p.data = p.data.to(export_dtype(cfg.trainer))
+    # cast first (from the mapped file), then load: no private fp32 copy
+    model = cast_parameters(method.load(run_dir / "init_model"), export_dtype(cfg.trainer))
     if checkpoint.is_dir():
         load_sharded_weights(model, checkpoint)
     else:
