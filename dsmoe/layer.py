@@ -72,14 +72,15 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
             out = fast.sparse_forward(self, x2, weights, active, counts=counts)
         return out.reshape(*shape[:-1], out.shape[-1])
 
-    def count_only(self, rows: torch.Tensor | None) -> None:
+    def count_only(self, rows: torch.Tensor | None, count: int | None = None) -> None:
         """Make the eval-mode statistics of the next forwards count only the token positions where ``rows`` (bool,
-        [batch, seq] or flat) is True, e.g. not a padded batch's padding; None: every position again."""
+        [batch, seq] or flat) is True, e.g. not a padded batch's padding; None: every position again. ``count``:
+        rows' True positions if the caller knows them (one host sync per batch, not per layer)."""
         if rows is None:
             self._counted = None
         else:
             rows = rows.reshape(-1).to(device=self.router.weight.device, dtype=torch.bool)
-            self._counted = rows, int(rows.sum())
+            self._counted = rows, int(rows.sum()) if count is None else count
 
     def _counted_rows(self, n_rows: int) -> tuple[torch.Tensor, int] | None:
         if self._counted is not None and self._counted[0].numel() != n_rows:
