@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -633,7 +634,9 @@ def load_sharded_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     missing = sorted(name for name, _ in model.named_parameters() if f"model.{name}" not in state)
     if missing:
         raise ValueError(f"{checkpoint} holds no weights for {missing[:5]} ({len(missing)} in all): not this run's")
-    dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -126,3 +126,29 @@ def test_fsdp_bf16_mixed_keeps_sparsegpt_pruned_weights_zero(tmp_path, fsdp_cfg)
     assert len(first) == 3 and all(v == v for v in first.values())
     model = load_sparsegpt(tmp_path / "run" / "final")  # raises if trained weights lost their zeros
     assert pruned_params(model) >= model.config.sparsegpt["pruned"] > 0
+
+
+def test_fsdp_tied_embeddings_train_and_export_from_shards(tmp_path, fsdp_cfg, assets):
+    """Llama-3.2-1B and SmolLM2 tie lm_head to the embedding. Under FSDP the tie survives training, the gathered final
+    save and the one-process export of the sharded checkpoint (which stores the shared tensor under one name)."""
+    from tiny_models import tiny_model
+    from transformers import AutoTokenizer
+
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(assets / "model").save_pretrained(tmp_path / "tied")
+    steps = {"trainer.max_steps": 2, "trainer.val_check_interval": 2, "trainer.checkpoint_every_n_steps": 2}
+    cfg = fsdp_cfg(tmp_path / "a", model=str(tmp_path / "tied"), **steps, **{"trainer.keep_checkpoints": True})
+    proc = run_fsdp(tmp_path, cfg, "a")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = dsmoe.load(tmp_path / "a" / "run" / "final")
+    exported = dsmoe.load(
+        export(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", tmp_path / "a" / "run", tmp_path / "x")
+    )
+    for model in (final, exported):
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    before = tiny_model("llama", tie_word_embeddings=True).model.embed_tokens.weight
+    assert not torch.equal(final.model.embed_tokens.weight, before)  # trained
+    a, x = final.state_dict(), exported.state_dict()
+    assert a.keys() == x.keys()
+    for k in a:
+        torch.testing.assert_close(x[k], a[k], rtol=0, atol=0, msg=k)
