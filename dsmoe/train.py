@@ -90,7 +90,7 @@ class TrainConfig:
     model: str = EMBEDDED
     method: str = "dsmoe"
     method_options: dict = field(default_factory=dict)
-    calibration_batches: int = 8  # for methods that need calibration data (pruners)
+    calibration_sequences: int = 32  # pruners calibrate on this many training sequences, at any micro-batch size
     data: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -240,7 +240,7 @@ def check_values(cfg: DictConfig):
     positive("trainer.keep_last_checkpoints", t.keep_last_checkpoints)
     positive("trainer.log_every_n_steps", t.log_every_n_steps)
     positive("trainer.num_nodes", t.num_nodes)
-    positive("calibration_batches", cfg.calibration_batches)
+    positive("calibration_sequences", cfg.calibration_sequences)
     positive("optim.lr", o.lr, integer=False)
     if o.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be >= 0, got {o.weight_decay!r}")
@@ -324,7 +324,7 @@ def run_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings that decide a run's result, flattened to dotted keys. A fraction the driver measured to match
     (``match_activated_from``, e.g. DSMoE's) is not one: the run is what it was matched to."""
     c = OmegaConf.to_container(cfg)
-    settings = {"model": c["model"], "method": c["method"], "calibration_batches": c["calibration_batches"]}
+    settings = {"model": c["model"], "method": c["method"], "calibration_sequences": c["calibration_sequences"]}
     settings.update({f"method_options.{k}": v for k, v in c["method_options"].items()})
     settings["match_activated_from"] = c.get("match_activated_from")
     if settings["match_activated_from"] is not None:
@@ -373,15 +373,17 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
         )
 
 
-def calibration_batches(data_module, n: int) -> list[torch.Tensor]:
-    """The first n training batches' input_ids (pruning calibration data, as in LLM-Pruner / SparseGPT)."""
+def calibration_batches(data_module, sequences: int) -> list[torch.Tensor]:
+    """The first ``sequences`` training sequences' input_ids, in training's micro-batches (the last one cut): pruning
+    calibration data, as in LLM-Pruner / SparseGPT. The same sequences whatever the micro-batch size."""
     data_module.prepare_data()
-    batches = []
+    batches, seen = [], 0
     for batch in data_module.train_dataloader():
-        batches.append(batch["input_ids"])
-        if len(batches) == n:
+        batches.append(batch["input_ids"][: sequences - seen])
+        seen += len(batches[-1])
+        if seen == sequences:
             return batches
-    raise ValueError(f"the training stream ended before {n} calibration batches")
+    raise ValueError(f"the training stream ended before {sequences} calibration sequences")
 
 
 def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
@@ -409,7 +411,7 @@ def prepare_model(cfg: DictConfig, init_dir: Path) -> None:
     if method.needs_calibration:
         data_cfg = {**OmegaConf.to_container(cfg.data), "micro_batch_size": cfg.trainer.micro_batch_size}
         data = PretrainDataModule(DataConfig.from_dict({**data_cfg, "seed": cfg.trainer.seed}), tokenizer)
-        calib = calibration_batches(data, cfg.calibration_batches)
+        calib = calibration_batches(data, cfg.calibration_sequences)
     if calib is not None and on_gpu(cfg.trainer) and torch.cuda.is_available():
         dense = dense.to(first_gpu(cfg.trainer))  # calibration (SparseGPT Hessians, LLM-Pruner gradients) on the GPU
     model = method.apply(dense, options, calib)

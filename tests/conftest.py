@@ -51,7 +51,7 @@ def write_scale(tmp_path, assets, monkeypatch):
             "base": {
                 "model": str(assets / "model"),
                 "data": data,
-                "calibration_batches": 2,
+                "calibration_sequences": 4,
                 "optim": {"lr": 3e-3, "schedule": "constant"},
                 "trainer": {
                     "accelerator": "cpu",

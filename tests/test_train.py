@@ -25,7 +25,7 @@ def make_cfg(assets, out_dir, **overrides):
         "model": str(assets / "model"),
         "method": "dsmoe",
         "method_options": {"num_experts": 4, "tau": 0.5},
-        "calibration_batches": 2,
+        "calibration_sequences": 4,
         "data": {
             "sources": [
                 {"name": "a", "data_files": str(assets / "a.jsonl"), "weight": 0.5},
@@ -535,12 +535,14 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
     run_dir.mkdir()
     (run_dir / "final").mkdir()  # it holds a result
     old = OmegaConf.to_container(cfg)
-    del old["calibration_batches"], old["trainer"]["gradient_clip_val"]  # as an older version wrote it ...
+    del old["calibration_sequences"], old["trainer"]["gradient_clip_val"]  # as an older version wrote it ...
     old["trainer"]["retired_flag"] = True  # ... with a key since removed
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
-    check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_batches=8))  # the defaults: the same run
+    check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_sequences=32))  # the defaults: the same run
     with pytest.raises(ValueError, match=r"trainer.gradient_clip_val: 1.0 \(run\) vs 0.5 \(now\)"):
-        check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_batches=8, **{"trainer.gradient_clip_val": 0.5}))
+        check_same_run(
+            run_dir, make_cfg(assets, tmp_path, calibration_sequences=32, **{"trainer.gradient_clip_val": 0.5})
+        )
 
 
 @pytest.mark.parametrize(
@@ -550,7 +552,7 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
         ({"trainer.num_nodes": 0}, "trainer.num_nodes must be a positive integer, got 0"),
         ({"trainer.accelerator": "tpu"}, r"trainer.accelerator 'tpu' is unknown; choose one of \['auto', 'cpu'"),
         ({"trainer.limit_val_batches": 1.5}, r"trainer.limit_val_batches must be .* in \(0, 1\], got 1.5"),
-        ({"calibration_batches": 0}, "calibration_batches must be a positive integer, got 0"),  # hung before
+        ({"calibration_sequences": 0}, "calibration_sequences must be a positive integer, got 0"),  # hung before
         ({"optim.weight_decay": -1}, "optim.weight_decay must be >= 0"),
         ({"method": "llama_moe"}, r"unknown option\(s\) \['tau'\] for method 'llama_moe'; allowed: .*'top_k'"),
         ({"method_options.tau": 2}, r"tau must lie in \[0, 1\)"),
@@ -591,3 +593,22 @@ def test_weights_that_turn_non_finite_are_never_checkpointed(tmp_path, assets):
         train(make_cfg(assets, tmp_path), callbacks=[PoisonAfterStep()])
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*step=*.ckpt"))
     assert names == ["epoch=0-step=2.ckpt"]
+
+
+def test_calibration_takes_the_same_sequences_at_any_micro_batch_size(assets):
+    """SparseGPT/LLM-Pruner calibrate on ``calibration_sequences`` training sequences; the micro-batch size (2 on a
+    7B node, 4 on a 1B one) only decides how they are batched."""
+    from transformers import AutoTokenizer
+
+    from dsmoe.data import DataConfig, PretrainDataModule
+    from dsmoe.train import calibration_batches
+
+    data = OmegaConf.to_container(make_cfg(assets, "unused").data)
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    taken = {}
+    for micro in (2, 3, 5):
+        module = PretrainDataModule(DataConfig.from_dict({**data, "micro_batch_size": micro, "seed": 0}), tokenizer)
+        batches = calibration_batches(module, 7)
+        assert [len(b) for b in batches] == [micro] * (7 // micro) + ([7 % micro] if 7 % micro else [])
+        taken[micro] = torch.cat(batches)
+    assert torch.equal(taken[2], taken[3]) and torch.equal(taken[2], taken[5])
