@@ -12,6 +12,7 @@ from torchmetrics.text import Perplexity
 from transformers import get_scheduler
 
 from dsmoe.cli import StepFailed
+from dsmoe.data.datamodule import IGNORE_INDEX
 from dsmoe.distributed import clean_name, clip_grad_norm, is_fsdp
 from dsmoe.method import Method
 from dsmoe.stats import param_counts
@@ -72,7 +73,7 @@ class LitCausalLM(L.LightningModule):
         # weight decay on matrices only; names decided here because FSDP flattens parameters to 1-D shards
         self.no_decay = {name for name, p in model.named_parameters() if p.ndim < 2 or "norm" in name}
         self.val_source_names = list(val_source_names or ["val"])
-        self.val_ppl = nn.ModuleList(Perplexity() for _ in self.val_source_names)
+        self.val_ppl = nn.ModuleList(Perplexity(ignore_index=IGNORE_INDEX) for _ in self.val_source_names)
         self.fp32_buffers = fp32_buffers(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
@@ -139,8 +140,18 @@ class LitCausalLM(L.LightningModule):
             self.method.dynamic.reset(self.model)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        logits = self(batch["input_ids"]).logits[:, :-1].float()
-        self.val_ppl[dataloader_idx].update(logits, batch["labels"][:, 1:])
+        """Perplexity and activation counts over the real windows (a rank's last batch may hold filler ones)."""
+        labels = batch["labels"]
+        real = labels != IGNORE_INDEX
+        filled = self.method.dynamic is not None and not bool(real.all())
+        if filled:
+            self.method.dynamic.count_only(self.model, real)
+        try:
+            logits = self(batch["input_ids"]).logits[:, :-1].float()
+        finally:
+            if filled:
+                self.method.dynamic.count_only(self.model, None)
+        self.val_ppl[dataloader_idx].update(logits, labels[:, 1:])
 
     def on_validation_epoch_end(self) -> None:
         """val/ppl_<source> per source and val/ppl = exp(Σ NLL / Σ tokens) over all of them (token-weighted)."""

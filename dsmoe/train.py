@@ -72,7 +72,7 @@ class TrainerConfig:
     max_steps: int = -1  # only when max_tokens is 0
     gradient_clip_val: float | None = 1.0  # global gradient-norm clip (None: off)
     val_check_interval: int = 100  # optimizer steps between validations
-    limit_val_batches: Any = 1.0  # int: batches per source; float: fraction
+    limit_val_batches: Any = 1.0  # int: N micro-batches of windows per source (over all ranks); float: a fraction
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100  # resume checkpoints (weights + optimizer state)
     keep_last_checkpoints: int = 2  # resume checkpoints are rotated: only the newest N are kept
@@ -517,7 +517,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         {**OmegaConf.to_container(cfg.data), "micro_batch_size": t.micro_batch_size, "seed": t.seed}
     )
     tokenizer = load_tokenizer(cfg.model)
-    data = PretrainDataModule(data_cfg, tokenizer)
+    data = PretrainDataModule(data_cfg, tokenizer, t.limit_val_batches)
     # memory-mapped from init_model/ (already in this dtype: no copy); the precision plugin casts for compute
     model = cast_parameters(method.load(init_dir), weights_dtype(t))  # LitCausalLM.on_fit_start keeps RoPE fp32
     dense_params = json.loads((init_dir / "dense_params.json").read_text())["dense_params"]
@@ -558,7 +558,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         gradient_clip_val=None,  # LitCausalLM clips (FSDP needs its own clip, which Lightning's FSDP plugin refuses)
         val_check_interval=t.val_check_interval * accumulate,
         check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches,
+        limit_val_batches=1.0,  # the data module takes trainer.limit_val_batches, the same windows on any ranks
         log_every_n_steps=t.log_every_n_steps,
         logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
         callbacks=callbacks,

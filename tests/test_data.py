@@ -457,8 +457,10 @@ def test_datamodule_batches_and_validation_loaders(tmp_path):
     for loader, source, held_out in zip(loaders, cfg.sources, dm.val_documents, strict=True):
         assert held_out == validation_sample(resolve_files(source), 4, 40, seed=0, max_unusable_fraction=0.01).texts
         expected = packed_eval_windows(tok, held_out, 8)
-        got = torch.cat([b["input_ids"] for b in loader])
-        assert torch.equal(got, expected) and len(got) == 3  # 4 docs x (7 words + separator) // 9 per window
+        assert len(expected) == 3  # 4 docs x (7 words + separator) // 9 per window
+        (batch,) = list(loader)  # rank 1 of 2: windows 1 and a filler (rank 0: windows 0 and 2)
+        assert torch.equal(batch["input_ids"][0], expected[1]) and torch.equal(batch["labels"][0], expected[1])
+        assert (batch["labels"][1] == -100).all() and len(batch["labels"]) == 2
     with pytest.raises(ValueError, match="source 'x' has only 20 documents, not more than val_docs_per_source=20"):
         PretrainDataModule(DataConfig(sources=cfg.sources, val_docs_per_source=20), tok).setup("fit")
     batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
@@ -536,3 +538,21 @@ def test_embedded_corpus_with_real_tokenizer(tmp_path):
     flat = [t for text in texts for t in tok(text, add_special_tokens=False)["input_ids"] + [0]]
     assert windows.shape[1] == 65 and windows.flatten().tolist() == flat[: windows.numel()]
     assert len(flat) - windows.numel() < 65
+
+
+@pytest.mark.parametrize("limit", [1.0, 0.5, 2, 100])
+def test_validation_windows_are_the_same_on_any_number_of_ranks(limit):
+    """Every rank runs the same number of batches (FSDP); the real windows over all ranks are the same ones, each
+    once, whatever the world size: Lightning's padding sampler repeated windows and its limit applied per rank."""
+    from dsmoe.data.datamodule import validation_share
+
+    windows = torch.arange(11 * 4).view(11, 4)
+    micro = 2
+    kept = {1.0: 11, 0.5: 6, 2: 4, 100: 11}[limit]
+    for world in (1, 2, 3, 8, 16):
+        shares = [validation_share(windows, limit, micro, rank, world) for rank in range(world)]
+        assert len({len(share) for share in shares}) == 1
+        items = [share[i] for share in shares for i in range(len(share))]
+        real = [item["input_ids"] for item in items if (item["labels"] != -100).all()]
+        assert all((item["labels"] == -100).all() for item in items if not (item["labels"] != -100).all())
+        assert sorted(w[0].item() for w in real) == [4 * k for k in range(kept)], world

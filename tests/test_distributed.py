@@ -162,3 +162,55 @@ def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch
     assert "no such model" in failed.read_text()
     run_once(done, failed, "prepare", lambda: done.write_text("ok"))
     assert done.exists() and os.path.exists(failed) is False
+
+
+def _validate(rank, world, windows, result):
+    """LitCausalLM's validation over this rank's share of 11 held-out windows; what it logs (rank 0 writes it)."""
+    import json
+
+    from tiny_models import tiny_model
+    from torch.utils.data import DataLoader
+
+    from dsmoe import convert
+    from dsmoe.config import DSMoEConfig
+    from dsmoe.data.datamodule import validation_share
+    from dsmoe.lit import LitCausalLM, OptimConfig
+    from dsmoe.methods import get_method
+
+    torch.set_num_threads(1)
+    model = convert(tiny_model("llama", seed=3), DSMoEConfig(num_experts=4, tau=0.5)).eval()
+    lit = LitCausalLM(model, get_method("dsmoe"), OptimConfig(), dense_params=1)
+    logged = {}
+    lit.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    lit.eval()  # as Lightning's validation loop sets it
+    lit.on_validation_epoch_start()
+    with torch.no_grad():
+        for batch in DataLoader(validation_share(windows, 1.0, 2, rank, world), batch_size=2):
+            lit.validation_step(batch, 0)
+    lit.on_validation_epoch_end()
+    if rank == 0:
+        with open(result, "w") as f:
+            json.dump(logged, f)
+
+
+def _validate_worker(rank, init_file, windows, result):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    _validate(rank, WORLD, windows, result)
+    dist.destroy_process_group()
+
+
+def test_validation_over_two_ranks_logs_what_one_process_does(tmp_path):
+    """val/ppl and the activation statistics over 2 ranks (one of them with a filler window: 11 windows) equal one
+    process's over all windows: each window once, fillers neither in the perplexity nor in the counts."""
+    import json
+
+    torch.manual_seed(0)
+    windows = torch.randint(0, 256, (11, 17))
+    _validate(0, 1, windows, tmp_path / "one.json")
+    mp.spawn(_validate_worker, args=(str(tmp_path / "init"), windows, tmp_path / "two.json"), nprocs=WORLD, join=True)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (
+        one.keys() == two.keys() and {"val/ppl", "val/mean_active_experts", "val/activated_params_frac"} <= one.keys()
+    )
+    assert 0 < one["val/mean_active_experts"] < 4
+    assert two == pytest.approx(one, rel=1e-5)

@@ -1,7 +1,8 @@
 """The LightningDataModule of continued pre-training (paper §5.1).
 
 Training: one endless mixed stream per rank (``dsmoe.data.stream``), read by ``num_workers`` DataLoader workers.
-Validation: one DataLoader per source, in the order of ``val_source_names``, over the packed held-out documents.
+Validation: one DataLoader per source, in the order of ``val_source_names``, over this rank's share of the packed
+held-out documents (``validation_share``: the same windows, each once, on any number of ranks).
 
 Exact resumption: each worker attaches the stream's state to every batch it collates; ``on_before_batch_transfer``
 (called by Lightning's training loop for the batch it is about to train on, after prefetching, so never for a
@@ -11,31 +12,52 @@ checkpoint is dumped) gathers the ranks' states, so each rank restores its own.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dsmoe.data.config import DataConfig
 from dsmoe.data.corpus import build_corpus
 from dsmoe.data.reader import assigned_files
-from dsmoe.data.stream import STREAM_STATE, MixtureStream, PreparedSource, collate, collate_with_state, prepare_sources
+from dsmoe.data.stream import STREAM_STATE, MixtureStream, PreparedSource, collate_with_state, prepare_sources
 from dsmoe.data.tokens import packed_eval_windows
 
 STATE_FORMAT = 2
 
 
+IGNORE_INDEX = -100  # labels of a filler window: no loss, no perplexity, no activation counts
+
+
 class _Windows(Dataset):
-    def __init__(self, windows: torch.Tensor) -> None:
-        self.windows = windows
+    """Packed windows as {input_ids, labels}; ``fill`` more all-ignored windows after them."""
+
+    def __init__(self, windows: torch.Tensor, fill: int = 0) -> None:
+        self.windows, self.fill = windows, fill
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return len(self.windows) + self.fill
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.windows[index]
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < len(self.windows):
+            window = self.windows[index]
+            return {"input_ids": window, "labels": window.clone()}
+        width = self.windows.shape[1] if len(self.windows) else 1
+        return {"input_ids": torch.zeros(width, dtype=torch.long), "labels": torch.full((width,), IGNORE_INDEX)}
+
+
+def validation_share(windows: torch.Tensor, limit: int | float, micro_batch_size: int, rank: int, world: int):
+    """This rank's validation windows of one source: the first ``limit`` × ``micro_batch_size`` windows (an int) or
+    that fraction of them (a float), dealt round-robin over the ranks, each share evened out by filler windows so
+    every rank runs the same number of batches (FSDP's forwards are collectives). The windows evaluated, and so
+    ``val/ppl``, are the same for any number of ranks; each is counted once."""
+    total = len(windows)
+    kept = min(total, limit * micro_batch_size) if isinstance(limit, int) else math.ceil(limit * total)
+    share = windows[:kept][rank::world]
+    return _Windows(share, fill=math.ceil(kept / world) - len(share))
 
 
 def _gather(local: Any) -> list[Any] | None:
@@ -53,9 +75,9 @@ class PretrainDataModule(L.LightningDataModule):
     of ``val_source_names``, over the packed held-out documents (``val_windows``; the documents themselves
     are ``val_documents``)."""
 
-    def __init__(self, config: DataConfig, tokenizer) -> None:
+    def __init__(self, config: DataConfig, tokenizer, limit_val_batches: int | float = 1.0) -> None:
         super().__init__()
-        self.config, self.tokenizer = config, tokenizer
+        self.config, self.tokenizer, self.limit_val_batches = config, tokenizer, limit_val_batches
         self.val_source_names = [s.name for s in config.sources]
         self.val_windows: list[torch.Tensor] = []
         self.val_documents: list[list[str]] = []
@@ -123,11 +145,17 @@ class PretrainDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
+        """One loader per source over this rank's share (``validation_share``). Its sampler is already a
+        DistributedSampler of one replica, so Lightning does not add its own, which pads by repeating windows."""
         self._prepare()
-        return [
-            DataLoader(_Windows(w), batch_size=self.config.micro_batch_size, shuffle=False, collate_fn=collate)
-            for w in self.val_windows
-        ]
+        loaders = []
+        for windows in self.val_windows:
+            share = validation_share(
+                windows, self.limit_val_batches, self.config.micro_batch_size, self.rank, self.world_size
+            )
+            sampler = DistributedSampler(share, num_replicas=1, rank=0, shuffle=False)
+            loaders.append(DataLoader(share, batch_size=self.config.micro_batch_size, sampler=sampler))
+        return loaders
 
     # ------------------------------------------------------------ exact resumption
 
