@@ -1,7 +1,7 @@
 """Inference speed of DSMoE vs the dense model it was converted from, measured side by side in one run.
 
 Rows: FFN level (SmolLM2's 30 FFNs d=576/D=1536 and one LLaMA-7B-shaped FFN d=4096/D=11008, n=8) and
-end-to-end (the embedded SmolLM2-135M, 30 layers), batch-1 decode and prefill, at 2, 3, 4, 5 and 8
+end-to-end (the embedded SmolLM2-135M, 30 layers, or --model), batch-1 decode and prefill, at 2, 3, 4, 5 and 8
 of 8 experts active; plus a training-step overhead row (dsmoe variant, LM + sparsity loss, eq. 19).
 
 Activation is forced for control (the controls and timing helpers: dsmoe/bench_inference.py): every router
@@ -22,7 +22,7 @@ THP_MEM_ALLOC_ENABLE=1 unless the environment sets it). Provenance per row (dsmo
 method, τ, seed, timing protocol, hardware, git commit and date, with device, torch and quick; tokens and steps
 stay blank, as no model here is trained.
 
-    python experiments/bench_inference.py [--threads 1,2] [--quick] [--device cuda] [--out CSV]
+    python experiments/bench_inference.py [--threads 1,2] [--quick] [--device cuda] [--model DIR] [--out CSV]
       → results/bench_inference.csv, results/bench_inference.png (the CSV's name with .png)
 """
 
@@ -162,10 +162,15 @@ def bench_e2e(dense, moe, mode: str, threads: int, args: argparse.Namespace) -> 
     cases.update({f"k={k}": (lambda k=k: force(k), run_moe) for k in ACTIVE})
     times = measure(cases, threads, args.block_time, args.rounds * (2 if tokens > 1 else 1))  # prefill: ~1 per block
     set_ffn(mlps)
-    common = dict(scope="e2e", model="smollm2-135m", shape=f"d=576,D=1536,L={len(layers)}", mode=mode, batch=1)
+    common = dict(scope="e2e", model=args.model_name, shape=model_shape(dense), mode=mode, batch=1)
     common.update(seq=tokens, context=ctx if mode == "decode" else 0, threads=threads)
     common.update(pattern="random/layer" if mode == "decode" else "random/token/layer")
     return speedup_rows(times, common, ACTIVE, N_EXPERTS, share=ffn_share(times["dense"], times["no_ffn"]))
+
+
+def model_shape(model) -> str:
+    c = model.config
+    return f"d={c.hidden_size},D={c.intermediate_size},L={c.num_hidden_layers}"
 
 
 def bench_train(dense, threads: int, args: argparse.Namespace) -> list[dict]:
@@ -190,8 +195,8 @@ def bench_train(dense, threads: int, args: argparse.Namespace) -> list[dict]:
     return [
         dict(
             scope="train",
-            model="smollm2-135m",
-            shape="d=576,D=1536,L=30",
+            model=args.model_name,
+            shape=model_shape(dense),
             mode="train_step",
             variant="dsmoe",
             batch=1,
@@ -237,6 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", default="ffn,e2e,train", help="comma list of the parts to run: ffn, e2e, train")
     p.add_argument("--out", type=Path, default=RESULTS / "bench_inference.csv", help="the CSV; the PNG beside it")
     p.add_argument("--seed", type=int, default=0, help="FFN weights and activity patterns (e2e: +1, train: +2)")
+    p.add_argument("--model", default=None, help="e2e/train rows: a dense model (default: the embedded SmolLM2-135M)")
     args = p.parse_args(argv)
     try:
         args.threads = sorted({int(t) for t in args.threads.split(",")})
@@ -251,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda requested but torch.cuda.is_available() is False")
     args.seq, args.context, args.train_seq = (128, 16, 32) if args.quick else (512, 64, 128)
     args.block_time, args.rounds = (0.1, 1) if args.quick else (0.5, 5)
+    args.model_name = args.model or "smollm2-135m"
     return args
 
 
@@ -263,13 +270,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     run_info["malloc"] = keep_freed_memory()
 
     rows: list[dict] = []
+
+    def save() -> None:  # after every part: a run cut off (e.g. by a device's time limit) keeps the parts it finished
+        write_csv(args.out, [{**run_info, **row} for row in rows], FIELDS)  # the row's own model over provenance's
+
     if "ffn" in args.parts:
         for name in SHAPES:
             for threads in args.threads:
                 rows += bench_ffn(name, "decode", 1, threads, args)
             rows += bench_ffn(name, "prefill", args.seq, top, args)
+        save()
     if args.parts & {"e2e", "train"}:
-        dense = load_model()[0].to(args.device).eval()
+        dense = (load_model(args.model) if args.model else load_model())[0].to(args.device).eval()
+        run_info["huge_pages"] = huge_pages()  # while the dense model is alive
     if "e2e" in args.parts:
         moe = convert(copy.deepcopy(dense), DSMoEConfig(N_EXPERTS)).eval()
         force_routers(dsmoe_layers(moe), max(args.seq, args.context))
@@ -277,12 +290,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += bench_e2e(dense, moe, "decode", threads, args)
         rows += bench_e2e(dense, moe, "prefill", top, args)
         del moe
+        save()
     if "train" in args.parts:
         rows += bench_train(dense, top, args)
-    run_info["huge_pages"] = huge_pages()  # while the dense model is alive
-
-    rows = [{**run_info, **row} for row in rows]  # the row's own model over provenance's blank one
-    write_csv(args.out, rows, FIELDS)
+    run_info.setdefault("huge_pages", huge_pages())
+    save()
+    rows = [{**run_info, **row} for row in rows]
     caption = f"DSMoE vs dense, forced k of {N_EXPERTS} experts active; {run_info['hardware']}"
     png = inference_speedup(speedup_panels(rows), caption, args.out.with_suffix(".png"))
     print_table(rows)

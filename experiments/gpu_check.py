@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "1",
                 "--parts",
                 "ffn,e2e",
+                "--model",
+                model,
                 "--out",
                 str(bench_csv),
             ]

@@ -148,3 +148,25 @@ def test_inference_speedup_figure_is_written(tmp_path):
     panels = {"ffn": {"smollm2-ffn decode 1t": [(0.25, 3.2, 4.0), (1.0, 0.98, 1.0)]}, "e2e": {}}
     path = inference_speedup(panels, "DSMoE vs dense", tmp_path / "bench.png")
     assert path == tmp_path / "bench.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_script_times_the_model_it_is_given_and_saves_each_part(tmp_path, assets, monkeypatch):
+    """gpu-check passes its model (the device has no embedded one); rows name it and its shape."""
+    import csv
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    import bench_inference as script
+
+    saved = []
+    real_write = script.write_csv
+    monkeypatch.setattr(
+        script, "write_csv", lambda path, rows, fields: (saved.append(len(rows)), real_write(path, rows, fields))
+    )
+    out = tmp_path / "bench.csv"
+    argv = ["--quick", "--threads", "1", "--parts", "e2e,train", "--model", str(assets / "model"), "--out", str(out)]
+    script.main(argv)
+    rows = list(csv.DictReader(out.open()))
+    assert {r["model"] for r in rows} == {str(assets / "model")} and {r["shape"] for r in rows} == {"d=64,D=128,L=2"}
+    assert {r["scope"] for r in rows} == {"e2e", "train"}
+    assert saved[0] < saved[-1] == len(rows)  # e2e rows written before the train part ran
