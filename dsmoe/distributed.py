@@ -37,23 +37,56 @@ def launch_rank() -> int:
     )
 
 
-def wait_for(done: Path, failed: Path, what: str, poll_seconds: float = 5.0) -> None:
+def launch_id() -> str | None:
+    """What all ranks of this launch share and no other launch has: the SLURM job step, or torchrun's rendezvous id
+    (with --standalone a fresh uuid; "none", the default of --rdzv-id, identifies nothing). None when unknown."""
+    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return f"slurm:{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun:{run_id}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return None
+
+
+def wait_for(done: Path, failed: Path, what: str, poll_seconds: float = 5.0, stale_seconds: float = 120.0) -> None:
     """Block until ``done`` exists (another rank finished ``what``); raise if ``failed`` appears (it holds the reason).
 
-    Ranks share the run directory (a shared filesystem on multi-node clusters)."""
+    Ranks share the run directory (a shared filesystem on multi-node clusters). Under torchrun/srun every rank starts
+    at once, before rank 0 has removed an earlier launch's ``failed``: a file naming another launch is ignored, and
+    one that cannot say (no launch id) is believed only once it has stayed ``stale_seconds``."""
     start = last_note = time.monotonic()
+    ours, seen_since = launch_id(), None
     while not done.exists():
-        if failed.exists():
-            raise RuntimeError(f"rank 0 failed to {what}: {failed.read_text().strip()}")
+        reason = _read(failed)
+        if reason is None:
+            seen_since = None
+        else:
+            theirs, message = None, reason
+            if reason.startswith("launch: "):
+                launch, _, message = reason.partition("\n")
+                theirs = launch.removeprefix("launch: ") or None
+            if ours is not None and theirs == ours:
+                raise RuntimeError(f"rank 0 failed to {what}: {message.strip()}")
+            if ours is None or theirs is None:  # cannot tell: an earlier launch's, or this one's
+                seen_since = seen_since if seen_since is not None else time.monotonic()
+                if time.monotonic() - seen_since >= stale_seconds:
+                    raise RuntimeError(f"rank 0 failed to {what}: {message.strip()}")
         if time.monotonic() - last_note > 60:
             last_note = time.monotonic()
             print(f"[dsmoe] waiting for rank 0 to {what} ({time.monotonic() - start:.0f} s)", file=sys.stderr)
         time.sleep(poll_seconds)
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
 def run_once(done: Path, failed: Path, what: str, work: Callable[[], None]) -> None:
     """Rank 0 runs ``work`` (which must create ``done`` last); the other ranks wait for it. A failure is written to
-    ``failed`` so that the waiting ranks stop with its reason instead of waiting forever."""
+    ``failed``, with this launch's id, so that the waiting ranks stop with its reason instead of waiting forever."""
     if done.exists():
         return
     if launch_rank() != 0:
@@ -64,7 +97,7 @@ def run_once(done: Path, failed: Path, what: str, work: Callable[[], None]) -> N
         work()
     except BaseException as error:
         failed.parent.mkdir(parents=True, exist_ok=True)
-        failed.write_text(f"{type(error).__name__}: {error}\n")
+        failed.write_text(f"launch: {launch_id() or ''}\n{type(error).__name__}: {error}\n")
         raise
 
 

@@ -132,8 +132,13 @@ class TrainingFailed(StepFailed):
 def launch_training(config_file: Path) -> None:
     """Run ``python -m dsmoe.train --config config_file`` as its own process tree and wait for it. A SIGTERM to the
     driver is passed on, and the driver exits once the run has saved its checkpoint."""
+    from dsmoe.train import PREEMPTED_MARKER
+
     command = [*launcher(), sys.executable, "-m", "dsmoe.train", "--config", str(config_file)]
     print(f"[experiment] {shlex.join(command)}", file=sys.stderr)
+    saved = OmegaConf.load(config_file)
+    marker = Path(saved.out_dir) / saved.run_name / PREEMPTED_MARKER
+    marker.unlink(missing_ok=True)
     torch.cuda.empty_cache()  # what an evaluation here left cached on the GPUs goes to the run's processes
     proc = subprocess.Popen(command)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
@@ -141,7 +146,7 @@ def launch_training(config_file: Path) -> None:
         code = proc.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if code == PREEMPTED:
+    if code == PREEMPTED or (code and marker.exists()):  # torchrun exits 1 when its ranks exit 143
         print(
             "[experiment] training stopped by SIGTERM (see above what it saved); run the same command again to resume"
         )

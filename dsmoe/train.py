@@ -56,6 +56,7 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true
 STRATEGIES = ("auto", "ddp", "fsdp")
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREEMPTED = 143  # exit status after SIGTERM (128 + 15), once the checkpoint is written
+PREEMPTED_MARKER = "preempted"  # written in the run directory by rank 0 when it stops so
 
 
 @dataclass
@@ -504,6 +505,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     ckpt = resume_checkpoint(cfg.resume, run_dir / "checkpoints")
     if launch_rank() == 0:  # before preparation: init_model/ and the checkpoints belong to this configuration
         write_atomic(run_dir / "config.yaml", lambda path: path.write_text(OmegaConf.to_yaml(cfg)))
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # an earlier launch's
     run_once(
         init_dir / "dense_params.json",
         run_dir / "init_model.failed",
@@ -590,6 +592,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
                 "resume=last starts this run again from its prepared model",
                 file=sys.stderr,
             )
+        if trainer.is_global_zero:  # for the driver: torchrun reports the ranks' exit status 143 as 1
+            (run_dir / PREEMPTED_MARKER).write_text(f"step {trainer.global_step}\n")
         raise Preempted(PREEMPTED) from None
     export_model(trainer, lit, init_dir, final, dtype, tokenizer)
     if trainer.is_global_zero:

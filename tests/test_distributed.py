@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dsmoe.distributed import launch_rank, run_once
+from dsmoe.distributed import launch_rank, run_once, wait_for
 
 WORLD = 2
 
@@ -148,10 +148,9 @@ def test_launch_rank_reads_the_launchers_variables(monkeypatch):
 
 def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch):
     done, failed = tmp_path / "done", tmp_path / "failed"
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr("dsmoe.distributed.time.sleep", lambda s: failed.write_text("ValueError: bad option\n"))
-    with pytest.raises(RuntimeError, match="rank 0 failed to prepare: ValueError: bad option"):
-        run_once(done, failed, "prepare", lambda: pytest.fail("only rank 0 works"))
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "this-launch")
     monkeypatch.setenv("RANK", "0")
 
     def fail():
@@ -159,9 +158,49 @@ def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch
 
     with pytest.raises(ValueError):
         run_once(done, failed, "prepare", fail)
-    assert "no such model" in failed.read_text()
+    assert failed.read_text() == "launch: torchrun:this-launch.0\nValueError: no such model\n"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("dsmoe.distributed.time.sleep", lambda s: pytest.fail("this launch's failure: no waiting"))
+    with pytest.raises(RuntimeError, match="rank 0 failed to prepare: ValueError: no such model"):
+        run_once(done, failed, "prepare", lambda: pytest.fail("only rank 0 works"))
+    monkeypatch.setenv("RANK", "0")
     run_once(done, failed, "prepare", lambda: done.write_text("ok"))
     assert done.exists() and os.path.exists(failed) is False
+
+
+def test_waiting_ranks_ignore_an_earlier_launchs_failure(tmp_path, monkeypatch):
+    """Under torchrun/srun every rank starts at once: a peer may look before rank 0 has removed the failure of the
+    previous attempt. It must wait for this launch's preparation, not stop with the old reason."""
+    done, failed = tmp_path / "done", tmp_path / "failed"
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_STEP_ID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    failed.write_text("launch: slurm:77.1\nValueError: the previous step's typo\n")
+    polls = []
+
+    def rank0_meanwhile(seconds):  # rank 0 removes the old failure and prepares
+        polls.append(seconds)
+        failed.unlink(missing_ok=True)
+        if len(polls) == 3:
+            done.write_text("ok")
+
+    monkeypatch.setattr("dsmoe.distributed.time.sleep", rank0_meanwhile)
+    wait_for(done, failed, "prepare")
+    assert len(polls) == 3
+
+    # without a launch id (torchrun's default --rdzv-id): believed once it has stayed stale_seconds
+    monkeypatch.delenv("SLURM_JOB_ID")
+    done.unlink()
+    failed.write_text("launch: \nValueError: bad option\n")
+    clock = [0.0]
+    monkeypatch.setattr("dsmoe.distributed.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("dsmoe.distributed.time.sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    with pytest.raises(RuntimeError, match="rank 0 failed to prepare: ValueError: bad option"):
+        wait_for(done, failed, "prepare", poll_seconds=5, stale_seconds=120)
+    assert clock[0] == 120
 
 
 def _validate(rank, world, windows, result):

@@ -297,7 +297,9 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
 
     import dsmoe.experiment as experiment
 
-    seen, codes = [], iter([0, 143, 1])
+    seen, codes = [], iter([0, 143, 1, 1, 1])
+    (tmp_path / "launch.yaml").write_text(f"out_dir: {tmp_path}\nrun_name: run\n")
+    marker = tmp_path / "run" / "preempted"
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: seen.append("empty_cache"))
 
     class FakePopen:
@@ -306,8 +308,13 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
             seen.append(command)
 
         def wait(self):
-            return next(codes)
+            code = next(codes)
+            if writes_marker:  # dsmoe.train's rank 0 after saving on SIGTERM
+                marker.parent.mkdir(exist_ok=True)
+                marker.write_text("step 3\n")
+            return code
 
+    writes_marker = False
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     monkeypatch.setenv("DSMOE_LAUNCHER", "srun --ntasks-per-node=8 --export='ALL,A=1 2'")
     experiment.launch_training(tmp_path / "launch.yaml")
@@ -318,6 +325,13 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as stopped:
         experiment.launch_training(tmp_path / "launch.yaml")
     assert stopped.value.code == 143
+    with pytest.raises(experiment.TrainingFailed, match="exit status 1"):
+        experiment.launch_training(tmp_path / "launch.yaml")
+    writes_marker = True  # torchrun exits 1 when its ranks exit 143: the run's marker says it was preempted
+    with pytest.raises(SystemExit) as stopped:
+        experiment.launch_training(tmp_path / "launch.yaml")
+    assert stopped.value.code == 143
+    writes_marker = False  # a marker from an earlier launch does not make a failure a preemption
     with pytest.raises(experiment.TrainingFailed, match="exit status 1"):
         experiment.launch_training(tmp_path / "launch.yaml")
 

@@ -76,6 +76,7 @@ def test_fsdp_sigterm_saves_sharded_and_resume_equals_the_uninterrupted_run(tmp_
     stopped = run_fsdp(tmp_path, fsdp_cfg(tmp_path / "b", **steps), "b", stop_at=3)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr and "stopped by SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
+    assert (tmp_path / "b" / "run" / "preempted").read_text() == "step 4\n"  # for a driver behind torchrun
     last = tmp_path / "b" / "run" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and sorted(p.name for p in last.iterdir()) == [
         ".metadata",
