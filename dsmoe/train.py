@@ -38,6 +38,7 @@ import yaml
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
@@ -471,6 +472,10 @@ def export_dir(run_dir: Path, tokens: float) -> Path:
 
 def build_strategy(cfg: DictConfig, model: torch.nn.Module):
     t = cfg.trainer
+    if t.strategy == "ddp" or (t.strategy == "auto" and world_size(t) > 1):
+        # every buffer (RoPE's frequencies, SparseGPT's masks: ~1 GB at 1B) is the same on every rank and never
+        # changes: DDP's default would broadcast them all from rank 0 before every forward
+        return DDPStrategy(broadcast_buffers=False)
     if t.strategy != "fsdp":
         return t.strategy
     layer_cls = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}

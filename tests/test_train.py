@@ -612,3 +612,17 @@ def test_calibration_takes_the_same_sequences_at_any_micro_batch_size(assets):
         assert [len(b) for b in batches] == [micro] * (7 // micro) + ([7 % micro] if 7 % micro else [])
         taken[micro] = torch.cat(batches)
     assert torch.equal(taken[2], taken[3]) and torch.equal(taken[2], taken[5])
+
+
+def test_ddp_does_not_broadcast_buffers_before_every_forward(assets, tmp_path):
+    """Buffers (RoPE, SparseGPT's masks) are equal on every rank and fixed: no broadcast of them on each forward."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from dsmoe.train import build_strategy
+
+    model = tiny_model("llama")
+    for strategy, devices in (("ddp", 2), ("auto", 2), ("ddp", 1)):
+        cfg = make_cfg(assets, tmp_path, **{"trainer.strategy": strategy, "trainer.devices": devices})
+        built = build_strategy(cfg, model)
+        assert isinstance(built, DDPStrategy) and built._ddp_kwargs == {"broadcast_buffers": False}
+    assert build_strategy(make_cfg(assets, tmp_path, **{"trainer.devices": 1}), model) == "auto"
