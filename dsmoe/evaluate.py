@@ -37,7 +37,7 @@ def _batch_nll(model: nn.Module, chunk: list[torch.Tensor], count_only: CountOnl
     if count_only is not None and padded:
         count_only(model, mask)
     try:
-        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
+        logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1].float()
     finally:
         if count_only is not None and padded:
             count_only(model, None)

@@ -77,7 +77,7 @@ class LitCausalLM(L.LightningModule):
         self.fp32_buffers = fp32_buffers(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        return self.model(input_ids=input_ids, labels=labels)
+        return self.model(input_ids=input_ids, labels=labels, use_cache=False)  # no KV cache: nothing decodes
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         lm_loss = self(batch["input_ids"], labels=batch["labels"]).loss

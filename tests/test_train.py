@@ -626,3 +626,22 @@ def test_ddp_does_not_broadcast_buffers_before_every_forward(assets, tmp_path):
         built = build_strategy(cfg, model)
         assert isinstance(built, DDPStrategy) and built._ddp_kwargs == {"broadcast_buffers": False}
     assert build_strategy(make_cfg(assets, tmp_path, **{"trainer.devices": 1}), model) == "auto"
+
+
+def test_training_and_evaluation_forwards_build_no_kv_cache():
+    """Llama's config has use_cache=True; under FSDP's activation checkpointing transformers does not turn it off,
+    and each forward (and its recompute) would keep every layer's keys and values (~1 GB per micro-batch at 7B)."""
+    from dsmoe.evaluate import perplexity
+    from dsmoe.lit import LitCausalLM, OptimConfig
+    from dsmoe.methods import get_method
+
+    model = tiny_model("llama", vocab_size=64)
+    assert model.config.use_cache
+    ids = torch.randint(0, 64, (2, 9))
+    lit = LitCausalLM(model, get_method("dense"), OptimConfig(), dense_params=1)
+    assert lit(ids, labels=ids).past_key_values is None
+    assert model(input_ids=ids).past_key_values is not None  # what the default would keep
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True)
+    perplexity(model.eval(), [ids[0], ids[1, :5]])
+    assert seen and set(seen) == {False}
