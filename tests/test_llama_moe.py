@@ -94,10 +94,12 @@ def assert_routes(layer, routes):
     assert [set(row) for row in layer.last_indices.tolist()] == routes
 
 
+@pytest.mark.parametrize("impl", ["sparse", "masked"])  # masked: what accelerators run (no host sync per layer)
 @pytest.mark.parametrize("top_k", [1, 3, N])  # N: every expert on every token, computed as one run
-def test_training_forward_and_gradients_match_reference(top_k):
+def test_training_forward_and_gradients_match_reference(top_k, impl):
     layer, _ = make_layer(top_k, noisy_gating=False)
     layer.train()
+    layer.impl = impl
     x = torch.randn(37, D_MODEL, dtype=torch.float64)
     w = torch.randn(37, D_MODEL, dtype=torch.float64)
     grads = {}
@@ -123,6 +125,8 @@ def test_eval_forward_matches_reference_with_scale_n_over_k(top_k):
     expected, routes, _ = reference_layer(layer, x.reshape(-1, D_MODEL), N / top_k)
     torch.testing.assert_close(y.reshape(-1, D_MODEL), expected)
     assert_routes(layer, routes)
+    layer.impl = "masked"
+    torch.testing.assert_close(layer(x).reshape(-1, D_MODEL), expected)
 
 
 def test_noisy_training_routing_matches_reference():
@@ -315,3 +319,15 @@ def test_bad_options_are_rejected():
         LLAMA_MOE.apply(tiny_model("llama"), {"num_experts": 5, "top_k": 1}, None)
     with pytest.raises(ValueError, match="already converted"):
         LLAMA_MOE.apply(LLAMA_MOE.apply(tiny_model("llama"), {}, None), {}, None)
+
+
+def test_auto_takes_the_masked_path_off_the_cpu():
+    """On an accelerator no path may read tokens per expert to the host; the meta device stands in for one (the
+    sparse path's .tolist() cannot run there)."""
+    layer, _ = make_layer(2, noisy_gating=False)
+    layer.train().to("meta")
+    out = layer(torch.empty(5, D_MODEL, dtype=torch.float64, device="meta"))
+    assert out.shape == (5, D_MODEL) and out.device.type == "meta"
+    layer.impl = "sparse"
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        layer(torch.empty(5, D_MODEL, dtype=torch.float64, device="meta"))

@@ -109,6 +109,10 @@ class LlamaMoEMLP(TopKGatedSwiGLU):
             config.gate_network,
         )
         self.fast_cache: fast.ExpertBlocks | None = None  # run views of the experts, see dsmoe.fast
+        # "sparse": only the selected experts, grouped (tokens per expert read to the host: one sync per layer);
+        # "masked": every expert, weighted 0 where not selected (no host sync); "auto": sparse on the CPU, masked on
+        # accelerators, as DSMoE's layers do. The same output and gradients.
+        self.impl = "auto"
         self.last_balance_loss: torch.Tensor | None = None  # unweighted cv²(I) + cv²(L), with its graph
         self.last_indices: torch.Tensor | None = None  # [tokens, k] experts of the last forward
 
@@ -122,9 +126,12 @@ class LlamaMoEMLP(TopKGatedSwiGLU):
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def experts_forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Only the selected experts (tokens grouped by expert, one GEMM chain each), as DSMoE's eval path does."""
+        """The selected experts' weighted sum: grouped by expert (one GEMM chain each) or masked, see ``impl``."""
         dense = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=weights.device)
         dense = dense.scatter(1, indices, weights)  # differentiable in weights
+        impl = self.impl if self.impl != "auto" else ("sparse" if x.device.type == "cpu" else "masked")
+        if impl == "masked":
+            return self.masked_forward(x, dense)
         active = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, indices, True)
         return fast.sparse_forward(self, x, dense, active)
 

@@ -215,8 +215,8 @@ class TopKGatedSwiGLU(PartitionedSwiGLU):
         importance = torch.zeros_like(logits).scatter(1, indices, scores).sum(0)
         if noisy_training and k < n:
             load = smooth_load(clean, logits, noise_std, top_values, k)
-        else:  # not differentiable: LLaMA-MoE's fallback without noise
-            load = torch.bincount(indices.flatten(), minlength=n).float()
+        else:  # not differentiable: LLaMA-MoE's fallback without noise (tokens per expert; bincount syncs on CUDA)
+            load = torch.zeros_like(importance).index_add_(0, indices.flatten(), torch.ones_like(scores).flatten())
         return indices, scores, importance, load
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
