@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dsmoe.cli import StepFailed
 from dsmoe.evaluate import perplexity
@@ -167,6 +167,7 @@ def ensure_run(scale: str, run: str, seed: int = 0) -> Path:
     from dsmoe.train import check_same_run, holds_work, saved_config
 
     cfg = run_config(scale, run, seed)
+    cfg.data.sources = pinned_sources(scale, cfg.data.sources)
     matched = cfg.method_options.get("match_activated") == "dsmoe"
     if matched:
         cfg.match_activated_from = "dsmoe"
@@ -228,7 +229,7 @@ def evaluation_settings(scale: str, source: str) -> dict[str, Any]:
     sc = scale_config(scale)
     return {
         "model": model_fingerprint(source),
-        "data": OmegaConf.to_container(sc.base.data),
+        "data": pinned_data(scale),
         "protocol": eval_protocol(scale),
         "val_windows": sc.eval.get("val_windows"),
         "evaluated_on": evaluation_precision(),
@@ -241,6 +242,35 @@ def evaluation_precision() -> str:
 
 
 _WINDOWS: dict[tuple, dict[str, Any]] = {}
+
+
+def pinned_sources(scale: str, sources: Any) -> list[Any]:
+    """The scale's data sources with every hub dataset pinned to one commit, the same for all of the scale's runs
+    and evaluations. The first use resolves the hub's current commit and records it in
+    ``runs/<scale>/data_revisions.json``: runs of weeks would otherwise read a dataset updated in between (other
+    held-out documents than training left out, a stream resumed at positions in other files). Sources with their
+    own ``revision``, local and embedded ones are kept as given."""
+    from dsmoe.data.sources import SourceConfig, hub_commit
+
+    lock = runs_root(scale) / "data_revisions.json"
+    pinned = json.loads(lock.read_text()) if lock.exists() else {}
+    out = []
+    for given in OmegaConf.to_container(sources) if isinstance(sources, ListConfig) else list(sources):
+        source = SourceConfig.from_obj(given)
+        if source.is_hub and source.revision is None:
+            if source.name not in pinned:
+                pinned[source.name] = hub_commit(source)
+                write_json(lock, pinned)
+            if pinned[source.name] is not None:
+                given = {**({"preset": given} if isinstance(given, str) else given), "revision": pinned[source.name]}
+        out.append(given)
+    return out
+
+
+def pinned_data(scale: str) -> dict[str, Any]:
+    """The scale's data config, its hub sources pinned (:func:`pinned_sources`)."""
+    data = OmegaConf.to_container(scale_config(scale).base.data)
+    return {**data, "sources": pinned_sources(scale, data["sources"])}
 
 
 def eval_protocol(scale: str) -> str:
@@ -258,7 +288,7 @@ def validation_windows(scale: str, tokenizer) -> dict[str, Any]:
     Read and tokenised once per process for the same data config and tokenizer: the τ sweeps evaluate one
     model up to 38 times."""
     sc = scale_config(scale)
-    data_config = OmegaConf.to_container(sc.base.data)
+    data_config = pinned_data(scale)
     protocol, n = eval_protocol(scale), sc.eval.get("val_windows")
     key = (json.dumps(data_config, sort_keys=True), protocol, n, tokenizer.name_or_path, len(tokenizer))
     if key not in _WINDOWS:

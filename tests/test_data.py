@@ -556,3 +556,24 @@ def test_validation_windows_are_the_same_on_any_number_of_ranks(limit):
         real = [item["input_ids"] for item in items if (item["labels"] != -100).all()]
         assert all((item["labels"] == -100).all() for item in items if not (item["labels"] != -100).all())
         assert sorted(w[0].item() for w in real) == [4 * k for k in range(kept)], world
+
+
+def test_a_hub_source_reads_at_its_revision_and_names_the_commit_it_resolved(monkeypatch):
+    import datasets
+
+    from dsmoe.data.sources import hub_commit
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    seen = []
+
+    def builder(path, name=None, data_dir=None, revision=None):
+        seen.append(revision)
+        files = [f"hf://datasets/{path}@{sha}/sample/10BT/000_00000.parquet"]
+        return SimpleNamespace(name="parquet", config=SimpleNamespace(data_files={"train": files}))
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+    source = SourceConfig.from_obj({"preset": "paper:fineweb-edu", "revision": "v1.2.0"})
+    assert source.is_hub and hub_commit(source) == sha and seen == ["v1.2.0"]
+    assert resolve_files(source).files[0].startswith(f"hf://datasets/HuggingFaceFW/fineweb-edu@{sha}/")
+    with pytest.raises(ValueError, match="source 'local': revision='main' is for hub datasets only"):
+        SourceConfig(name="local", data_files="a.jsonl", revision="main")

@@ -386,3 +386,20 @@ def test_documents_protocol_evaluates_each_held_out_document(tiny_scale, assets)
         ValueError, match=r"scale 'tiny' eval.protocol is 'packed'; choose one of \['windows', 'documents'\]"
     ):
         validation_windows("tiny", tok)
+
+
+def test_a_scales_hub_sources_are_pinned_once_for_all_its_runs(tmp_path, monkeypatch):
+    """The first use records the hub's commit; later runs and evaluations read that one although the hub moved on."""
+    import json
+
+    import dsmoe.data.sources
+    from dsmoe.experiment import pinned_sources
+
+    monkeypatch.setenv("DSMOE_RUNS", str(tmp_path))
+    commits = iter(["a" * 40, "b" * 40])
+    monkeypatch.setattr(dsmoe.data.sources, "hub_commit", lambda source: next(commits))
+    given = ["paper:fineweb-edu", {"preset": "paper:cosmopedia", "revision": "v2"}, "embedded:math"]
+    first = pinned_sources("demo", given)
+    assert first == [{"preset": "paper:fineweb-edu", "revision": "a" * 40}, given[1], given[2]]
+    assert json.loads((tmp_path / "demo" / "data_revisions.json").read_text()) == {"fineweb-edu": "a" * 40}
+    assert pinned_sources("demo", given) == first  # not resolved again: the hub's "b" commit is never read

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 from dataclasses import dataclass
 
 from dsmoe.config_checks import reject_unknown_keys
@@ -29,6 +30,7 @@ class SourceConfig:
     data_files: list[str] | str | None = None
     text_field: str = "text"
     streaming: bool = True
+    revision: str | None = None  # a hub dataset's commit (branch or tag); None: its current one
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -44,6 +46,8 @@ class SourceConfig:
             raise ValueError(
                 f"source {self.name!r}: unknown embedded domain {self.embedded_domain!r}; choose from {list(DOMAINS)}"
             )
+        if self.revision is not None and not self.is_hub:
+            raise ValueError(f"source {self.name!r}: revision={self.revision!r} is for hub datasets only")
         if self.data_files is not None:
             if not self.file_patterns:
                 raise ValueError(f"source {self.name!r}: data_files is empty")
@@ -56,6 +60,13 @@ class SourceConfig:
         if self.path is not None and self.path.startswith(EMBEDDED_PREFIX):
             return self.path.removeprefix(EMBEDDED_PREFIX)
         return None
+
+    @property
+    def is_hub(self) -> bool:
+        """Whether the source is read from the hub (not a local folder, files or the embedded corpus)."""
+        return (
+            self.path is not None and self.embedded_domain is None and not os.path.isdir(os.path.expanduser(self.path))
+        )
 
     @property
     def file_patterns(self) -> list[str]:
@@ -125,7 +136,9 @@ def _hub_files(source: SourceConfig) -> tuple[str, list[str]]:
     import datasets
 
     try:
-        builder = datasets.load_dataset_builder(source.path, name=source.config_name, data_dir=source.data_dir)
+        builder = datasets.load_dataset_builder(
+            source.path, name=source.config_name, data_dir=source.data_dir, revision=source.revision
+        )
     except Exception as err:  # noqa: BLE001 - any failure here means the dataset cannot be found or reached
         raise DataFileError(
             f"source {source.name!r}: cannot resolve dataset {source.path!r} (config {source.config_name!r}, "
@@ -141,6 +154,17 @@ def _hub_files(source: SourceConfig) -> tuple[str, list[str]]:
     if not files:
         raise DataFileError(f"source {source.name!r}: dataset {source.path!r} lists no files for {source.split!r}")
     return builder.name, files
+
+
+HUB_FILE = re.compile(r"^hf://datasets/[^@]+@([0-9a-f]{40})/")
+
+
+def hub_commit(source: SourceConfig) -> str | None:
+    """The commit a hub source's files are read at now (its revision resolved; the hub's listing names it in every
+    file's URL), or None where the listing does not say."""
+    _, files = _hub_files(source)
+    match = HUB_FILE.match(files[0])
+    return match.group(1) if match else None
 
 
 def resolve_files(source: SourceConfig) -> SourceFiles:
