@@ -84,7 +84,7 @@ def taylor_gradients(model: PreTrainedModel, calib_batches: Iterable[torch.Tenso
             p.requires_grad_(True)
         for ids in batches:
             ids = ids.to(device)
-            (model(input_ids=ids, labels=ids, use_cache=False).loss / len(batches)).backward()
+            (model(input_ids=ids, labels=ids).loss / len(batches)).backward()
         yield
     finally:
         model.zero_grad(set_to_none=True)
