@@ -11,9 +11,19 @@
 #
 # DSMOE_PYTHON=/path/to/python: use that interpreter (its packages, e.g. a cluster's CUDA PyTorch image) instead of
 # installing ./.venv; nothing is installed then (README, "Machines without internet").
+# DSMOE_RUNS, DSMOE_RESULTS (default ./runs, ./results), DSMOE_SCALES_DIR (your scale files, looked in first).
 set -euo pipefail
 if [[ "${DSMOE_PYTHON:-}" == */* && "$DSMOE_PYTHON" != /* ]]; then
   DSMOE_PYTHON=$PWD/$DSMOE_PYTHON  # a relative path is taken from where the command was typed
+fi
+for var in DSMOE_RUNS DSMOE_RESULTS DSMOE_SCALES_DIR; do
+  if [[ -n "${!var:-}" && "${!var}" != /* ]]; then
+    export "$var=$PWD/${!var}"  # likewise: this script works in the checkout
+  fi
+done
+if [[ -n "${DSMOE_SCALES_DIR:-}" && ! -d "$DSMOE_SCALES_DIR" ]]; then
+  echo "DSMOE_SCALES_DIR=$DSMOE_SCALES_DIR is not a directory (it holds your <scale>.yaml files)" >&2
+  exit 2
 fi
 cd "$(dirname "$0")"
 
@@ -21,19 +31,32 @@ PY=${PYTHON:-python3}
 VENV=${DSMOE_VENV:-.venv}
 
 if [[ -n "${DSMOE_PYTHON:-}" ]]; then
-  RUN_PY=$DSMOE_PYTHON
+  RUN_PY=$(command -v "$DSMOE_PYTHON" || true)
+  if [[ -z "$RUN_PY" || ! -x "$RUN_PY" ]]; then
+    echo "DSMOE_PYTHON=$DSMOE_PYTHON is not an executable Python interpreter" >&2
+    exit 2
+  fi
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # dsmoe from this checkout, not installed
 else
   RUN_PY=$VENV/bin/python
 fi
+# the interpreter's scripts (torchrun, for DSMOE_LAUNCHER) before anything else on PATH
+bin_dir=$(dirname "$RUN_PY")
+[[ "$bin_dir" == /* ]] || bin_dir=$PWD/$bin_dir
+export PATH="$bin_dir:$PATH"
 
 setup() {
   if [[ -n "${DSMOE_PYTHON:-}" ]]; then
-    local needs="torch, lightning, torchmetrics, transformers, accelerate, safetensors, gguf, datasets, lm_eval, omegaconf"
-    "$RUN_PY" -c "import $needs, tensorboard, matplotlib, pytest" || {
-      echo "DSMOE_PYTHON=$RUN_PY lacks a package the suite needs (above); install it (README, \"Machines without internet\")" >&2
+    local missing
+    missing=$("$RUN_PY" -c '
+import importlib.util
+needs = ["torch", "lightning", "lightning_utilities", "torchmetrics", "transformers", "accelerate", "psutil",
+         "safetensors", "gguf", "datasets", "lm_eval", "omegaconf", "tensorboard", "matplotlib", "pytest"]
+print(" ".join(n for n in needs if importlib.util.find_spec(n) is None))') || missing="(the check itself failed, above)"
+    if [[ -n "$missing" ]]; then
+      echo "DSMOE_PYTHON=$RUN_PY lacks modules the suite needs: $missing; install them (README, \"Machines without internet\")" >&2
       exit 2
-    }
+    fi
     return
   fi
   local stamp="$VENV/.dsmoe-installed"

@@ -14,8 +14,8 @@
 Every check is one row of results/gpu_check/gpu_check.csv (status, seconds, value, detail, provenance); a failing
 check is recorded and the next one runs. ``--model random:smollm2`` uses SmolLM2-135M's shapes with random weights
 and a tokenizer trained on the fly, for machines without the embedded model's package (shapes, not weights, decide
-the timings). ``--cpu-smoke`` runs the same checks on the CPU with a tiny model (FSDP with gloo, through dsmoe's FSDP
-strategy) to test this script.
+the timings). ``--cpu-smoke`` runs checks 1–5 on the CPU with a tiny model (FSDP with gloo, through dsmoe's FSDP
+strategy) to test this script, writing runs/gpu_check/smoke_results/ instead.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dsmoe.experiment import ROOT, eval_devices, evaluate_model, launch_training
 from dsmoe.packages import write_json
 from dsmoe.results import PROVENANCE, provenance, write_csv
 
-OUT = ROOT / "results" / "gpu_check"
+OUT = Path(os.environ.get("DSMOE_RESULTS", ROOT / "results")) / "gpu_check"
 RUNS = Path(os.environ.get("DSMOE_RUNS", ROOT / "runs")) / "gpu_check"
 COLUMNS = ["check", "status", "seconds", "value", "detail", *PROVENANCE]
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     global ROW_MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded:smollm2-135m", help="a model, or random:smollm2")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the bf16-mixed DSMoE training")
     parser.add_argument("--cpu-smoke", action="store_true", help="test this script on the CPU with a tiny model")
     args = parser.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
