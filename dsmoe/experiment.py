@@ -45,6 +45,8 @@ def scale_dirs() -> list[Path]:
     """Where scales are looked up, in order: $DSMOE_SCALES_DIR (your own, which override shipped ones of the same
     name), then the shipped experiments/configs/scales/."""
     own = os.environ.get("DSMOE_SCALES_DIR")
+    if own and not Path(own).is_dir():
+        raise ValueError(f"DSMOE_SCALES_DIR={own} is not a directory (it holds your <scale>.yaml files)")
     return ([Path(own)] if own else []) + [SCALES_DIR]
 
 
@@ -129,14 +131,40 @@ class TrainingFailed(StepFailed):
     pass
 
 
+def check_launcher(cfg: DictConfig, config_file: Path) -> None:
+    """Without ``$DSMOE_LAUNCHER`` Lightning starts the processes of this node only: a run on several nodes, or a
+    driver inside a SLURM allocation of several tasks (Lightning would wait for srun tasks nobody starts), would
+    hang. Both stop here, saying what to do."""
+    if launcher():
+        return
+    nodes = int(OmegaConf.select(cfg, "trainer.num_nodes", default=1))
+    if nodes > 1:
+        raise TrainingFailed(
+            f"{config_file} trains on trainer.num_nodes={nodes} nodes, and without DSMOE_LAUNCHER this driver starts "
+            f'processes on its own node only. Set DSMOE_LAUNCHER (e.g. "srun --ntasks-per-node=8" under SLURM), or '
+            f"start the run on every node yourself: torchrun --nnodes={nodes} --nproc-per-node=<GPUs per node> "
+            f"--rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 --rdzv-id=<a new id> -m dsmoe.train --config "
+            f"{config_file}; then run this target again (it finds the finished run)"
+        )
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if tasks > 1:
+        raise TrainingFailed(
+            f"this driver runs in a SLURM allocation of SLURM_NTASKS={tasks} tasks without DSMOE_LAUNCHER: Lightning "
+            f'would wait for {tasks} srun tasks that nothing starts. Set DSMOE_LAUNCHER="srun '
+            f'--ntasks-per-node=<GPUs per node> --cpus-per-task=$SLURM_CPUS_PER_TASK --kill-on-bad-exit=1" (README, '
+            '"Several GPUs and nodes"), or allocate one task per node and let Lightning start the processes'
+        )
+
+
 def launch_training(config_file: Path) -> None:
     """Run ``python -m dsmoe.train --config config_file`` as its own process tree and wait for it. A SIGTERM to the
     driver is passed on, and the driver exits once the run has saved its checkpoint."""
     from dsmoe.train import PREEMPTED_MARKER
 
     command = [*launcher(), sys.executable, "-m", "dsmoe.train", "--config", str(config_file)]
-    print(f"[experiment] {shlex.join(command)}", file=sys.stderr)
     saved = OmegaConf.load(config_file)
+    check_launcher(saved, config_file)
+    print(f"[experiment] {shlex.join(command)}", file=sys.stderr)
     marker = Path(saved.out_dir) / saved.run_name / PREEMPTED_MARKER
     marker.unlink(missing_ok=True)
     torch.cuda.empty_cache()  # what an evaluation here left cached on the GPUs goes to the run's processes

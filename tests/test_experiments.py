@@ -403,3 +403,23 @@ def test_a_scales_hub_sources_are_pinned_once_for_all_its_runs(tmp_path, monkeyp
     assert first == [{"preset": "paper:fineweb-edu", "revision": "a" * 40}, given[1], given[2]]
     assert json.loads((tmp_path / "demo" / "data_revisions.json").read_text()) == {"fineweb-edu": "a" * 40}
     assert pinned_sources("demo", given) == first  # not resolved again: the hub's "b" commit is never read
+
+
+def test_a_driver_without_a_launcher_refuses_what_would_hang(tmp_path, monkeypatch):
+    """Lightning starts one node's processes: a run on 2 nodes, or one inside a SLURM allocation of several tasks
+    (Lightning then waits for srun tasks), would hang at 'MEMBER: 1/2'. The driver stops first, saying what to do."""
+    import subprocess
+
+    import dsmoe.experiment as experiment
+
+    monkeypatch.delenv("DSMOE_LAUNCHER", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    monkeypatch.setattr(subprocess, "Popen", lambda command: pytest.fail("nothing may start"))
+    config = tmp_path / "launch.yaml"
+    config.write_text(f"out_dir: {tmp_path}\nrun_name: run\ntrainer:\n  num_nodes: 2\n")
+    with pytest.raises(experiment.TrainingFailed, match=r"num_nodes=2 nodes.*torchrun --nnodes=2 .*launch.yaml"):
+        experiment.launch_training(config)
+    config.write_text(f"out_dir: {tmp_path}\nrun_name: run\ntrainer:\n  num_nodes: 1\n")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    with pytest.raises(experiment.TrainingFailed, match=r"SLURM_NTASKS=8 tasks without DSMOE_LAUNCHER"):
+        experiment.launch_training(config)
