@@ -72,7 +72,7 @@ def model_config(name: str) -> PretrainedConfig:
     except OSError as err:
         raise ValueError(
             f"the plan needs the config.json of model {name!r} offline and it is not in the local HF cache: fetch it "
-            f"once (huggingface-cli download {name} config.json) or use a local directory; shipped configs: "
+            f"once (hf download {name} config.json) or use a local directory; shipped configs: "
             f"{sorted(SHIPPED_CONFIGS)} and {EMBEDDED!r}"
         ) from err
 

@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
@@ -152,8 +153,8 @@ def schedule(cfg: DictConfig) -> tuple[int, int]:
     per_step = t.micro_batch_size * world_size(t)
     if t.global_batch_size % per_step:
         raise ValueError(
-            f"trainer.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size × devices = "
-            f"{t.micro_batch_size} × {per_step // t.micro_batch_size} = {per_step}"
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size × processes "
+            f"(devices × num_nodes) = {t.micro_batch_size} × {per_step // t.micro_batch_size} = {per_step}"
         )
     if t.max_tokens > 0:
         max_steps = math.ceil(t.max_tokens / (t.global_batch_size * seq_len))
@@ -553,6 +554,11 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         ),
         *(callbacks or []),
     ]
+    # LitCausalLM logs validation values already summed over the ranks (metrics' sync, counts' all-reduce); Lightning
+    # would advise sync_dist=True for each of them at every validation
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self.log\('val/", category=PossibleUserWarning
+    )
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

@@ -174,7 +174,10 @@ def test_bad_input_is_named(offline, tmp_path, monkeypatch):
             {"global_batch_size": 5, "micro_batch_size": 2},
             r"trainer.global_batch_size=5 is not divisible by .* = 2 × 1 = 2",
         ),
-        ({"devices": 3}, r"trainer.global_batch_size=32 is not divisible by micro_batch_size × devices = 4 × 3 = 12"),
+        (
+            {"devices": 3},
+            r"trainer.global_batch_size=32 is not divisible by micro_batch_size × processes \(devices × num_nodes\) = 4 × 3 = 12",
+        ),
         (
             {"devices": "0,1,2", "micro_batch_size": 8},
             r"trainer.global_batch_size=32 is not divisible by .* = 8 × 3 = 24",

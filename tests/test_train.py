@@ -110,7 +110,10 @@ def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
     with pytest.raises(ValueError, match=r"list.yaml must be a mapping of \[.*'trainer'\], got \[1\]"):
         load_config(tmp_path / "list.yaml")
     cfg = make_cfg(assets, tmp_path, **{"trainer.global_batch_size": 5})
-    with pytest.raises(ValueError, match="global_batch_size=5 is not divisible by micro_batch_size × devices = 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"global_batch_size=5 is not divisible by micro_batch_size × processes \(devices × num_nodes\) = 2",
+    ):
         schedule(cfg)
     cfg = make_cfg(assets, tmp_path, **{"trainer.max_tokens": 12800, "data.seq_len": 100})
     assert schedule(cfg) == (32, 2)  # 12800 tokens / (4 seqs × 100 tokens)
