@@ -51,7 +51,8 @@ setup() {
     missing=$("$RUN_PY" -c '
 import importlib.util
 needs = ["torch", "lightning", "lightning_utilities", "torchmetrics", "transformers", "accelerate", "psutil",
-         "safetensors", "gguf", "datasets", "lm_eval", "omegaconf", "tensorboard", "matplotlib", "pytest"]
+         "safetensors", "gguf", "datasets", "lm_eval", "omegaconf", "tensorboard", "matplotlib"]
+needs += ["pytest"] if "'"$target"'" == "test" else []
 print(" ".join(n for n in needs if importlib.util.find_spec(n) is None))') || missing="(the check itself failed, above)"
     if [[ -n "$missing" ]]; then
       echo "DSMOE_PYTHON=$RUN_PY lacks modules the suite needs: $missing; install them (README, \"Machines without internet\")" >&2
