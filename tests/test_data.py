@@ -426,7 +426,7 @@ def test_mixture_follows_token_shares(tmp_path):
         for n in lengths
     ]
     tok = word_tokenizer(list(lengths))
-    cfg = DataConfig(sources=sources, seq_len=63, micro_batch_size=1, val_docs_per_source=5, shuffle_buffer=8)
+    cfg = DataConfig(sources=sources, seq_len=63, micro_batch_size=1, val_docs_per_source=0, shuffle_buffer=8)
     prepared, _ = prepare_sources(cfg)
     windows = [w for w, _ in islice(MixtureStream(cfg, tok, prepared), 100)]  # 6400 tokens, several passes
     counts = Counter(tok.convert_ids_to_tokens(torch.cat(windows).tolist()))
@@ -577,3 +577,25 @@ def test_a_hub_source_reads_at_its_revision_and_names_the_commit_it_resolved(mon
     assert resolve_files(source).files[0].startswith(f"hf://datasets/HuggingFaceFW/fineweb-edu@{sha}/")
     with pytest.raises(ValueError, match="source 'local': revision='main' is for hub datasets only"):
         SourceConfig(name="local", data_files="a.jsonl", revision="main")
+
+
+def test_no_held_out_text_is_trained_on_even_where_it_repeats(tmp_path):
+    """The paper's validation sets do not intersect the training data: a held-out document's text found again in
+    another row (web corpora repeat pages), of this source or another, is skipped too."""
+    docs = numbered_docs("d", 40)
+    other = numbered_docs("o", 10)
+    cfg = DataConfig(
+        sources=[
+            SourceConfig(name="a", data_files=write_jsonl(tmp_path / "a.jsonl", docs + docs[:20])),  # rows 40-59 repeat
+            SourceConfig(name="b", data_files=write_jsonl(tmp_path / "b.jsonl", other + docs[:20])),
+        ],
+        val_docs_per_source=5,
+    )
+    prepared, held_out = prepare_sources(cfg)
+    held = set(held_out[0]) | set(held_out[1])
+    for source, expected in zip(prepared, (docs + docs[:20], other + docs[:20]), strict=True):
+        reader = SourceReader(source.files, 0, 1, source.held_out, 0, 8, 0.01, held_out_texts=source.held_out_texts)
+        trained = one_epoch(reader)
+        assert not set(trained) & held
+        assert sorted(trained) == sorted(t for t in expected if t not in held)
+    assert any(t in docs[:20] for t in held_out[0])  # the test holds out some repeated text of a

@@ -175,8 +175,10 @@ def test_resume_with_another_layout_or_config_is_refused(tmp_path):
     other = data_module(DataConfig(**{**cfg.__dict__, "seq_len": 12}), tok, rank=0)
     with pytest.raises(ValueError, match=r"different data settings \['seq_len'\] \(checkpoint: \{'seq_len': 11\}"):
         other.load_state_dict(state)
-    with pytest.raises(ValueError, match="written by an older data stream"):
+    with pytest.raises(ValueError, match=r"written by an older data stream \(format 1, this one reads 3"):
         other.load_state_dict({"train_batches_consumed": 12})
+    with pytest.raises(ValueError, match=r"older data stream \(format 2, .*its positions count other documents"):
+        other.load_state_dict({**state, "format": 2})  # before repeats of held-out texts were skipped
 
 
 def test_batched_tokenisation_equals_one_document_per_call():

@@ -26,7 +26,7 @@ from dsmoe.data.reader import assigned_files
 from dsmoe.data.stream import STREAM_STATE, MixtureStream, PreparedSource, collate_with_state, prepare_sources
 from dsmoe.data.tokens import packed_eval_windows
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3  # 3: training also skips rows that repeat a held-out text (2 did not; 1 replayed batches)
 
 
 IGNORE_INDEX = -100  # labels of a filler window: no loss, no perplexity, no activation counts
@@ -191,8 +191,9 @@ class PretrainDataModule(L.LightningDataModule):
         """Keep the checkpoint's stream state; each rank takes its own when its training loader is built."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(
-                "the checkpoint's data state was written by an older data stream (it replays consumed batches; "
-                f"keys {sorted(state)}): it cannot be continued exactly; start the run afresh"
+                f"the checkpoint's data state was written by an older data stream (format {state.get('format', 1)}, "
+                f"this one reads {STATE_FORMAT}: its positions count other documents): it cannot be continued "
+                "exactly; start the run afresh"
             )
         saved, current = state["config"], self.config.stream_fingerprint()
         differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))

@@ -6,7 +6,8 @@ Readers are the ranks × DataLoader workers (reader = rank * num_workers + worke
 * otherwise every reader reads every file and keeps row j of file i when (i + j) % R == r (disjoint documents,
   but each reader decodes everything: ``DataConfig`` users get a warning naming the source).
 
-Held-out validation rows, given as (file index, row) pairs, are skipped. Each epoch reads the reader's files in a
+Held-out validation rows, given as (file index, row) pairs, are skipped, and so is any other row whose text is one of
+the held-out texts (``text_digest``: no validation text is trained on, as the paper's sets do not intersect). Each epoch reads the reader's files in a
 seeded order; its documents are cut into blocks of ``block_size`` (the first block of epoch e > 0 is shorter by a
 seeded phase, so later epochs cut blocks elsewhere) and each block is permuted by an RNG seeded from
 (seed, source, reader, epoch, block). A :class:`Position` therefore says where a document is without storing any
@@ -15,6 +16,7 @@ document: resuming re-reads one block from its start (at most one file is skippe
 
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
 from collections.abc import Iterator
@@ -23,6 +25,11 @@ from dataclasses import dataclass
 from dsmoe.data.files import DataFileError, SourceFiles, read_batches, text_values
 
 UNUSABLE_CHECK_ROWS = 1000  # rows read before the unusable fraction is checked (it is also checked at each file end)
+
+
+def text_digest(text: str) -> bytes:
+    """A 128-bit digest of a document's text (held-out texts are compared by it)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,10 @@ class SourceReader:
         block_size: int,
         max_unusable_fraction: float,
         position: Position | None = None,
+        held_out_texts: frozenset[bytes] = frozenset(),
     ) -> None:
         self.files, self.reader, self.num_readers, self.held_out = files, reader, num_readers, held_out
+        self.held_out_texts = held_out_texts  # text_digest of every held-out document
         self.seed, self.block_size, self.max_unusable_fraction = seed, block_size, max_unusable_fraction
         self.assigned, self.deals = assigned_files(len(files.files), reader, num_readers)
         self.rows_read = 0  # rows pulled from files, skipped ones included (what a resume costs)
@@ -157,6 +166,8 @@ class SourceReader:
                 for local, text in zip(rows, texts, strict=True):
                     if (index, base + local) in self.held_out:
                         continue
+                    if self.held_out_texts and text_digest(text) in self.held_out_texts:
+                        continue
                     examined.count(text)
                     if self.unusable.count(text):
                         yield cursor, base + local, text
@@ -203,7 +214,7 @@ class SourceReader:
             raise ValueError(
                 f"source {self.files.name!r} has no training documents for reader {self.reader} of {self.num_readers} "
                 f"(files {[self.files.files[i] for i in self.assigned]}): it needs more documents than it holds out "
-                "for validation (lower val_docs_per_source?)"
+                "for validation, texts that repeat a held-out one not counted (lower val_docs_per_source?)"
             )
 
     def next_documents(self, n: int) -> list[tuple[Position, str]]:

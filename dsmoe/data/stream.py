@@ -13,6 +13,7 @@ state after every window is small and positional, so a resumed run continues it 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dsmoe.data.config import DataConfig
 from dsmoe.data.files import SourceFiles
 from dsmoe.data.holdout import validation_sample
-from dsmoe.data.reader import Position, SourceReader
+from dsmoe.data.reader import Position, SourceReader, text_digest
 from dsmoe.data.sources import resolve_files
 from dsmoe.data.tokens import document_separator_id, tokenize_documents
 
@@ -39,6 +40,7 @@ class PreparedSource:
     files: SourceFiles
     weight: float
     held_out: frozenset[tuple[int, int]]
+    held_out_texts: frozenset[bytes] = frozenset()  # text_digest of every source's held-out documents
 
 
 def prepare_sources(config: DataConfig) -> tuple[list[PreparedSource], list[list[str]]]:
@@ -51,7 +53,8 @@ def prepare_sources(config: DataConfig) -> tuple[list[PreparedSource], list[list
         )
         prepared.append(PreparedSource(files, source.weight, held.positions))
         held_out_texts.append(held.texts)
-    return prepared, held_out_texts
+    digests = frozenset(text_digest(text) for texts in held_out_texts for text in texts)  # of all sources
+    return [dataclasses.replace(p, held_out_texts=digests) for p in prepared], held_out_texts
 
 
 class WindowStream:
@@ -78,6 +81,7 @@ class WindowStream:
                 config.shuffle_buffer,
                 config.max_unusable_fraction,
                 Position.from_list(state["positions"][i]) if state is not None else None,
+                s.held_out_texts,
             )
             for i, s in enumerate(sources)
         ]
