@@ -345,7 +345,11 @@ def saved_config(run_dir: Path) -> DictConfig | None:
     if not path.exists():
         return None
     cfg = OmegaConf.structured(TrainConfig)
-    set_leaves(cfg, OmegaConf.load(path))
+    old = OmegaConf.load(path)
+    set_leaves(cfg, old)
+    if "calibration_batches" in old:  # renamed: it counted micro-batches
+        micro = OmegaConf.select(old, "trainer.micro_batch_size", default=cfg.trainer.micro_batch_size)
+        cfg.calibration_sequences = old.calibration_batches * micro
     return cfg
 
 

@@ -542,6 +542,13 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
     old["trainer"]["retired_flag"] = True  # ... with a key since removed
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
     check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_sequences=32))  # the defaults: the same run
+    old["calibration_batches"] = 3  # the key's old name and unit: micro-batches (of 2 sequences here)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_sequences=6))
+    with pytest.raises(ValueError, match=r"calibration_sequences: 6 \(run\) vs 4 \(now\)"):
+        check_same_run(run_dir, make_cfg(assets, tmp_path))
+    del old["calibration_batches"]
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
     with pytest.raises(ValueError, match=r"trainer.gradient_clip_val: 1.0 \(run\) vs 0.5 \(now\)"):
         check_same_run(
             run_dir, make_cfg(assets, tmp_path, calibration_sequences=32, **{"trainer.gradient_clip_val": 0.5})
