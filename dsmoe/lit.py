@@ -157,9 +157,9 @@ class LitCausalLM(L.LightningModule):
         """val/ppl_<source> per source and val/ppl = exp(Σ NLL / Σ tokens) over all of them (token-weighted)."""
         nll, tokens = 0.0, 0.0
         for name, metric in zip(self.val_source_names, self.val_ppl, strict=True):
-            if metric.count > 0:  # type: ignore[operator]
-                with metric.sync_context():  # the sums over all processes under DDP, read once
-                    source_nll, source_tokens = float(metric.total_log_probs), float(metric.count)
+            with metric.sync_context():  # the sums over all processes (every rank joins: some may hold only fillers)
+                source_nll, source_tokens = float(metric.total_log_probs), float(metric.count)
+            if source_tokens > 0:
                 self.log(f"val/ppl_{name}", math.exp(source_nll / source_tokens), add_dataloader_idx=False)
                 nll, tokens = nll + source_nll, tokens + source_tokens
             metric.reset()

@@ -599,3 +599,13 @@ def test_no_held_out_text_is_trained_on_even_where_it_repeats(tmp_path):
         assert not set(trained) & held
         assert sorted(trained) == sorted(t for t in expected if t not in held)
     assert any(t in docs[:20] for t in held_out[0])  # the test holds out some repeated text of a
+
+
+def test_a_row_without_text_is_unusable_not_a_crash_beside_held_out_texts(tmp_path):
+    docs = numbered_docs("d", 300)
+    rows = [{"text": t} for t in docs[:150]] + [{"text": None}] + [{"text": t} for t in docs[150:]]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(sources=[SourceConfig(name="s", data_files=str(tmp_path / "s.jsonl"))], val_docs_per_source=5)
+    (source,), (held,) = prepare_sources(cfg)
+    reader = SourceReader(source.files, 0, 1, source.held_out, 0, 8, 0.01, held_out_texts=source.held_out_texts)
+    assert sorted(one_epoch(reader)) == sorted(set(docs) - set(held))

@@ -45,7 +45,7 @@ class _Windows(Dataset):
         if index < len(self.windows):
             window = self.windows[index]
             return {"input_ids": window, "labels": window.clone()}
-        width = self.windows.shape[1] if len(self.windows) else 1
+        width = self.windows.shape[-1] if self.windows.dim() == 2 else 1
         return {"input_ids": torch.zeros(width, dtype=torch.long), "labels": torch.full((width,), IGNORE_INDEX)}
 
 

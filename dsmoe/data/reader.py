@@ -166,7 +166,7 @@ class SourceReader:
                 for local, text in zip(rows, texts, strict=True):
                     if (index, base + local) in self.held_out:
                         continue
-                    if self.held_out_texts and text_digest(text) in self.held_out_texts:
+                    if text is not None and self.held_out_texts and text_digest(text) in self.held_out_texts:
                         continue
                     examined.count(text)
                     if self.unusable.count(text):
