@@ -119,7 +119,7 @@ case "$target" in
       "$RUN_PY" "experiments/${SCRIPTS[$t]}" "$@"
     done ;;
   help|-h|--help)
-    sed -n '2,13p' "$0" ;;
+    sed -n '2,14p' "$0" ;;
   *)
     echo "unknown target '$target'; choose one of: setup test demo gpu-check table1 table2 table3 table4 table5 table6 fig2 fig3 all" >&2
     exit 2 ;;

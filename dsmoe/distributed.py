@@ -38,13 +38,16 @@ def launch_rank() -> int:
 
 
 def launch_id() -> str | None:
-    """What all ranks of this launch share and no other launch has: the SLURM job step, or torchrun's rendezvous id
-    (with --standalone a fresh uuid; "none", the default of --rdzv-id, identifies nothing). None when unknown."""
-    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return f"slurm:{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}"
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    """What all ranks of this launch share and no other launch has: torchrun's rendezvous id and restart (with
+    --standalone a fresh uuid; "none", the default of --rdzv-id, identifies nothing), else the srun step with the job's
+    requeue count. None when unknown."""
+    env = os.environ
+    run_id = env.get("TORCHELASTIC_RUN_ID")
     if run_id and run_id != "none":
-        return f"torchrun:{run_id}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        return f"torchrun:{run_id}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if "SLURM_JOB_ID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        restarts = f"{env.get('SLURM_RESTART_COUNT', '0')}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        return f"slurm:{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}.{restarts}"
     return None
 
 

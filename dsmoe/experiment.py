@@ -146,8 +146,10 @@ def check_launcher(cfg: DictConfig, config_file: Path) -> None:
             f"--rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 --rdzv-id=<a new id> -m dsmoe.train --config "
             f"{config_file}; then run this target again (it finds the finished run)"
         )
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
     tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if tasks > 1:
+    if tasks > 1 and SLURMEnvironment.detect():  # not when the job is named "bash"/"interactive": Lightning ignores it
         raise TrainingFailed(
             f"this driver runs in a SLURM allocation of SLURM_NTASKS={tasks} tasks without DSMOE_LAUNCHER: Lightning "
             f'would wait for {tasks} srun tasks that nothing starts. Set DSMOE_LAUNCHER="srun '

@@ -327,7 +327,9 @@ def run_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings that decide a run's result, flattened to dotted keys. A fraction the driver measured to match
     (``match_activated_from``, e.g. DSMoE's) is not one: the run is what it was matched to."""
     c = OmegaConf.to_container(cfg)
-    settings = {"model": c["model"], "method": c["method"], "calibration_sequences": c["calibration_sequences"]}
+    settings = {"model": c["model"], "method": c["method"]}
+    if get_method(c["method"]).needs_calibration:  # the others never read calibration data
+        settings["calibration_sequences"] = c["calibration_sequences"]
     settings.update({f"method_options.{k}": v for k, v in c["method_options"].items()})
     settings["match_activated_from"] = c.get("match_activated_from")
     if settings["match_activated_from"] is not None:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dsmoe.distributed import launch_rank, run_once, wait_for
+from dsmoe.distributed import launch_id, launch_rank, run_once, wait_for
 
 WORLD = 2
 
@@ -166,6 +166,31 @@ def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch
     monkeypatch.setenv("RANK", "0")
     run_once(done, failed, "prepare", lambda: done.write_text("ok"))
     assert done.exists() and os.path.exists(failed) is False
+
+
+def test_launch_ids_differ_between_launches(monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NTASKS", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert launch_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert launch_id() is None  # the batch script itself, not an srun step: nothing tells its launches apart
+    ids = set()
+    for run_id in ("uuid-1", "uuid-2"):  # two torchrun --standalone launches in one batch script
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
+        for restart in ("0", "1"):
+            monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+            ids.add(launch_id())
+    assert len(ids) == 4
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default --rdzv-id under srun: the step decides
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    for restart in ("0", "1"):  # torchrun restarts, then a requeue of the job
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+        ids.add(launch_id())
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    ids.add(launch_id())
+    assert len(ids) == 7 and None not in ids
 
 
 def test_waiting_ranks_ignore_an_earlier_launchs_failure(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ and provenance; an interrupted target re-run completes without redoing finished 
 
 import importlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -421,5 +422,11 @@ def test_a_driver_without_a_launcher_refuses_what_would_hang(tmp_path, monkeypat
         experiment.launch_training(config)
     config.write_text(f"out_dir: {tmp_path}\nrun_name: run\ntrainer:\n  num_nodes: 1\n")
     monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NAME", "table1.sbatch")
     with pytest.raises(experiment.TrainingFailed, match=r"SLURM_NTASKS=8 tasks without DSMOE_LAUNCHER"):
         experiment.launch_training(config)
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning then starts the processes itself: allowed
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda command: started.append(command) or SimpleNamespace(wait=lambda: 0))
+    experiment.launch_training(config)
+    assert len(started) == 1

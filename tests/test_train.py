@@ -542,11 +542,15 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
     old["trainer"]["retired_flag"] = True  # ... with a key since removed
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
     check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_sequences=32))  # the defaults: the same run
-    old["calibration_batches"] = 3  # the key's old name and unit: micro-batches (of 2 sequences here)
+    old["calibration_batches"] = 3  # the key's old name and unit: micro-batches (of 2 sequences here) ...
+    old["method"] = "sparsegpt"  # ... for a method that calibrates
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
-    check_same_run(run_dir, make_cfg(assets, tmp_path, calibration_sequences=6))
+    check_same_run(run_dir, make_cfg(assets, tmp_path, method="sparsegpt", calibration_sequences=6))
     with pytest.raises(ValueError, match=r"calibration_sequences: 6 \(run\) vs 4 \(now\)"):
-        check_same_run(run_dir, make_cfg(assets, tmp_path))
+        check_same_run(run_dir, make_cfg(assets, tmp_path, method="sparsegpt"))
+    old["method"] = "dsmoe"  # DSMoE never reads calibration data: its count is not compared
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    check_same_run(run_dir, make_cfg(assets, tmp_path))
     del old["calibration_batches"]
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
     with pytest.raises(ValueError, match=r"trainer.gradient_clip_val: 1.0 \(run\) vs 0.5 \(now\)"):

@@ -9,7 +9,8 @@ indices — so the layer keeps the three dense matrices and only adds the gate. 
     G(x) = softmax over the top-k entries of H(x), 0 elsewhere
     y    = score_scale_factor · Σ_{i ∈ topk} G(x)_i · E_i(x)
 
-Exactly k experts per token; only they are computed (training and evaluation). The balance loss is
+Exactly k experts per token; on the CPU only they are computed, on accelerators all of them with zero weight where
+not selected (no host sync; the same output and gradients). The balance loss is
 Shazeer et al. (2017)'s w·(cv²(Importance) + cv²(Load)), summed over layers as LLaMA-MoE does.
 """
 
