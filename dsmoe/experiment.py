@@ -142,9 +142,10 @@ def check_launcher(cfg: DictConfig, config_file: Path) -> None:
         raise TrainingFailed(
             f"{config_file} trains on trainer.num_nodes={nodes} nodes, and without DSMOE_LAUNCHER this driver starts "
             f'processes on its own node only. Set DSMOE_LAUNCHER (e.g. "srun --ntasks-per-node=8" under SLURM), or '
-            f"start the run on every node yourself: torchrun --nnodes={nodes} --nproc-per-node=<GPUs per node> "
-            f"--rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 --rdzv-id=<a new id> -m dsmoe.train --config "
-            f"{config_file}; then run this target again (it finds the finished run)"
+            f"start the run on every node yourself: cd {ROOT} && PYTHONPATH={ROOT} {sys.executable} -m "
+            f"torch.distributed.run --nnodes={nodes} --nproc-per-node=<GPUs per node> --rdzv-backend=c10d "
+            f"--rdzv-endpoint=<first node>:29500 --rdzv-id=<a new id> -m dsmoe.train --config {config_file.resolve()}; "
+            "then run this target again (it finds the finished run)"
         )
     from lightning.fabric.plugins.environments import SLURMEnvironment
 

@@ -418,7 +418,9 @@ def test_a_driver_without_a_launcher_refuses_what_would_hang(tmp_path, monkeypat
     monkeypatch.setattr(subprocess, "Popen", lambda command: pytest.fail("nothing may start"))
     config = tmp_path / "launch.yaml"
     config.write_text(f"out_dir: {tmp_path}\nrun_name: run\ntrainer:\n  num_nodes: 2\n")
-    with pytest.raises(experiment.TrainingFailed, match=r"num_nodes=2 nodes.*torchrun --nnodes=2 .*launch.yaml"):
+    with pytest.raises(
+        experiment.TrainingFailed, match=r"num_nodes=2 nodes.*-m torch.distributed.run --nnodes=2 .*launch.yaml"
+    ):
         experiment.launch_training(config)
     config.write_text(f"out_dir: {tmp_path}\nrun_name: run\ntrainer:\n  num_nodes: 1\n")
     monkeypatch.setenv("SLURM_NTASKS", "8")
