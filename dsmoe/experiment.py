@@ -33,7 +33,7 @@ from dsmoe.cli import StepFailed
 from dsmoe.evaluate import perplexity
 from dsmoe.methods import method_of_model
 from dsmoe.packages import write_json
-from dsmoe.results import provenance
+from dsmoe.results import hardware, provenance
 from dsmoe.stats import count_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -457,6 +457,7 @@ def evaluate(
             tau=result["tau"],
             seed=trained_seed,
             protocol=f"PPL: {eval_protocol(scale)}",
+            hardware=f"trained on {summary['hardware']}; evaluated on {hardware()}" if "hardware" in summary else "",
         )
         return result
 

@@ -34,6 +34,16 @@ def hardware() -> str:
     return f"CPU {cpu}, {torch.get_num_threads()} threads"
 
 
+def training_hardware(num_nodes: int, devices: int, strategy: str) -> str:
+    """Where a run trained, e.g. "2 nodes x 8 NVIDIA H100 80GB HBM3, fsdp" (recorded by the run's rank 0)."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(torch.cuda.current_device())
+    else:
+        device = f"CPU {hardware().removeprefix('CPU ').split(',')[0]}"
+    nodes = f"{num_nodes} nodes x " if num_nodes > 1 else ""
+    return f"{nodes}{devices} {device}, {strategy}"
+
+
 def git_commit() -> str:
     """HEAD of the repository this package lives in, '+dirty' if tracked files other than the outputs in
     results/ changed; $DSMOE_GIT_COMMIT instead when set (a checkout copied without its .git, perhaps into another

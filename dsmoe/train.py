@@ -52,6 +52,7 @@ from dsmoe.matching import parse_target
 from dsmoe.methods import get_method, match_options
 from dsmoe.models import EMBEDDED, cast_parameters, load_model, load_tokenizer
 from dsmoe.packages import write_atomic, write_json
+from dsmoe.results import training_hardware
 from dsmoe.stats import count_params
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
@@ -495,6 +496,11 @@ def build_strategy(cfg: DictConfig, model: torch.nn.Module):
     )
 
 
+def strategy_name(strategy: L.pytorch.strategies.Strategy) -> str:
+    """ "ddp", "fsdp", "singledevice", ... of Lightning's (or dsmoe's) strategy class."""
+    return type(strategy).__name__.removeprefix("Atomic").removesuffix("Strategy").lower()
+
+
 class Preempted(SystemExit):
     """Training stopped on SIGTERM after saving a checkpoint; ``resume=last`` continues it."""
 
@@ -620,6 +626,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
             "tokens": trainer.global_step * tokens_per_step,
             "world_size": trainer.world_size,
             "precision": precision,
+            "hardware": training_hardware(trainer.num_nodes, trainer.num_devices, strategy_name(trainer.strategy)),
         }
         write_json(run_dir / "train_summary.json", summary)
         if not t.keep_checkpoints:  # what remains: final/, exports/, logs and the small init_model/*.json

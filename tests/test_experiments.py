@@ -2,6 +2,7 @@
 and provenance; an interrupted target re-run completes without redoing finished runs."""
 
 import importlib
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,6 +57,10 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     assert by_model["DSMoE"]["Configuration"] == "d=64, D=32x4"
     assert by_model["LLaMA-MoE"]["Configuration"].startswith("d=64, D=16x8, topK=")
     assert by_model["dense (no training)"]["tokens"] == "0" and by_model["DSMoE"]["tokens"] == "512"
+    # where a run trained (its rank 0 recorded it) and where it was evaluated: at paper scale 8 GPUs vs the driver's
+    assert re.fullmatch(
+        r"trained on 1 CPU .+, singledevice; evaluated on CPU .+, \d+ threads", by_model["DSMoE"]["hardware"]
+    )
 
 
 @pytest.mark.parametrize(
