@@ -38,16 +38,17 @@ def launch_rank() -> int:
 
 
 def launch_id() -> str | None:
-    """What all ranks of this launch share and no other launch has: torchrun's rendezvous id and restart (with
-    --standalone a fresh uuid; "none", the default of --rdzv-id, identifies nothing), else the srun step with the job's
-    requeue count. None when unknown."""
+    """What all ranks of this launch share and no other launch has: torchrun's rendezvous id (with --standalone a
+    fresh uuid; "none", the default of --rdzv-id, identifies nothing), else the srun step with the job's requeue
+    count; then, after "#", torchrun's restart count, which each node counts for itself (a node whose worker failed
+    counts a restart, the others may not). None when unknown."""
     env = os.environ
+    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
     run_id = env.get("TORCHELASTIC_RUN_ID")
     if run_id and run_id != "none":
-        return f"torchrun:{run_id}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        return f"torchrun:{run_id}#{restart}"
     if "SLURM_JOB_ID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        restarts = f"{env.get('SLURM_RESTART_COUNT', '0')}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        return f"slurm:{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}.{restarts}"
+        return f"slurm:{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}.{env.get('SLURM_RESTART_COUNT', '0')}#{restart}"
     return None
 
 
@@ -56,7 +57,8 @@ def wait_for(done: Path, failed: Path, what: str, poll_seconds: float = 5.0, sta
 
     Ranks share the run directory (a shared filesystem on multi-node clusters). Under torchrun/srun every rank starts
     at once, before rank 0 has removed an earlier launch's ``failed``: a file naming another launch is ignored, and
-    one that cannot say (no launch id) is believed only once it has stayed ``stale_seconds``."""
+    one that cannot say (no launch id, or only the restart count differs) is believed only once it has stayed
+    ``stale_seconds``."""
     start = last_note = time.monotonic()
     ours, seen_since = launch_id(), None
     while not done.exists():
@@ -70,7 +72,8 @@ def wait_for(done: Path, failed: Path, what: str, poll_seconds: float = 5.0, sta
                 theirs = launch.removeprefix("launch: ") or None
             if ours is not None and theirs == ours:
                 raise RuntimeError(f"rank 0 failed to {what}: {message.strip()}")
-            if ours is None or theirs is None:  # cannot tell: an earlier launch's, or this one's
+            if ours is None or theirs is None or theirs.split("#")[0] == ours.split("#")[0]:
+                # cannot tell: an earlier launch's (or restart's), or this one's
                 seen_since = seen_since if seen_since is not None else time.monotonic()
                 if time.monotonic() - seen_since >= stale_seconds:
                     raise RuntimeError(f"rank 0 failed to {what}: {message.strip()}")

@@ -142,15 +142,14 @@ def check_launcher(cfg: DictConfig, config_file: Path) -> None:
         raise TrainingFailed(
             f"{config_file} trains on trainer.num_nodes={nodes} nodes, and without DSMOE_LAUNCHER this driver starts "
             f'processes on its own node only. Set DSMOE_LAUNCHER (e.g. "srun --ntasks-per-node=8" under SLURM), or '
-            f"start the run on every node yourself: cd {ROOT} && PYTHONPATH={ROOT} {sys.executable} -m "
-            f"torch.distributed.run --nnodes={nodes} --nproc-per-node=<GPUs per node> --rdzv-backend=c10d "
-            f"--rdzv-endpoint=<first node>:29500 --rdzv-id=<a new id> -m dsmoe.train --config {config_file.resolve()}; "
+            f"start the run on every node yourself: cd {shlex.quote(str(ROOT))} && PYTHONPATH={shlex.quote(str(ROOT))} "
+            f"{shlex.quote(sys.executable)} -m torch.distributed.run --nnodes={nodes} --nproc-per-node=<GPUs per node> "
+            f"--rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 --rdzv-id=<a new id> -m dsmoe.train --config "
+            f"{shlex.quote(str(config_file.resolve()))}; "
             "then run this target again (it finds the finished run)"
         )
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if tasks > 1 and SLURMEnvironment.detect():  # not when the job is named "bash"/"interactive": Lightning ignores it
+    if tasks > 1 and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):  # those Lightning ignores
         raise TrainingFailed(
             f"this driver runs in a SLURM allocation of SLURM_NTASKS={tasks} tasks without DSMOE_LAUNCHER: Lightning "
             f'would wait for {tasks} srun tasks that nothing starts. Set DSMOE_LAUNCHER="srun '
@@ -430,7 +429,10 @@ def evaluate(
         final = model_dir or ensure_run(scale, run, seed)
         source, cfg = str(final), run_config(scale, run, seed)
         cfg_model, method, trained_seed = cfg.model, cfg.method, cfg.trainer.seed
-        summary = json.loads((run_dir(cfg) / "train_summary.json").read_text()) if model_dir is None else {}
+        summary_file = run_dir(cfg) / "train_summary.json"
+        summary = json.loads(summary_file.read_text()) if model_dir is None else {}
+        if model_dir is not None and summary_file.exists():  # an export of the run: trained where the run was
+            summary["hardware"] = json.loads(summary_file.read_text()).get("hardware", "unknown")
     name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ("" if rescale else "_norescale") + ".json"
 
     def compute() -> dict[str, Any]:

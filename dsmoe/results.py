@@ -23,25 +23,26 @@ def hardware() -> str:
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return f"{len(names)}x {names[0]}"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+    return cpu
 
 
-def training_hardware(num_nodes: int, devices: int, strategy: str) -> str:
-    """Where a run trained, e.g. "2 nodes x 8 NVIDIA H100 80GB HBM3, fsdp" (recorded by the run's rank 0)."""
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(torch.cuda.current_device())
-    else:
-        device = f"CPU {hardware().removeprefix('CPU ').split(',')[0]}"
+def training_hardware(num_nodes: int, devices: int, device: torch.device, strategy: str) -> str:
+    """Where a run trained, e.g. "2 nodes x 8 NVIDIA H100 80GB HBM3, fsdp" (recorded by the run's rank 0; ``device``:
+    its own)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu_model()}"
     nodes = f"{num_nodes} nodes x " if num_nodes > 1 else ""
-    return f"{nodes}{devices} {device}, {strategy}"
+    return f"{nodes}{devices} {name}, {strategy}"
 
 
 def git_commit() -> str:

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -497,8 +498,9 @@ def build_strategy(cfg: DictConfig, model: torch.nn.Module):
 
 
 def strategy_name(strategy: L.pytorch.strategies.Strategy) -> str:
-    """ "ddp", "fsdp", "singledevice", ... of Lightning's (or dsmoe's) strategy class."""
-    return type(strategy).__name__.removeprefix("Atomic").removesuffix("Strategy").lower()
+    """The name of Lightning's (or dsmoe's) strategy class: "ddp", "fsdp", "single_device", ..."""
+    name = type(strategy).__name__.removeprefix("Atomic").removesuffix("Strategy")
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name).lower()
 
 
 class Preempted(SystemExit):
@@ -626,7 +628,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
             "tokens": trainer.global_step * tokens_per_step,
             "world_size": trainer.world_size,
             "precision": precision,
-            "hardware": training_hardware(trainer.num_nodes, trainer.num_devices, strategy_name(trainer.strategy)),
+            "hardware": training_hardware(
+                trainer.num_nodes, trainer.num_devices, trainer.strategy.root_device, strategy_name(trainer.strategy)
+            ),
         }
         write_json(run_dir / "train_summary.json", summary)
         if not t.keep_checkpoints:  # what remains: final/, exports/, logs and the small init_model/*.json

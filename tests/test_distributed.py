@@ -158,7 +158,7 @@ def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch
 
     with pytest.raises(ValueError):
         run_once(done, failed, "prepare", fail)
-    assert failed.read_text() == "launch: torchrun:this-launch.0\nValueError: no such model\n"
+    assert failed.read_text() == "launch: torchrun:this-launch#0\nValueError: no such model\n"
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr("dsmoe.distributed.time.sleep", lambda s: pytest.fail("this launch's failure: no waiting"))
     with pytest.raises(RuntimeError, match="rank 0 failed to prepare: ValueError: no such model"):
@@ -203,7 +203,7 @@ def test_waiting_ranks_ignore_an_earlier_launchs_failure(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_STEP_ID", "2")
     monkeypatch.setenv("SLURM_NTASKS", "16")
-    failed.write_text("launch: slurm:77.1\nValueError: the previous step's typo\n")
+    failed.write_text("launch: slurm:77.1.0#0\nValueError: the previous step's typo\n")
     polls = []
 
     def rank0_meanwhile(seconds):  # rank 0 removes the old failure and prepares
@@ -216,13 +216,19 @@ def test_waiting_ranks_ignore_an_earlier_launchs_failure(tmp_path, monkeypatch):
     wait_for(done, failed, "prepare")
     assert len(polls) == 3
 
-    # without a launch id (torchrun's default --rdzv-id): believed once it has stayed stale_seconds
-    monkeypatch.delenv("SLURM_JOB_ID")
+    # without a launch id (torchrun's default --rdzv-id), or one that differs only in the restart count torchrun keeps
+    # per node: believed once it has stayed stale_seconds
     done.unlink()
-    failed.write_text("launch: \nValueError: bad option\n")
     clock = [0.0]
     monkeypatch.setattr("dsmoe.distributed.time.monotonic", lambda: clock[0])
     monkeypatch.setattr("dsmoe.distributed.time.sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    failed.write_text("launch: slurm:77.2.0#1\nValueError: bad option\n")  # rank 0's node restarted, ours did not
+    with pytest.raises(RuntimeError, match="rank 0 failed to prepare: ValueError: bad option"):
+        wait_for(done, failed, "prepare", poll_seconds=5, stale_seconds=120)
+    assert clock[0] == 120
+    monkeypatch.delenv("SLURM_JOB_ID")
+    clock[0] = 0.0
+    failed.write_text("launch: \nValueError: bad option\n")
     with pytest.raises(RuntimeError, match="rank 0 failed to prepare: ValueError: bad option"):
         wait_for(done, failed, "prepare", poll_seconds=5, stale_seconds=120)
     assert clock[0] == 120

@@ -59,7 +59,7 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     assert by_model["dense (no training)"]["tokens"] == "0" and by_model["DSMoE"]["tokens"] == "512"
     # where a run trained (its rank 0 recorded it) and where it was evaluated: at paper scale 8 GPUs vs the driver's
     assert re.fullmatch(
-        r"trained on 1 CPU .+, singledevice; evaluated on CPU .+, \d+ threads", by_model["DSMoE"]["hardware"]
+        r"trained on 1 CPU .+, single_device; evaluated on CPU .+, \d+ threads", by_model["DSMoE"]["hardware"]
     )
 
 
@@ -100,6 +100,7 @@ def test_every_figure_and_table_target(tiny_scale_all):
     run_script("token_curve")
     curve = read_csv(tiny_scale_all / "results" / "tiny" / "tables5_6_tokens.csv")
     assert [int(r["steps"]) for r in curve] == [1, 2, 4] and [int(r["Tokens"]) for r in curve] == [128, 256, 512]
+    assert all(r["hardware"].startswith("trained on 1 CPU ") for r in curve)  # exports too: where the run trained
     run_script("ablation_ste")
     rows = read_csv(tiny_scale_all / "results" / "tiny" / "table3_ablation_ste.csv")
     assert [r["Model"] for r in rows][-2:] == ["PPL", "Activated %"] and rows[0]["limit"] == "2"

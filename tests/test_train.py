@@ -659,3 +659,17 @@ def test_training_and_evaluation_forwards_build_no_kv_cache():
     model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True)
     perplexity(model.eval(), [ids[0], ids[1, :5]])
     assert seen and set(seen) == {False}
+
+
+def test_training_hardware_names_the_runs_device_and_strategy():
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from dsmoe.checkpoints import AtomicFSDPStrategy
+    from dsmoe.results import cpu_model, training_hardware
+    from dsmoe.train import strategy_name
+
+    names = [strategy_name(s) for s in (DDPStrategy(), AtomicFSDPStrategy(), SingleDeviceStrategy("cpu"))]
+    assert names == ["ddp", "fsdp", "single_device"]
+    cpu = torch.device("cpu")
+    assert training_hardware(2, 8, cpu, "fsdp") == f"2 nodes x 8 CPU {cpu_model()}, fsdp"
+    assert training_hardware(1, 1, cpu, "single_device") == f"1 CPU {cpu_model()}, single_device"
