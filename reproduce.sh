@@ -21,10 +21,6 @@ for var in DSMOE_RUNS DSMOE_RESULTS DSMOE_SCALES_DIR; do
     export "$var=$PWD/${!var}"  # likewise: this script works in the checkout
   fi
 done
-if [[ -n "${DSMOE_SCALES_DIR:-}" && ! -d "$DSMOE_SCALES_DIR" ]]; then
-  echo "DSMOE_SCALES_DIR=$DSMOE_SCALES_DIR is not a directory (it holds your <scale>.yaml files)" >&2
-  exit 2
-fi
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}

@@ -148,11 +148,13 @@ def check_launcher(cfg: DictConfig, config_file: Path) -> None:
             f"{shlex.quote(str(config_file.resolve()))}; "
             "then run this target again (it finds the finished run)"
         )
-    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if tasks > 1 and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):  # those Lightning ignores
+    from dsmoe.train import launched_world_size
+
+    launched = launched_world_size()  # as Lightning reads torchrun's and SLURM's variables
+    if launched is not None and launched[0] > 1:
         raise TrainingFailed(
-            f"this driver runs in a SLURM allocation of SLURM_NTASKS={tasks} tasks without DSMOE_LAUNCHER: Lightning "
-            f'would wait for {tasks} srun tasks that nothing starts. Set DSMOE_LAUNCHER="srun '
+            f"this driver runs where {launched[1]} {launched[0]} processes, without DSMOE_LAUNCHER: Lightning in the "
+            f'run would wait for {launched[0]} processes that nothing starts. Set DSMOE_LAUNCHER="srun '
             f'--ntasks-per-node=<GPUs per node> --cpus-per-task=$SLURM_CPUS_PER_TASK --kill-on-bad-exit=1" (README, '
             '"Several GPUs and nodes"), or allocate one task per node and let Lightning start the processes'
         )
@@ -430,9 +432,9 @@ def evaluate(
         source, cfg = str(final), run_config(scale, run, seed)
         cfg_model, method, trained_seed = cfg.model, cfg.method, cfg.trainer.seed
         summary_file = run_dir(cfg) / "train_summary.json"
-        summary = json.loads(summary_file.read_text()) if model_dir is None else {}
-        if model_dir is not None and summary_file.exists():  # an export of the run: trained where the run was
-            summary["hardware"] = json.loads(summary_file.read_text()).get("hardware", "unknown")
+        summary = json.loads(summary_file.read_text()) if model_dir is None or summary_file.exists() else {}
+        if model_dir is not None:  # an export of the run: its own tokens and steps, but trained where the run was
+            summary = {"hardware": summary.get("hardware", "unknown")} if summary else {}
     name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ("" if rescale else "_norescale") + ".json"
 
     def compute() -> dict[str, Any]:

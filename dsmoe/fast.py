@@ -36,6 +36,14 @@ _SILU_MODULES = (nn.SiLU, SiLUActivation)
 RunWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 
+def chosen_path(choice: str, x: torch.Tensor) -> str:
+    """``choice`` ("sparse", "masked") or, for "auto", "sparse" on the CPU and "masked" on accelerators, where the
+    sparse path's host-side counts would sync every layer."""
+    if choice != "auto":
+        return choice
+    return "sparse" if x.device.type == "cpu" else "masked"
+
+
 def _weights(layer: PartitionedSwiGLU) -> tuple[torch.Tensor, ...]:
     # through the module dicts: nn.Module.__getattr__ would cost ~3 µs per decode step and layer
     modules = layer._modules

@@ -48,9 +48,7 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        impl = self.inference_impl
-        if impl == "auto":
-            impl = "sparse" if x.device.type == "cpu" else "masked"
+        impl = fast.chosen_path(self.inference_impl, x)
         counted = None if self.training else self._counted_rows(x2.shape[0])
         if x2.shape[0] == 1 and not self.training and impl == "sparse":
             out, g, used = fast.decode_token(self, x2)

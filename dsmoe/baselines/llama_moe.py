@@ -130,8 +130,7 @@ class LlamaMoEMLP(TopKGatedSwiGLU):
         """The selected experts' weighted sum: grouped by expert (one GEMM chain each) or masked, see ``impl``."""
         dense = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=weights.device)
         dense = dense.scatter(1, indices, weights)  # differentiable in weights
-        impl = self.impl if self.impl != "auto" else ("sparse" if x.device.type == "cpu" else "masked")
-        if impl == "masked":
+        if fast.chosen_path(self.impl, x) == "masked":
             return self.masked_forward(x, dense)
         active = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, indices, True)
         return fast.sparse_forward(self, x, dense, active)

@@ -7,11 +7,12 @@ Readers are the ranks × DataLoader workers (reader = rank * num_workers + worke
   but each reader decodes everything: ``DataConfig`` users get a warning naming the source).
 
 Held-out validation rows, given as (file index, row) pairs, are skipped, and so is any other row whose text is one of
-the held-out texts (``text_digest``: no validation text is trained on, as the paper's sets do not intersect). Each epoch reads the reader's files in a
-seeded order; its documents are cut into blocks of ``block_size`` (the first block of epoch e > 0 is shorter by a
-seeded phase, so later epochs cut blocks elsewhere) and each block is permuted by an RNG seeded from
-(seed, source, reader, epoch, block). A :class:`Position` therefore says where a document is without storing any
-document: resuming re-reads one block from its start (at most one file is skipped through to reach it).
+the held-out texts (``text_digest``: no validation text is trained on, as the paper's sets do not intersect). Each
+epoch reads the reader's files in a seeded order; its documents are cut into blocks of ``block_size`` (the first
+block of epoch e > 0 is shorter by a seeded phase, so later epochs cut blocks elsewhere) and each block is permuted
+by an RNG seeded from (seed, source, reader, epoch, block). A :class:`Position` therefore says where a document is
+without storing any document: resuming re-reads one block from its start (at most one file is skipped through to
+reach it).
 """
 
 from __future__ import annotations
