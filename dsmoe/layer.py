@@ -32,13 +32,15 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
         self.inference_impl = "auto"
         self.fast_cache: fast.ExpertBlocks | None = None  # expert-major down_proj copy and run views, see dsmoe.fast
         self.last_gates: torch.Tensor | None = None  # σ(xY) [tokens, n] of the last forward, with its graph
-        # eval mode, since reset_stats(): tokens per expert, on the host where a path reads the counts anyway and on
-        # the layer's device where it does not (no host sync per layer on a GPU); and tokens (known on the host)
+        # eval mode, since reset_stats(): tokens per expert and tokens counted, on the host where a path reads the
+        # counts anyway and on the layer's device where it does not (no host sync per layer or batch on a GPU)
         self._host_counts = [0] * config.num_experts
         self._device_counts: torch.Tensor | None = None
-        self.tokens_seen = 0
-        # eval mode: which rows of the next forwards the statistics count (e.g. not a padded batch's padding)
-        self._counted: tuple[torch.Tensor, int] | None = None
+        self._host_tokens = 0
+        self._device_tokens: torch.Tensor | None = None
+        # eval mode: which rows of the next forwards the statistics count (e.g. not a padded batch's padding), and
+        # how many (a host int, or a 0-d tensor on the device)
+        self._counted: tuple[torch.Tensor, int | torch.Tensor] | None = None
 
     @property
     def last_active(self) -> torch.Tensor | None:
@@ -70,15 +72,17 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
             out = fast.sparse_forward(self, x2, weights, active, counts=counts)
         return out.reshape(*shape[:-1], out.shape[-1])
 
-    def count_only(self, rows: torch.Tensor | None, count: int | None = None) -> None:
+    def count_only(self, rows: torch.Tensor | None, count: int | torch.Tensor | None = None) -> None:
         """Make the eval-mode statistics of the next forwards count only the token positions where ``rows`` (bool,
         [batch, seq] or flat) is True, e.g. not a padded batch's padding; None: every position again. ``count``:
-        rows' True positions if the caller knows them (one host sync per batch, not per layer)."""
+        rows' True positions if the caller knows them (computed once for every layer; a tensor stays on its
+        device, no host sync)."""
         if rows is None:
             self._counted = None
         else:
             rows = rows.reshape(-1).to(device=self.router.weight.device, dtype=torch.bool)
-            self._counted = rows, int(rows.sum()) if count is None else count
+            count = rows.sum() if count is None else count
+            self._counted = rows, count.to(rows.device) if isinstance(count, torch.Tensor) else count
 
     def _counted_rows(self, n_rows: int) -> tuple[torch.Tensor, int] | None:
         if self._counted is not None and self._counted[0].numel() != n_rows:
@@ -89,22 +93,33 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
         return self._counted
 
     @staticmethod
-    def _counts(active: torch.Tensor, counted: tuple[torch.Tensor, int] | None) -> tuple[torch.Tensor, int]:
+    def _counts(
+        active: torch.Tensor, counted: tuple[torch.Tensor, int | torch.Tensor] | None
+    ) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Tokens per expert (on the device: no host sync) and the token count of the positions counted."""
         if counted is None:
             return active.sum(0), active.shape[0]
         return (active & counted[0][:, None]).sum(0), counted[1]
 
-    def count_active(self, counts: list[int] | torch.Tensor, tokens: int) -> None:
-        """Add an eval-mode forward's tokens per expert (host ints, or a tensor kept on its device) and its token
-        count to the statistics."""
+    def count_active(self, counts: list[int] | torch.Tensor, tokens: int | torch.Tensor) -> None:
+        """Add an eval-mode forward's tokens per expert and its token count to the statistics (host ints, or
+        tensors kept on their device)."""
         if isinstance(counts, torch.Tensor):
             counts = counts.detach().long()
             self._device_counts = counts if self._device_counts is None else self._device_counts + counts
         else:
             for i, c in enumerate(counts):
                 self._host_counts[i] += c
-        self.tokens_seen += tokens
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().long()
+            self._device_tokens = tokens if self._device_tokens is None else self._device_tokens + tokens
+        else:
+            self._host_tokens += tokens
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens counted since reset_stats() (reads a device-side count to the host)."""
+        return self._host_tokens + (0 if self._device_tokens is None else int(self._device_tokens))
 
     @property
     def expert_tokens(self) -> list[int]:
@@ -117,4 +132,4 @@ class DSMoEMLP(ThresholdGatedSwiGLU):
         """Zero the statistics, or set them (e.g. to sums over processes)."""
         self._host_counts = list(expert_tokens) if expert_tokens is not None else [0] * self.num_experts
         self._device_counts = None
-        self.tokens_seen = tokens
+        self._host_tokens, self._device_tokens = tokens, None

@@ -142,15 +142,14 @@ class LitCausalLM(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Perplexity and activation counts over the real windows (a rank's last batch may hold filler ones)."""
         labels = batch["labels"]
-        real = labels != IGNORE_INDEX
-        filled = self.method.dynamic is not None and not bool(real.all())
-        if filled:
-            self.method.dynamic.count_only(self.model, real)
+        dynamic = self.method.dynamic
+        if dynamic is not None:  # every batch (asking whether it holds fillers would sync with the device)
+            dynamic.count_only(self.model, labels != IGNORE_INDEX)
         try:
             logits = self(batch["input_ids"]).logits[:, :-1].float()
         finally:
-            if filled:
-                self.method.dynamic.count_only(self.model, None)
+            if dynamic is not None:
+                dynamic.count_only(self.model, None)
         self.val_ppl[dataloader_idx].update(logits, labels[:, 1:])
 
     def on_validation_epoch_end(self) -> None:

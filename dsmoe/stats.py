@@ -111,8 +111,8 @@ def reset_activation_stats(model: nn.Module) -> None:
 
 def count_only(model: nn.Module, rows: torch.Tensor | None) -> None:
     """Count only the token positions where ``rows`` (bool [batch, seq]) is True in the next eval forwards' activation
-    statistics (a padded batch: its real tokens); None: every position."""
-    count = None if rows is None else int(rows.sum())  # once for every layer
+    statistics (a padded batch: its real tokens); None: every position. No host sync."""
+    count = None if rows is None else rows.sum()  # once for every layer, on rows' device
     for layer in dsmoe_layers(model):
         layer.count_only(rows, count)
 

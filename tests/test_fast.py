@@ -7,6 +7,7 @@ from torch import nn
 
 from dsmoe import DSMoEConfig, activation_stats, convert, dsmoe_layers
 from dsmoe.fast import DECODE_MAX_TOKENS, expert_runs, sparse_forward
+from dsmoe.stats import count_only
 
 D_MODEL, D_FF, N = 32, 64, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -254,6 +255,27 @@ def test_eval_forward_off_the_cpu_needs_no_host_sync():
         out = layer(torch.empty(2, 5, 64, device="meta"))
         layer(torch.empty(1, 1, 64, device="meta"))  # batch-1 decode too
     assert out.shape == (2, 5, 64) and layer.tokens_seen == 11 and layer._device_counts.device.type == "meta"
+
+
+def test_padded_eval_counts_need_no_host_sync():
+    """count_only (a padded batch, or validation windows that may be fillers) keeps the counted tokens on the
+    device too: on the meta device any host read raises; on the CPU the counts are those of the real rows."""
+    model = convert(tiny_model("llama"), DSMoEConfig(num_experts=4)).model.eval()
+    rows = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    x = torch.randn(2, 5, 64)
+    layer = model.layers[0].mlp
+    with torch.no_grad():
+        count_only(model, rows)
+        layer(x)
+        count_only(model, None)
+        active = layer.last_active
+    assert layer.tokens_seen == 7 and layer.expert_tokens == active[rows.reshape(-1)].sum(0).tolist()
+    model.to("meta")
+    layer.reset_stats()
+    with torch.no_grad():
+        count_only(model, rows.to("meta"))
+        layer(torch.empty(2, 5, 64, device="meta"))
+    assert layer._device_tokens.device.type == "meta" and layer._device_counts.device.type == "meta"
 
 
 def test_decode_thresholds_a_gate_equal_to_tau_like_the_other_paths():
