@@ -27,8 +27,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -507,6 +511,23 @@ class Preempted(SystemExit):
     """Training stopped on SIGTERM after saving a checkpoint; ``resume=last`` continues it."""
 
 
+@contextmanager
+def started_ranks_stopped_on_failure(trainer: L.Trainer) -> Iterator[None]:
+    """Lightning kills the ranks it started when one of them fails, not when the process it was started as (rank 0)
+    fails: they would wait in their next collective until its timeout (NCCL does not notice a dead peer), holding
+    their GPUs after the run has been reported failed. Rank 0 kills them here on any error but a SIGTERM, after
+    which every rank saves its part of the checkpoint and stops by itself. (torchrun and srun stop their peers.)"""
+    try:
+        yield
+    except Preempted:
+        raise
+    except BaseException:
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher):  # only rank 0 holds the started processes
+            launcher.kill(signal.SIGKILL)
+        raise
+
+
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
     """Run continued pre-training; returns the HF-format directory of the final model."""
     from dsmoe.data import DataConfig, PretrainDataModule
@@ -598,46 +619,50 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
             f"tokens, {precision}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}",
             file=sys.stderr,
         )
-    try:
-        trainer.fit(lit, datamodule=data, ckpt_path=ckpt)
-    except NonFiniteLossError as error:
-        last = checkpoints._last_checkpoint_saved or ckpt or "none (no step finished with finite weights)"
-        raise NonFiniteLossError(
-            f"{error}. The last finite checkpoint is {last}; lower optim.lr, then resume=last"
-        ) from None
-    except SIGTERMException:
-        if checkpoints.last_model_path:
-            print(
-                f"[dsmoe.train] stopped by SIGTERM; continue with resume=last ({checkpoints.last_model_path})",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                "[dsmoe.train] stopped by SIGTERM before the first checkpoint was written; the same command with "
-                "resume=last starts this run again from its prepared model",
-                file=sys.stderr,
-            )
-        if trainer.is_global_zero:  # for the driver: torchrun reports the ranks' exit status 143 as 1
-            (run_dir / PREEMPTED_MARKER).write_text(f"step {trainer.global_step}\n")
-        raise Preempted(PREEMPTED) from None
-    export_model(trainer, lit, init_dir, final, dtype, tokenizer)
-    if trainer.is_global_zero:
-        summary = {
-            "max_steps": max_steps,
-            "global_step": trainer.global_step,
-            "tokens": trainer.global_step * tokens_per_step,
-            "world_size": trainer.world_size,
-            "precision": precision,
-            "hardware": training_hardware(
-                trainer.num_nodes, trainer.num_devices, trainer.strategy.root_device, strategy_name(trainer.strategy)
-            ),
-        }
-        write_json(run_dir / "train_summary.json", summary)
-        if not t.keep_checkpoints:  # what remains: final/, exports/, logs and the small init_model/*.json
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            for f in init_dir.glob("model*.safetensors*"):  # the weights; the small JSON records stay
-                f.unlink()
-    barrier()
+    with started_ranks_stopped_on_failure(trainer):
+        try:
+            trainer.fit(lit, datamodule=data, ckpt_path=ckpt)
+        except NonFiniteLossError as error:
+            last = checkpoints._last_checkpoint_saved or ckpt or "none (no step finished with finite weights)"
+            raise NonFiniteLossError(
+                f"{error}. The last finite checkpoint is {last}; lower optim.lr, then resume=last"
+            ) from None
+        except SIGTERMException:
+            if checkpoints.last_model_path:
+                print(
+                    f"[dsmoe.train] stopped by SIGTERM; continue with resume=last ({checkpoints.last_model_path})",
+                    file=sys.stderr,
+                )
+            else:
+                print(
+                    "[dsmoe.train] stopped by SIGTERM before the first checkpoint was written; the same command with "
+                    "resume=last starts this run again from its prepared model",
+                    file=sys.stderr,
+                )
+            if trainer.is_global_zero:  # for the driver: torchrun reports the ranks' exit status 143 as 1
+                (run_dir / PREEMPTED_MARKER).write_text(f"step {trainer.global_step}\n")
+            raise Preempted(PREEMPTED) from None
+        export_model(trainer, lit, init_dir, final, dtype, tokenizer)
+        if trainer.is_global_zero:
+            summary = {
+                "max_steps": max_steps,
+                "global_step": trainer.global_step,
+                "tokens": trainer.global_step * tokens_per_step,
+                "world_size": trainer.world_size,
+                "precision": precision,
+                "hardware": training_hardware(
+                    trainer.num_nodes,
+                    trainer.num_devices,
+                    trainer.strategy.root_device,
+                    strategy_name(trainer.strategy),
+                ),
+            }
+            write_json(run_dir / "train_summary.json", summary)
+            if not t.keep_checkpoints:  # what remains: final/, exports/, logs and the small init_model/*.json
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                for f in init_dir.glob("model*.safetensors*"):  # the weights; the small JSON records stay
+                    f.unlink()
+        barrier()
     return final
 
 

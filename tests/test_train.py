@@ -673,3 +673,51 @@ def test_training_hardware_names_the_runs_device_and_strategy():
     cpu = torch.device("cpu")
     assert training_hardware(2, 8, cpu, "fsdp") == f"2 nodes x 8 CPU {cpu_model()}, fsdp"
     assert training_hardware(1, 1, cpu, "single_device") == f"1 CPU {cpu_model()}, single_device"
+
+
+RANK_ZERO_FAILS = textwrap.dedent("""
+    import os, sys, time
+    import lightning as L
+    import dsmoe.train
+
+    config, pids = sys.argv[1], sys.argv[2]
+
+    class FailOnRankZero(L.Callback):  # rank 0 alone fails mid-run; the other rank waits
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with open(f"{pids}.rank{trainer.global_rank}", "w") as f:
+                f.write(str(os.getpid()))
+            if trainer.global_step == 1 and trainer.global_rank == 0:
+                raise RuntimeError("rank 0 fails here")
+            if trainer.global_step == 1:  # as in an NCCL collective, which does not notice a dead peer (gloo does)
+                time.sleep(300)
+
+    real = dsmoe.train.train
+    dsmoe.train.train = lambda cfg: real(cfg, callbacks=[FailOnRankZero()])
+    dsmoe.train.main(["--config", config])
+""")
+
+
+def test_a_failing_rank_zero_stops_the_ranks_lightning_started(tmp_path, assets):
+    """Lightning kills every rank when one it started fails, but not when rank 0 (the process it was started as)
+    fails: the others would wait in a collective until the timeout (30 min), holding their GPUs after the driver
+    has reported the failure."""
+    import time
+
+    cfg = make_cfg(assets, tmp_path, **{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 3})
+    OmegaConf.save(cfg, tmp_path / "ddp.yaml")
+    (tmp_path / "child.py").write_text(RANK_ZERO_FAILS)
+    command = [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "ddp.yaml"), str(tmp_path / "pid")]
+    with open(tmp_path / "log", "w") as log:  # not a pipe, which rank 1 would hold open
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=300).returncode
+    output = (tmp_path / "log").read_text()
+    assert code != 0 and "rank 0 fails here" in output, output[-3000:]
+    other = int((tmp_path / "pid.rank1").read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(other, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.kill(other, 9)
+    raise AssertionError(f"rank 1 (pid {other}) outlived the failed run")
