@@ -33,7 +33,7 @@ from dsmoe.cli import StepFailed
 from dsmoe.evaluate import perplexity
 from dsmoe.methods import method_of_model
 from dsmoe.packages import write_json
-from dsmoe.results import hardware, provenance
+from dsmoe.results import hardware, provenance, results_root
 from dsmoe.stats import count_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def checked_scale_name(scale: str) -> str:
 
 def results_dir(scale: str) -> Path:
     """results/<scale>/ ($DSMOE_RESULTS moves results/)."""
-    return Path(os.environ.get("DSMOE_RESULTS", ROOT / "results")) / checked_scale_name(scale)
+    return results_root() / checked_scale_name(scale)
 
 
 def scale_config(scale: str) -> DictConfig:

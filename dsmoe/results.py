@@ -15,7 +15,13 @@ import torch
 
 from dsmoe.packages import write_atomic
 
+REPO = Path(__file__).resolve().parent.parent
 PROVENANCE = ["model", "method", "tokens", "steps", "tau", "seed", "protocol", "hardware", "git_commit", "date"]
+
+
+def results_root() -> Path:
+    """Where tables, figures and benchmark CSVs go: the checkout's results/, or $DSMOE_RESULTS."""
+    return Path(os.environ.get("DSMOE_RESULTS", REPO / "results"))
 
 
 def hardware() -> str:
@@ -75,7 +81,7 @@ def provenance(**fields: Any) -> dict[str, Any]:
     row = {k: fields.get(k, "") for k in PROVENANCE}
     row["hardware"] = fields.get("hardware") or hardware()
     row["git_commit"] = fields.get("git_commit") or git_commit()
-    row["date"] = fields.get("date") or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    row["date"] = fields.get("date") or dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return row
 
 

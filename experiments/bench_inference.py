@@ -61,13 +61,12 @@ from dsmoe.cli import run as run_cli  # noqa: E402
 from dsmoe.hf_remote.partitioned_swiglu import swiglu_parts  # noqa: E402
 from dsmoe.models import load_model  # noqa: E402
 from dsmoe.plots import inference_speedup  # noqa: E402
-from dsmoe.results import PROVENANCE, provenance, write_csv  # noqa: E402
+from dsmoe.results import PROVENANCE, provenance, results_root, write_csv  # noqa: E402
 
 N_EXPERTS = 8
 ACTIVE = (2, 3, 4, 5, 8)
 SHAPES = {"smollm2-ffn": (576, 1536, 30), "llama7b-ffn": (4096, 11008, 1)}  # d, D, layers timed together
 TRAIN_STEP_GOAL = 1.05  # DSMoE's training step at most this many times the dense one
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 COLUMNS = [
     "scope", "model", "shape", "mode", "variant", "batch", "seq", "context", "active_experts", "num_experts",
     "activation", "pattern", "threads", "dense_ms", "dsmoe_ms", "speedup", "speedup_min", "ideal_speedup",
@@ -240,10 +239,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="shorter sequences, one round of short timing blocks")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--parts", default="ffn,e2e,train", help="comma list of the parts to run: ffn, e2e, train")
-    p.add_argument("--out", type=Path, default=RESULTS / "bench_inference.csv", help="the CSV; the PNG beside it")
+    p.add_argument(
+        "--out", type=Path, default=None, help="the CSV; the PNG beside it (default: results/bench_inference.csv)"
+    )
     p.add_argument("--seed", type=int, default=0, help="FFN weights and activity patterns (e2e: +1, train: +2)")
     p.add_argument("--model", default=None, help="e2e/train rows: a dense model (default: the embedded SmolLM2-135M)")
     args = p.parse_args(argv)
+    args.out = args.out or results_root() / "bench_inference.csv"  # $DSMOE_RESULTS moves results/
     try:
         args.threads = sorted({int(t) for t in args.threads.split(",")})
     except ValueError:

@@ -37,9 +37,9 @@ from omegaconf import OmegaConf
 from dsmoe.cli import run as run_cli
 from dsmoe.experiment import ROOT, eval_devices, evaluate_model, launch_training, load_for_eval, replicas
 from dsmoe.packages import write_json
-from dsmoe.results import PROVENANCE, provenance, write_csv
+from dsmoe.results import PROVENANCE, provenance, results_root, write_csv
 
-OUT = Path(os.environ.get("DSMOE_RESULTS", ROOT / "results")) / "gpu_check"
+OUT = results_root() / "gpu_check"
 RUNS = Path(os.environ.get("DSMOE_RUNS", ROOT / "runs")) / "gpu_check"
 COLUMNS = ["check", "status", "seconds", "value", "detail", *PROVENANCE]
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 str(bench_csv),
             ]
             subprocess.run(command, check=True)
-            return str(bench_csv.relative_to(ROOT)), "sparse vs dense on the GPU (ratios in the CSV)"
+            return bench_csv.name, "sparse vs dense on the GPU (ratios in the CSV)"
 
         check(rows, "inference benchmark GPU rows", bench, out)
     write_json(

@@ -370,6 +370,20 @@ def test_gpu_check_script_runs_its_checks_on_the_cpu(tmp_path, monkeypatch):
     assert float(next(r["value"] for r in rows if r["check"] == "export reloaded anywhere")) < 1e-4
 
 
+def test_results_go_where_dsmoe_results_says(tmp_path, monkeypatch):
+    """$DSMOE_RESULTS moves every output under results/: the tables' folders, gpu-check's and the inference
+    benchmark's CSV (which used to overwrite the checkout's committed one)."""
+    from dsmoe.experiment import results_dir
+
+    monkeypatch.setenv("DSMOE_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    assert results_dir("demo") == tmp_path / "demo"
+    assert importlib.reload(importlib.import_module("gpu_check")).OUT == tmp_path / "gpu_check"
+    bench = importlib.import_module("bench_inference")
+    assert bench.parse_args([]).out == tmp_path / "bench_inference.csv"
+    assert bench.parse_args(["--out", "x.csv"]).out.name == "x.csv"
+
+
 def test_documents_protocol_evaluates_each_held_out_document(tiny_scale, assets):
     from dsmoe.data import DataConfig, PretrainDataModule
     from dsmoe.experiment import validation_windows
