@@ -171,3 +171,28 @@ def test_tied_embeddings_stay_tied_through_save_and_a_bf16_load(tmp_path):
     loaded, _ = load_model(str(tmp_path / "m"), dtype=torch.bfloat16)  # parameters cast one by one
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and loaded.lm_head.weight.dtype == torch.bfloat16
     torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
+
+
+def test_the_readmes_method_example_runs(tmp_path, monkeypatch):
+    """README "Use the method in your own code", as written (a tiny Llama stands in for the hub model), and the
+    calls its text names (dsmoe.set_rescale)."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Use the method in your own code", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(name, *args, **kwargs):
+        return tiny_model("llama") if str(name).startswith("meta-llama/") else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.chdir(tmp_path)
+    scope = {"input_ids": torch.randint(0, 100, (2, 9))}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert scope["model"].model.layers[0].mlp.tau == pytest.approx(0.6)
+    assert re.search(r"`dsmoe\.set_rescale\(model, False\)`", section)
+    dsmoe.set_rescale(scope["model"], False)
