@@ -8,7 +8,8 @@ work; evaluations are cached as JSON next to the run.
 An experiment script is a *driver*: it never joins a process group. Each training run is its own process tree,
 ``python -m dsmoe.train --config <run>/launch.yaml``, which Lightning expands to the ranks of a node, or which
 ``$DSMOE_LAUNCHER`` (e.g. ``srun`` or ``torchrun --no-python ...``) starts on several nodes. Once it has exited,
-the driver evaluates alone, on the GPUs when there are any (bf16, a model replica per GPU), and writes the results.
+the driver evaluates alone, on the GPUs when there are any (bf16, a model replica per GPU; in a child process, so
+that the driver itself never holds GPU memory while later runs train), and writes the results.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ import copy
 import functools
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -359,6 +365,32 @@ def load_for_eval(source: str) -> tuple[torch.nn.Module, Any]:
     return model.to(device).eval(), tokenizer
 
 
+T = TypeVar("T")
+
+
+def on_the_gpus(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` for work that uses the GPUs: in a spawned child process when there are any, so that the driver
+    never holds a CUDA context (about 0.5 GB per GPU that the training runs it starts next would lack, and which a
+    GPU in exclusive-process mode would refuse them); in this process on the CPU (there too with
+    ``DSMOE_EVAL_IN_CHILD=1``). ``fn`` and its arguments must pickle: a module-level function, plain values."""
+    if not (torch.cuda.is_available() or os.environ.get("DSMOE_EVAL_IN_CHILD") == "1"):
+        return fn(*args)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+        return pool.submit(fn, *args).result()  # a child's error is raised here, its traceback attached
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In the child: stop when the driver is gone (killed by SIGTERM, say), not finish an evaluation nobody reads."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def replicas(model: torch.nn.Module, devices: list[torch.device]) -> list[torch.nn.Module]:
     """The model on its device plus a copy on each further device (data-parallel evaluation in one process)."""
     return [model] + [copy.deepcopy(model).to(d) for d in devices[1:]]
@@ -438,50 +470,64 @@ def evaluate(
     name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ("" if rescale else "_norescale") + ".json"
 
     def compute() -> dict[str, Any]:
-        model, _ = load_for_eval(source)
-        dynamic = method_of_model(model).dynamic
-        if (tau is not None or not rescale) and dynamic is None:
-            raise ValueError(f"run {run!r} has no dynamic activation: tau and rescale apply to DSMoE models only")
-        if dynamic:
-            if tau is not None:
-                dynamic.set_threshold(model, tau)
-            dynamic.set_rescale(model, rescale)
+        windows = validation_windows(scale, load_tokenizer(source))  # on the CPU, here: read once per data config
         info = runs_root(scale) / run_name(run, seed) / "init_model" / "dense_params.json"
-        dense_total = json.loads(info.read_text())["dense_params"] if run != "dense" else count_params(model)
-        windows = validation_windows(scale, load_tokenizer(source))
-        result = evaluate_model(replicas(model, eval_devices()), windows, sc.eval.batch_size)
-        result["activated_fraction"] = result["activated_params"] / dense_total
-        result["dense_params"] = dense_total
-        result["tau"] = tau if tau is not None else (dynamic.threshold(model) if dynamic else "")
-        result["provenance"] = provenance(
-            model=cfg_model,
-            method=method,
-            tokens=summary.get("tokens", ""),
-            steps=summary.get("global_step", ""),
-            tau=result["tau"],
-            seed=trained_seed,
-            protocol=f"PPL: {eval_protocol(scale)}",
-            hardware=f"trained on {summary['hardware']}; evaluated on {hardware()}" if "hardware" in summary else "",
-        )
-        return result
+        fields = {
+            "model": cfg_model,
+            "method": method,
+            "tokens": summary.get("tokens", ""),
+            "steps": summary.get("global_step", ""),
+            "seed": trained_seed,
+            "protocol": f"PPL: {eval_protocol(scale)}",
+        }
+        dense = None if run == "dense" else json.loads(info.read_text())["dense_params"]
+        spec = (source, run, windows, sc.eval.batch_size, tau, rescale, dense, fields, summary.get("hardware"))
+        return on_the_gpus(measure, *spec)
 
     folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
     return cached(folder / name, compute, {**evaluation_settings(scale, source), "tau": tau, "rescale": rescale})
 
 
+def measure(
+    source: str,
+    run: str,
+    windows: dict[str, Any],
+    batch_size: int,
+    tau: float | None,
+    rescale: bool,
+    dense_params: int | None,
+    fields: dict[str, Any],
+    trained_on: str | None,
+) -> dict[str, Any]:
+    """:func:`evaluate`'s measurement of one model (see there), with its provenance ``fields``; ``dense_params``:
+    the dense model's count (None: this model is the dense one); ``trained_on``: where the run trained."""
+    model, _ = load_for_eval(source)
+    dynamic = method_of_model(model).dynamic
+    if (tau is not None or not rescale) and dynamic is None:
+        raise ValueError(f"run {run!r} has no dynamic activation: tau and rescale apply to DSMoE models only")
+    if dynamic:
+        if tau is not None:
+            dynamic.set_threshold(model, tau)
+        dynamic.set_rescale(model, rescale)
+    dense_total = dense_params if dense_params is not None else count_params(model)
+    result = evaluate_model(replicas(model, eval_devices()), windows, batch_size)
+    result["activated_fraction"] = result["activated_params"] / dense_total
+    result["dense_params"] = dense_total
+    result["tau"] = tau if tau is not None else (dynamic.threshold(model) if dynamic else "")
+    evaluated_on = hardware()
+    where = f"trained on {trained_on}; evaluated on {evaluated_on}" if trained_on else evaluated_on
+    result["provenance"] = provenance(**fields, tau=result["tau"], hardware=where)
+    return result
+
+
 def benchmark(scale: str, run: str, limit: int | None, seed: int = 0) -> dict[str, dict]:
     """Cached Table 2 benchmarks of a run's final model ("dense": the original model) through lm-eval, on the first
     GPU in bf16 when there is one; the scale's eval settings (batch size, generation length)."""
-    from dsmoe.benchmarks import run_benchmarks
-
     sc = scale_config(scale)
     source = sc.base.model if run == "dense" else str(ensure_run(scale, run, seed))
 
     def compute() -> dict:
-        model, tokenizer = load_for_eval(source)
-        return run_benchmarks(
-            model, tokenizer, limit=limit, batch_size=sc.eval.batch_size, max_gen_toks=sc.eval.max_gen_toks
-        )
+        return on_the_gpus(run_benchmarks_of, source, limit, sc.eval.batch_size, sc.eval.max_gen_toks)
 
     folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
     settings = {
@@ -492,6 +538,14 @@ def benchmark(scale: str, run: str, limit: int | None, seed: int = 0) -> dict[st
         "evaluated_on": evaluation_precision(),
     }
     return cached(folder / f"benchmarks_limit{limit}.json", compute, settings)
+
+
+def run_benchmarks_of(source: str, limit: int | None, batch_size: int, max_gen_toks: int) -> dict[str, dict]:
+    """Table 2's benchmarks of the model at ``source``, on the first GPU in bf16 when there is one."""
+    from dsmoe.benchmarks import run_benchmarks
+
+    model, tokenizer = load_for_eval(source)
+    return run_benchmarks(model, tokenizer, limit=limit, batch_size=batch_size, max_gen_toks=max_gen_toks)
 
 
 def benchmark_scores(results: list[dict[str, dict]], task: str) -> list[float] | str:

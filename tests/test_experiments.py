@@ -143,6 +143,26 @@ def test_cached_evaluation_is_recomputed_when_its_settings_change(tiny_scale, mo
     assert de.evaluate("tiny", "dense") == fewer and len(loads) == 1
 
 
+def test_evaluation_on_gpus_runs_in_a_child_process(tiny_scale, monkeypatch):
+    """Where there are GPUs the driver measures in a spawned child (DSMOE_EVAL_IN_CHILD=1 does so on the CPU): the
+    driver holds no CUDA context while the runs it starts next train. Same result as in the driver itself."""
+    import os
+
+    import dsmoe.experiment as de
+
+    here = de.evaluate("tiny", "dense")
+    (tiny_scale / "runs" / "tiny" / "dense" / "eval.json").unlink()
+    monkeypatch.setenv("DSMOE_EVAL_IN_CHILD", "1")
+    loads = []
+    monkeypatch.setattr(de, "load_for_eval", lambda source: loads.append(source))  # the child has the real one
+    child = de.evaluate("tiny", "dense")
+    assert loads == [] and child.pop("provenance")["model"] == here.pop("provenance")["model"]
+    assert child == here
+    assert de.on_the_gpus(os.getpid) != os.getpid()
+    with pytest.raises(ValueError, match="invalid literal"):  # a child's error reaches the driver
+        de.on_the_gpus(int, "x")
+
+
 def test_a_run_trained_with_other_settings_is_refused_not_reused(write_scale, monkeypatch):
     import dsmoe.experiment as de
     from dsmoe.train import load_config, train
