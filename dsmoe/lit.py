@@ -44,6 +44,18 @@ def fp32_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     ]
 
 
+def steps_to_host(optimizer: torch.optim.Optimizer) -> None:
+    """Keep AdamW's step counts on the CPU, where a fresh run has them. A sharded FSDP checkpoint restores them on
+    the process group's device (the GPU), and AdamW (neither capturable nor fused) then reads each one to the host
+    twice per parameter per optimizer step."""
+    if optimizer.defaults.get("capturable") or optimizer.defaults.get("fused"):
+        return  # these keep them on the parameters' device by design
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+            state["step"] = step.cpu()
+
+
 class LitCausalLM(L.LightningModule):
     """Wraps a transformed causal LM (DSMoE, a baseline, or dense) for continued pre-training.
 
@@ -119,6 +131,8 @@ class LitCausalLM(L.LightningModule):
     def on_train_start(self) -> None:
         if self.method.on_train_start is not None:  # e.g. SparseGPT takes its (possibly sharded) masks
             self.method.on_train_start(self.model)
+        for optimizer in self.trainer.optimizers:
+            steps_to_host(optimizer)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip the global gradient norm to ``clip_norm`` (FSDP: through FSDP's own clip on the root module)."""
