@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -239,17 +239,30 @@ def cached(path: Path, compute, settings: dict[str, Any]) -> dict[str, Any]:
 
     A result computed with other settings (e.g. the scale's ``eval.val_windows`` changed, or the run was trained
     again) is computed again rather than reused; the returned dict never holds the settings key."""
-    settings = json.loads(json.dumps(settings))  # the form it takes in the file (tuples as lists)
-    if path.exists():
-        stored = json.loads(path.read_text())
-        before = stored.pop(SETTINGS_KEY, None)
-        if before == settings:
-            return stored
-        changed = sorted(settings) if before is None else sorted(k for k in settings if before.get(k) != settings[k])
-        print(f"[experiment] {path} was computed with other {', '.join(changed)}: computing it again", file=sys.stderr)
+    stored = stored_result(path, settings)
+    if stored is not None:
+        return stored
     value = compute()
-    write_json(path, {**value, SETTINGS_KEY: settings})
+    store_result(path, value, settings)
     return value
+
+
+def stored_result(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON result at path if it was computed with these settings (see :func:`cached`), else None."""
+    settings = json.loads(json.dumps(settings))  # the form it takes in the file (tuples as lists)
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    before = stored.pop(SETTINGS_KEY, None)
+    if before == settings:
+        return stored
+    changed = sorted(settings) if before is None else sorted(k for k in settings if before.get(k) != settings[k])
+    print(f"[experiment] {path} was computed with other {', '.join(changed)}: computing it again", file=sys.stderr)
+    return None
+
+
+def store_result(path: Path, value: dict[str, Any], settings: dict[str, Any]) -> None:
+    write_json(path, {**value, SETTINGS_KEY: json.loads(json.dumps(settings))})
 
 
 def model_fingerprint(source: str) -> str | list:
@@ -356,11 +369,13 @@ def eval_dtype() -> torch.dtype:
     return torch.bfloat16 if eval_devices()[0].type == "cuda" else torch.float32
 
 
-def load_for_eval(source: str) -> tuple[torch.nn.Module, Any]:
-    """A model on the first evaluation device: bf16 on a GPU, fp32 on the CPU."""
+def load_for_eval(source: str, device: torch.device | None = None) -> tuple[torch.nn.Module, Any]:
+    """A model on ``device`` (default: the first evaluation device): bf16 on a GPU, fp32 on the CPU."""
     from dsmoe.models import load_model
 
-    device = eval_devices()[0]
+    device = device or eval_devices()[0]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # what allocates on "cuda" without an index (lm-eval, say) lands here too
     model, tokenizer = load_model(source, dtype=eval_dtype())
     return model.to(device).eval(), tokenizer
 
@@ -389,6 +404,32 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def on_each_device(
+    fn: Callable[..., T], calls: list[tuple], devices: list[torch.device], done: Callable[[int, T], None]
+) -> None:
+    """``fn(*args, device)`` for each ``args`` in calls, one call per device at a time, each device taking the next
+    call as it comes free; ``done(i, result)`` as each call ``i`` finishes. On GPUs each call runs in a spawned child
+    process (see :func:`on_the_gpus`), so several run at once; on the CPU one after another in this process."""
+    if not (devices[0].type == "cuda" or os.environ.get("DSMOE_EVAL_IN_CHILD") == "1"):
+        for i, args in enumerate(calls):
+            done(i, fn(*args, devices[0]))
+        return
+    spawn = multiprocessing.get_context("spawn")
+    free, waiting, running = list(devices), list(enumerate(calls)), {}
+    with ProcessPoolExecutor(
+        len(devices), mp_context=spawn, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
+        while waiting or running:
+            while waiting and free:
+                (i, args), device = waiting.pop(0), free.pop(0)
+                running[pool.submit(fn, *args, device)] = i, device
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                i, device = running.pop(future)
+                done(i, future.result())  # a call's error stops the rest (those running finish first)
+                free.append(device)
 
 
 def replicas(model: torch.nn.Module, devices: list[torch.device]) -> list[torch.nn.Module]:
@@ -520,31 +561,44 @@ def measure(
     return result
 
 
-def benchmark(scale: str, run: str, limit: int | None, seed: int = 0) -> dict[str, dict]:
-    """Cached Table 2 benchmarks of a run's final model ("dense": the original model) through lm-eval, on the first
-    GPU in bf16 when there is one; the scale's eval settings (batch size, generation length)."""
+def benchmarks(scale: str, runs: list[tuple[str, int]], limit: int | None) -> list[dict[str, dict]]:
+    """Cached Table 2 benchmarks (lm-eval) of each (run, seed)'s final model ("dense": the original model), with the
+    scale's eval settings (batch size, generation length). The runs are trained first where missing; the missing
+    scores are then computed one model per GPU, as many at once as there are GPUs (bf16), or on the CPU."""
     sc = scale_config(scale)
-    source = sc.base.model if run == "dense" else str(ensure_run(scale, run, seed))
+    jobs = []
+    for run, seed in runs:
+        source = sc.base.model if run == "dense" else str(ensure_run(scale, run, seed))
+        folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
+        settings = {
+            "model": model_fingerprint(source),
+            "limit": limit,
+            "batch_size": sc.eval.batch_size,
+            "max_gen_toks": sc.eval.max_gen_toks,
+            "evaluated_on": evaluation_precision(),
+        }
+        jobs.append((folder / f"benchmarks_limit{limit}.json", settings, source))
+    results = [stored_result(path, settings) for path, settings, _ in jobs]
+    missing = [i for i, result in enumerate(results) if result is None]
+    calls = [(jobs[i][2], limit, sc.eval.batch_size, sc.eval.max_gen_toks) for i in missing]
 
-    def compute() -> dict:
-        return on_the_gpus(run_benchmarks_of, source, limit, sc.eval.batch_size, sc.eval.max_gen_toks)
+    def done(k: int, value: dict[str, dict]) -> None:
+        path, settings, _ = jobs[missing[k]]
+        store_result(path, value, settings)
+        results[missing[k]] = value
 
-    folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
-    settings = {
-        "model": model_fingerprint(source),
-        "limit": limit,
-        "batch_size": sc.eval.batch_size,
-        "max_gen_toks": sc.eval.max_gen_toks,
-        "evaluated_on": evaluation_precision(),
-    }
-    return cached(folder / f"benchmarks_limit{limit}.json", compute, settings)
+    on_each_device(run_benchmarks_of, calls, eval_devices(), done)
+    return results
 
 
-def run_benchmarks_of(source: str, limit: int | None, batch_size: int, max_gen_toks: int) -> dict[str, dict]:
-    """Table 2's benchmarks of the model at ``source``, on the first GPU in bf16 when there is one."""
+def run_benchmarks_of(
+    source: str, limit: int | None, batch_size: int, max_gen_toks: int, device: torch.device | None = None
+) -> dict[str, dict]:
+    """Table 2's benchmarks of the model at ``source`` on ``device`` (default: the first GPU in bf16 when there is
+    one)."""
     from dsmoe.benchmarks import run_benchmarks
 
-    model, tokenizer = load_for_eval(source)
+    model, tokenizer = load_for_eval(source, device)
     return run_benchmarks(model, tokenizer, limit=limit, batch_size=batch_size, max_gen_toks=max_gen_toks)
 
 

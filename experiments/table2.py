@@ -11,8 +11,8 @@ licence-gated data is missing.
 from dsmoe.benchmarks import PAPER_TASKS
 from dsmoe.cli import run as run_cli
 from dsmoe.experiment import (
-    benchmark,
     benchmark_scores,
+    benchmarks,
     evaluate,
     parse_scale,
     results_dir,
@@ -27,12 +27,12 @@ from dsmoe.targets import DENSE, TABLE1_RUNS
 def main(argv: list[str] | None = None) -> None:
     args = parse_scale(__doc__, argv)
     limit, methods = args.limit, scale_config(args.scale).methods
+    runs = [(run, label, range(args.seeds) if run != DENSE else [0]) for run, label in TABLE1_RUNS]
+    runs = [(run, label, seeds) for run, label, seeds in runs if run == DENSE or run in methods]
+    scored = iter(benchmarks(args.scale, [(run, s) for run, _, seeds in runs for s in seeds], limit))  # all at once
     rows = []
-    for run, label in TABLE1_RUNS:
-        if run != DENSE and run not in methods:
-            continue
-        seeds = range(args.seeds) if run != DENSE else [0]
-        results = [benchmark(args.scale, run, limit, s) for s in seeds]
+    for run, label, seeds in runs:
+        results = [next(scored) for _ in seeds]
         row = {"Model": label}
         for task in PAPER_TASKS:
             scores = benchmark_scores(results, task.name)

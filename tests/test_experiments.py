@@ -163,6 +163,35 @@ def test_evaluation_on_gpus_runs_in_a_child_process(tiny_scale, monkeypatch):
         de.on_the_gpus(int, "x")
 
 
+def where_it_ran(x, device):
+    import os
+
+    return x * x, str(device), os.getpid()
+
+
+def test_calls_share_the_devices_one_child_each(monkeypatch):
+    """Table 2's lm-eval, one model per GPU: each call in a child process on a device of its own, every call done
+    (here 2 CPU "devices" stand in for GPUs, with DSMOE_EVAL_IN_CHILD=1)."""
+    import os
+
+    import torch
+
+    import dsmoe.experiment as de
+
+    monkeypatch.setenv("DSMOE_EVAL_IN_CHILD", "1")
+    results = {}
+    devices = [torch.device("cpu", 0), torch.device("cpu", 1)]
+    de.on_each_device(where_it_ran, [(i,) for i in range(5)], devices, lambda i, r: results.setdefault(i, r))
+    assert sorted(results) == list(range(5)) and [results[i][0] for i in range(5)] == [0, 1, 4, 9, 16]
+    assert {r[1] for r in results.values()} == {"cpu:0", "cpu:1"}
+    pids = {r[2] for r in results.values()}
+    assert os.getpid() not in pids and len(pids) <= 2
+    monkeypatch.delenv("DSMOE_EVAL_IN_CHILD")
+    here = []
+    de.on_each_device(where_it_ran, [(3,)], devices, lambda i, r: here.append(r))
+    assert here == [(9, "cpu:0", os.getpid())]  # on the CPU: in this process
+
+
 def test_a_run_trained_with_other_settings_is_refused_not_reused(write_scale, monkeypatch):
     import dsmoe.experiment as de
     from dsmoe.train import load_config, train

@@ -1,5 +1,5 @@
 """``python -m dsmoe.benchmarks setup`` fetches the offline copies; ``run`` evaluates a model on them (JSON out), on
-the first GPU in bf16 when there is one (else the CPU in fp32), like the experiment scripts."""
+the first GPU in bf16 when there is one (else the CPU in fp32), as the experiment scripts score each model."""
 
 from __future__ import annotations
 
