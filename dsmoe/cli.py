@@ -49,3 +49,8 @@ def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
             raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -168,7 +168,11 @@ def check_launcher(cfg: DictConfig, config_file: Path) -> None:
 
 def launch_training(config_file: Path) -> None:
     """Run ``python -m dsmoe.train --config config_file`` as its own process tree and wait for it. A SIGTERM to the
-    driver is passed on, and the driver exits once the run has saved its checkpoint."""
+    driver is passed on to the run's first process (Lightning's rank 0, or the launcher), which passes it to the
+    others: the driver exits 143 once the run has stopped (with a checkpoint, where training had begun). Ctrl-C
+    stops the run (exit 130). However the run ends, none of its processes outlives it: a rank whose rank 0 died
+    before it could pass a signal on would otherwise wait for it, holding its GPU, until the process group's
+    timeout."""
     from dsmoe.train import PREEMPTED_MARKER
 
     command = [*launcher(), sys.executable, "-m", "dsmoe.train", "--config", str(config_file)]
@@ -178,13 +182,29 @@ def launch_training(config_file: Path) -> None:
     marker = Path(saved.out_dir) / saved.run_name / PREEMPTED_MARKER
     marker.unlink(missing_ok=True)
     torch.cuda.empty_cache()  # what an evaluation here left cached on the GPUs goes to the run's processes
-    proc = subprocess.Popen(command)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    proc = subprocess.Popen(command, process_group=0)  # its own group: all of the run's processes, found again
+    received: list[int] = []
+
+    def on_term(signum, frame) -> None:
+        received.append(signum)
+        proc.send_signal(signum)  # not to the DataLoader workers, which would die of it
+
+    def on_interrupt(signum, frame) -> None:  # the terminal's Ctrl-C no longer reaches the run's group itself
+        received.append(signum)
+        stop_process_group(proc.pid, signal.SIGINT if received.count(signal.SIGINT) == 1 else signal.SIGKILL)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_interrupt)
     try:
         code = proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    if code == PREEMPTED or (code and marker.exists()):  # torchrun exits 1 when its ranks exit 143
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        stop_process_group(proc.pid, signal.SIGKILL)  # what is left of the run
+    if signal.SIGINT in received:
+        print("[experiment] interrupted; run the same command again to resume from the last checkpoint")
+        raise SystemExit(130)
+    if code == PREEMPTED or (code and (marker.exists() or signal.SIGTERM in received)):  # torchrun: 143 → 1
         print(
             "[experiment] training stopped by SIGTERM (see above what it saved); run the same command again to resume"
         )
@@ -194,6 +214,14 @@ def launch_training(config_file: Path) -> None:
             f"training failed (exit status {code}; its output is above): {shlex.join(command)}. Fix the cause and run "
             "the target again: finished runs are skipped and this one resumes from its last checkpoint"
         )
+
+
+def stop_process_group(group: int, signum: int) -> None:
+    """Send ``signum`` to every process of a process group that is still alive."""
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:  # all gone
+        pass
 
 
 PREEMPTED = 143  # dsmoe.train's exit status after SIGTERM

@@ -31,3 +31,20 @@ def test_a_bad_value_in_a_config_is_named(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: optim.lr must be a positive number, got -0.001"
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(monkeypatch):
+    import pytest
+
+    from dsmoe.cli import run as run_cli
+
+    monkeypatch.setenv("DSMOE_DEBUG", "0")  # restored afterwards (--debug sets it)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(interrupted, [])
+    assert stopped.value.code == 130
+    with pytest.raises(KeyboardInterrupt):  # --debug: the traceback
+        run_cli(interrupted, ["--debug"])

@@ -359,8 +359,11 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: seen.append("empty_cache"))
 
     class FakePopen:
-        def __init__(self, command):
+        pid = -12345
+
+        def __init__(self, command, process_group):
             assert seen[-1] == "empty_cache"  # the driver's cached GPU memory (its evaluations) is freed first
+            assert process_group == 0  # a group of its own
             seen.append(command)
 
         def wait(self):
@@ -372,12 +375,14 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
 
     writes_marker = False
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(experiment, "stop_process_group", lambda group, signum: seen.append(("stop", group)))
     monkeypatch.setenv("DSMOE_LAUNCHER", "srun --ntasks-per-node=8 --export='ALL,A=1 2'")
     experiment.launch_training(tmp_path / "launch.yaml")
     assert seen[1] == ["srun", "--ntasks-per-node=8", "--export=ALL,A=1 2", sys.executable, "-m", "dsmoe.train"] + [
         "--config",
         str(tmp_path / "launch.yaml"),
     ]
+    assert seen[2] == ("stop", -12345)  # whatever is left of the run's process group
     with pytest.raises(SystemExit) as stopped:
         experiment.launch_training(tmp_path / "launch.yaml")
     assert stopped.value.code == 143
@@ -390,6 +395,67 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     writes_marker = False  # a marker from an earlier launch does not make a failure a preemption
     with pytest.raises(experiment.TrainingFailed, match="exit status 1"):
         experiment.launch_training(tmp_path / "launch.yaml")
+
+
+RUN_WITH_A_STRAY = """
+import os, subprocess, sys, time
+stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # a rank left behind
+open(os.environ["PIDS"], "w").write(f"{os.getpid()} {stray.pid}")
+if os.environ["HOW"] == "fail":
+    sys.exit(1)
+time.sleep(300)  # until a signal: SIGTERM's default action, as before Lightning's handler is installed
+"""
+
+
+@pytest.mark.parametrize("how, signum, code", [("fail", None, None), ("term", "SIGTERM", 143), ("int", "SIGINT", 130)])
+def test_no_process_of_a_run_outlives_it(monkeypatch, tmp_path, how, signum, code):
+    """A run's processes die with it: a rank its rank 0 left behind (rank 0 failed, or was killed by a SIGTERM that
+    came before it could pass one on) is stopped by the driver. A SIGTERM passed on counts as a preemption (143),
+    whatever the run's exit status; Ctrl-C stops everything (130)."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    import dsmoe.experiment as experiment
+
+    (tmp_path / "launch.yaml").write_text(f"out_dir: {tmp_path}\nrun_name: run\n")
+    (tmp_path / "run.py").write_text(RUN_WITH_A_STRAY)
+    pids = tmp_path / "pids"
+    monkeypatch.setenv("DSMOE_LAUNCHER", f"{sys.executable} {tmp_path / 'run.py'}")
+    monkeypatch.setenv("PIDS", str(pids))
+    monkeypatch.setenv("HOW", how)
+
+    def signal_the_driver() -> None:  # as SLURM or the terminal would, once the run has started
+        while not pids.exists() or len(pids.read_text().split()) < 2:
+            time.sleep(0.05)
+        os.kill(os.getpid(), getattr(signal, signum))
+
+    if signum:
+        threading.Thread(target=signal_the_driver, daemon=True).start()
+    expected = pytest.raises(SystemExit) if signum else pytest.raises(experiment.TrainingFailed, match="status 1")
+    with expected as stopped:
+        experiment.launch_training(tmp_path / "launch.yaml")
+    if code:
+        assert stopped.value.code == code
+    for pid in map(int, pids.read_text().split()):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # (not a child of this process: raises)
+            except ChildProcessError:
+                pass
+            try:
+                os.kill(pid, 0)
+                if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # dead, not yet reaped by whoever adopted it
+            except (ProcessLookupError, FileNotFoundError):
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"process {pid} of the run outlived it ({how})")
 
 
 @pytest.mark.slow
@@ -484,7 +550,7 @@ def test_a_driver_without_a_launcher_refuses_what_would_hang(tmp_path, monkeypat
 
     monkeypatch.delenv("DSMOE_LAUNCHER", raising=False)
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
-    monkeypatch.setattr(subprocess, "Popen", lambda command: pytest.fail("nothing may start"))
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **kwargs: pytest.fail("nothing may start"))
     config = tmp_path / "launch.yaml"
     config.write_text(f"out_dir: {tmp_path}\nrun_name: run\ntrainer:\n  num_nodes: 2\n")
     with pytest.raises(
@@ -498,6 +564,11 @@ def test_a_driver_without_a_launcher_refuses_what_would_hang(tmp_path, monkeypat
         experiment.launch_training(config)
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning then starts the processes itself: allowed
     started = []
-    monkeypatch.setattr(subprocess, "Popen", lambda command: started.append(command) or SimpleNamespace(wait=lambda: 0))
+    monkeypatch.setattr(
+        subprocess,
+        "Popen",
+        lambda command, **kwargs: started.append(command) or SimpleNamespace(wait=lambda: 0, pid=-1),
+    )
+    monkeypatch.setattr(experiment, "stop_process_group", lambda group, signum: None)
     experiment.launch_training(config)
     assert len(started) == 1
