@@ -169,8 +169,8 @@ def check_launcher(cfg: DictConfig, config_file: Path) -> None:
 def launch_training(config_file: Path) -> None:
     """Run ``python -m dsmoe.train --config config_file`` as its own process tree and wait for it. A SIGTERM to the
     driver is passed on to the run's first process (Lightning's rank 0, or the launcher), which passes it to the
-    others: the driver exits 143 once the run has stopped (with a checkpoint, where training had begun). Ctrl-C
-    stops the run (exit 130). However the run ends, none of its processes outlives it: a rank whose rank 0 died
+    others: the driver exits 143 once the run has stopped (with a checkpoint, where training had begun); so does a
+    hang-up (the terminal closed). Ctrl-C stops the run (exit 130). However the run ends, none of its processes outlives it: a rank whose rank 0 died
     before it could pass a signal on would otherwise wait for it, holding its GPU, until the process group's
     timeout."""
     from dsmoe.train import PREEMPTED_MARKER
@@ -182,31 +182,42 @@ def launch_training(config_file: Path) -> None:
     marker = Path(saved.out_dir) / saved.run_name / PREEMPTED_MARKER
     marker.unlink(missing_ok=True)
     torch.cuda.empty_cache()  # what an evaluation here left cached on the GPUs goes to the run's processes
-    proc = subprocess.Popen(command, process_group=0)  # its own group: all of the run's processes, found again
+    proc: subprocess.Popen | None = None
     received: list[int] = []
 
-    def on_term(signum, frame) -> None:
-        received.append(signum)
-        proc.send_signal(signum)  # not to the DataLoader workers, which would die of it
+    def on_term(signum, frame) -> None:  # SIGTERM; a hang-up (terminal closed) is handled as one
+        received.append(signal.SIGTERM)
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)  # not to the DataLoader workers, which would die of it
 
     def on_interrupt(signum, frame) -> None:  # the terminal's Ctrl-C no longer reaches the run's group itself
         received.append(signum)
-        stop_process_group(proc.pid, signal.SIGINT if received.count(signal.SIGINT) == 1 else signal.SIGKILL)
+        if proc is not None:
+            stop_process_group(proc.pid, signal.SIGINT if received.count(signal.SIGINT) == 1 else signal.SIGKILL)
 
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_interrupt)
+    handlers = {signal.SIGTERM: on_term, signal.SIGHUP: on_term, signal.SIGINT: on_interrupt}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    # the run is in a background group of the terminal: with `stty tostop` its output would stop it (SIGTTOU);
+    # the ignored signal is inherited by all of its processes
+    previous[signal.SIGTTOU] = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     try:
+        proc = subprocess.Popen(command, process_group=0)  # its own group: all of the run's processes, found again
+        signal.signal(signal.SIGTTOU, previous.pop(signal.SIGTTOU))
+        if received:  # a signal came before the run had started
+            stop_process_group(proc.pid, signal.SIGTERM if received[-1] == signal.SIGTERM else signal.SIGINT)
         code = proc.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        stop_process_group(proc.pid, signal.SIGKILL)  # what is left of the run
+        if proc is not None:
+            stop_process_group(proc.pid, signal.SIGKILL)  # what is left of the run
     if signal.SIGINT in received:
         print("[experiment] interrupted; run the same command again to resume from the last checkpoint")
         raise SystemExit(130)
     if code == PREEMPTED or (code and (marker.exists() or signal.SIGTERM in received)):  # torchrun: 143 → 1
         print(
-            "[experiment] training stopped by SIGTERM (see above what it saved); run the same command again to resume"
+            "[experiment] training stopped by SIGTERM (a checkpoint it saved is named above); run the same command "
+            "again to resume"
         )
         raise SystemExit(PREEMPTED)
     if code:

@@ -398,8 +398,9 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
 
 
 RUN_WITH_A_STRAY = """
-import os, subprocess, sys, time
+import os, signal, subprocess, sys, time
 stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # a rank left behind
+open(os.environ["PIDS"] + ".ttou", "w").write(str(signal.getsignal(signal.SIGTTOU) == signal.SIG_IGN))
 open(os.environ["PIDS"], "w").write(f"{os.getpid()} {stray.pid}")
 if os.environ["HOW"] == "fail":
     sys.exit(1)
@@ -407,11 +408,14 @@ time.sleep(300)  # until a signal: SIGTERM's default action, as before Lightning
 """
 
 
-@pytest.mark.parametrize("how, signum, code", [("fail", None, None), ("term", "SIGTERM", 143), ("int", "SIGINT", 130)])
+@pytest.mark.parametrize(
+    "how, signum, code",
+    [("fail", None, None), ("term", "SIGTERM", 143), ("hup", "SIGHUP", 143), ("int", "SIGINT", 130)],
+)
 def test_no_process_of_a_run_outlives_it(monkeypatch, tmp_path, how, signum, code):
     """A run's processes die with it: a rank its rank 0 left behind (rank 0 failed, or was killed by a SIGTERM that
-    came before it could pass one on) is stopped by the driver. A SIGTERM passed on counts as a preemption (143),
-    whatever the run's exit status; Ctrl-C stops everything (130)."""
+    came before it could pass one on) is stopped by the driver. A SIGTERM passed on (or a hang-up) counts as a
+    preemption (143), whatever the run's exit status; Ctrl-C stops everything (130)."""
     import os
     import signal
     import sys
@@ -439,6 +443,7 @@ def test_no_process_of_a_run_outlives_it(monkeypatch, tmp_path, how, signum, cod
         experiment.launch_training(tmp_path / "launch.yaml")
     if code:
         assert stopped.value.code == code
+    assert (tmp_path / "pids.ttou").read_text() == "True"  # in the terminal's background: writes must not stop it
     for pid in map(int, pids.read_text().split()):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
