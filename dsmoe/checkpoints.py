@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dsmoe.cli import StepFailed
+from dsmoe.cli import StepFailed, say
 from dsmoe.distributed import all_finite
 
 STEP = re.compile(r"step=(\d+)")
@@ -189,10 +189,7 @@ class ResumeCheckpoints(ModelCheckpoint):
             self._step_seen = trainer.global_step
             if trainer.strategy.reduce_boolean_decision(self.sigterm, all=False):
                 self.save_now(trainer)
-                print(
-                    f"[dsmoe.train] SIGTERM: saved {self.last_model_path} at step {trainer.global_step}",
-                    file=sys.stderr,
-                )
+                say(f"[dsmoe.train] SIGTERM: saved {self.last_model_path} at step {trainer.global_step}")
                 raise SIGTERMException()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

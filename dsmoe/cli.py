@@ -16,6 +16,15 @@ import yaml
 from omegaconf.errors import OmegaConfBaseException
 
 
+def say(message: str) -> None:
+    """Print to stderr, where the terminal may have gone (closed: a hang-up is handled as a SIGTERM), without
+    failing: what follows a SIGTERM (the preempted marker, exit status 143) must still happen."""
+    try:
+        print(message, file=sys.stderr)
+    except OSError:
+        pass
+
+
 class StepFailed(RuntimeError):
     """A step the command started (e.g. a training process) failed and has already reported why."""
 

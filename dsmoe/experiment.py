@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dsmoe.cli import StepFailed
+from dsmoe.cli import StepFailed, say
 from dsmoe.evaluate import perplexity
 from dsmoe.methods import method_of_model
 from dsmoe.packages import write_json
@@ -212,10 +212,10 @@ def launch_training(config_file: Path) -> None:
         if proc is not None:
             stop_process_group(proc.pid, signal.SIGKILL)  # what is left of the run
     if signal.SIGINT in received:
-        print("[experiment] interrupted; run the same command again to resume from the last checkpoint")
+        say("[experiment] interrupted; run the same command again to resume from the last checkpoint")
         raise SystemExit(130)
     if code == PREEMPTED or (code and (marker.exists() or signal.SIGTERM in received)):  # torchrun: 143 → 1
-        print(
+        say(
             "[experiment] training stopped by SIGTERM (a checkpoint it saved is named above); run the same command "
             "again to resume"
         )

@@ -50,6 +50,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
+from dsmoe.cli import say
 from dsmoe.config_checks import merged, set_leaves
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
@@ -629,15 +630,11 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
             ) from None
         except SIGTERMException:
             if checkpoints.last_model_path:
-                print(
-                    f"[dsmoe.train] stopped by SIGTERM; continue with resume=last ({checkpoints.last_model_path})",
-                    file=sys.stderr,
-                )
+                say(f"[dsmoe.train] stopped by SIGTERM; continue with resume=last ({checkpoints.last_model_path})")
             else:
-                print(
+                say(
                     "[dsmoe.train] stopped by SIGTERM before the first checkpoint was written; the same command with "
-                    "resume=last starts this run again from its prepared model",
-                    file=sys.stderr,
+                    "resume=last starts this run again from its prepared model"
                 )
             if trainer.is_global_zero:  # for the driver: torchrun reports the ranks' exit status 143 as 1
                 (run_dir / PREEMPTED_MARKER).write_text(f"step {trainer.global_step}\n")

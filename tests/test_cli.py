@@ -48,3 +48,19 @@ def test_ctrl_c_ends_with_one_line_and_status_130(monkeypatch):
     assert stopped.value.code == 130
     with pytest.raises(KeyboardInterrupt):  # --debug: the traceback
         run_cli(interrupted, ["--debug"])
+
+
+def test_say_survives_a_closed_terminal(monkeypatch):
+    """After a hang-up (handled as a SIGTERM) stderr may be a closed terminal: the message is lost, not the exit
+    status 143 or the preempted marker that follow it."""
+    from dsmoe.cli import say
+
+    class ClosedTerminal:
+        def write(self, text):
+            raise OSError(5, "Input/output error")
+
+        def flush(self):
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sys, "stderr", ClosedTerminal())
+    say("saved")
