@@ -192,19 +192,26 @@ def launch_training(config_file: Path) -> None:
 
     def on_interrupt(signum, frame) -> None:  # the terminal's Ctrl-C no longer reaches the run's group itself
         received.append(signum)
-        if proc is not None:
-            stop_process_group(proc.pid, signal.SIGINT if received.count(signal.SIGINT) == 1 else signal.SIGKILL)
+        if proc is not None:  # srun aborts on a second one within a second; from the third on: SIGKILL
+            stop_process_group(proc.pid, signal.SIGINT if received.count(signal.SIGINT) <= 2 else signal.SIGKILL)
 
     handlers = {signal.SIGTERM: on_term, signal.SIGHUP: on_term, signal.SIGINT: on_interrupt}
-    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    # a signal the driver was told to ignore (nohup, a background job's SIGINT) stays ignored
+    previous = {
+        signum: signal.signal(signum, handler)
+        for signum, handler in handlers.items()
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
     # the run is in a background group of the terminal: with `stty tostop` its output would stop it (SIGTTOU);
     # the ignored signal is inherited by all of its processes
     previous[signal.SIGTTOU] = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     try:
-        proc = subprocess.Popen(command, process_group=0)  # its own group: all of the run's processes, found again
+        # its own group: all of the run's processes, found again; no terminal input (in the terminal's background,
+        # a read would stop it: srun forwards stdin to its tasks)
+        proc = subprocess.Popen(command, process_group=0, stdin=subprocess.DEVNULL)
         signal.signal(signal.SIGTTOU, previous.pop(signal.SIGTTOU))
-        if received:  # a signal came before the run had started
-            stop_process_group(proc.pid, signal.SIGTERM if received[-1] == signal.SIGTERM else signal.SIGINT)
+        if received:  # a signal came before the run had started (the run's first process is all there is yet)
+            proc.send_signal(signal.SIGTERM if received[-1] == signal.SIGTERM else signal.SIGINT)
         code = proc.wait()
     finally:
         for signum, handler in previous.items():
@@ -214,7 +221,8 @@ def launch_training(config_file: Path) -> None:
     if signal.SIGINT in received:
         say("[experiment] interrupted; run the same command again to resume from the last checkpoint")
         raise SystemExit(130)
-    if code == PREEMPTED or (code and (marker.exists() or signal.SIGTERM in received)):  # torchrun: 143 → 1
+    # torchrun exits 1 when its ranks exit 143; a SIGTERM after the run's last step stops the driver too
+    if code == PREEMPTED or signal.SIGTERM in received or (code and marker.exists()):
         say(
             "[experiment] training stopped by SIGTERM (a checkpoint it saved is named above); run the same command "
             "again to resume"
@@ -429,9 +437,20 @@ def on_the_gpus(fn: Callable[..., T], *args: Any) -> T:
     ``DSMOE_EVAL_IN_CHILD=1``). ``fn`` and its arguments must pickle: a module-level function, plain values."""
     if not (torch.cuda.is_available() or os.environ.get("DSMOE_EVAL_IN_CHILD") == "1"):
         return fn(*args)
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=spawn, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with child_processes(1) as pool:
         return pool.submit(fn, *args).result()  # a child's error is raised here, its traceback attached
+
+
+def child_processes(workers: int) -> ProcessPoolExecutor:
+    """A pool of spawned processes, a fresh one for every call: a process that has used one GPU never takes a call
+    for another (its CUDA context and cached memory would stay where they were)."""
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+        max_tasks_per_child=1,
+    )
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -455,20 +474,22 @@ def on_each_device(
         for i, args in enumerate(calls):
             done(i, fn(*args, devices[0]))
         return
-    spawn = multiprocessing.get_context("spawn")
-    free, waiting, running = list(devices), list(enumerate(calls)), {}
-    with ProcessPoolExecutor(
-        len(devices), mp_context=spawn, initializer=_exit_with_parent, initargs=(os.getpid(),)
-    ) as pool:
-        while waiting or running:
-            while waiting and free:
+    free, waiting, running, errors = list(devices), list(enumerate(calls)), {}, []
+    with child_processes(len(devices)) as pool:
+        while running or (waiting and not errors):
+            while waiting and free and not errors:  # after an error: no new call, the running ones finish
                 (i, args), device = waiting.pop(0), free.pop(0)
                 running[pool.submit(fn, *args, device)] = i, device
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 i, device = running.pop(future)
-                done(i, future.result())  # a call's error stops the rest (those running finish first)
                 free.append(device)
+                if future.exception() is not None:
+                    errors.append(future.exception())
+                else:
+                    done(i, future.result())  # kept (cached) even if another call fails
+    if errors:
+        raise errors[0]
 
 
 def replicas(model: torch.nn.Module, devices: list[torch.device]) -> list[torch.nn.Module]:
@@ -561,17 +582,30 @@ def evaluate(
             "protocol": f"PPL: {eval_protocol(scale)}",
         }
         dense = None if run == "dense" else json.loads(info.read_text())["dense_params"]
-        spec = (source, run, windows, sc.eval.batch_size, tau, rescale, dense, fields, summary.get("hardware"))
+        packed = {name: packed_sequences(w) for name, w in windows.items()}
+        spec = (source, run, packed, sc.eval.batch_size, tau, rescale, dense, fields, summary.get("hardware"))
         return on_the_gpus(measure, *spec)
 
     folder = runs_root(scale) / (run if run == "dense" else run_name(run, seed))
     return cached(folder / name, compute, {**evaluation_settings(scale, source), "tau": tau, "rescale": rescale})
 
 
+def packed_sequences(sequences: Any) -> tuple[torch.Tensor, list[int]]:
+    """Held-out sequences (a [N, L] tensor or a list of 1-D ones) as one flat tensor and their lengths: what goes to
+    a child process as one shared-memory file, not one per document (20,000 at the paper's scales)."""
+    sequences = list(sequences)
+    return torch.cat([s.reshape(-1) for s in sequences]), [s.numel() for s in sequences]
+
+
+def unpacked_sequences(packed: tuple[torch.Tensor, list[int]]) -> list[torch.Tensor]:
+    flat, lengths = packed
+    return list(flat.split(lengths))
+
+
 def measure(
     source: str,
     run: str,
-    windows: dict[str, Any],
+    packed_windows: dict[str, tuple[torch.Tensor, list[int]]],
     batch_size: int,
     tau: float | None,
     rescale: bool,
@@ -579,8 +613,10 @@ def measure(
     fields: dict[str, Any],
     trained_on: str | None,
 ) -> dict[str, Any]:
-    """:func:`evaluate`'s measurement of one model (see there), with its provenance ``fields``; ``dense_params``:
-    the dense model's count (None: this model is the dense one); ``trained_on``: where the run trained."""
+    """:func:`evaluate`'s measurement of one model (see there) on the held-out sequences (:func:`packed_sequences`),
+    with its provenance ``fields``; ``dense_params``: the dense model's count (None: this model is the dense one);
+    ``trained_on``: where the run trained."""
+    windows = {name: unpacked_sequences(packed) for name, packed in packed_windows.items()}
     model, _ = load_for_eval(source)
     dynamic = method_of_model(model).dynamic
     if (tau is not None or not rescale) and dynamic is None:

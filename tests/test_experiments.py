@@ -185,11 +185,49 @@ def test_calls_share_the_devices_one_child_each(monkeypatch):
     assert sorted(results) == list(range(5)) and [results[i][0] for i in range(5)] == [0, 1, 4, 9, 16]
     assert {r[1] for r in results.values()} == {"cpu:0", "cpu:1"}
     pids = {r[2] for r in results.values()}
-    assert os.getpid() not in pids and len(pids) <= 2
+    assert os.getpid() not in pids and len(pids) == 5  # a fresh process per call: none moves to another device
     monkeypatch.delenv("DSMOE_EVAL_IN_CHILD")
     here = []
     de.on_each_device(where_it_ran, [(3,)], devices, lambda i, r: here.append(r))
     assert here == [(9, "cpu:0", os.getpid())]  # on the CPU: in this process
+
+
+def fails_on_two(x, device):
+    import time
+
+    if x == 2:
+        raise ValueError("call 2 failed")
+    time.sleep(1 if x == 1 else 0)
+    return x
+
+
+def test_a_failing_call_keeps_the_others_results(monkeypatch):
+    """One model's lm-eval failing must not throw away the scores the other GPUs finished meanwhile."""
+    import torch
+
+    import dsmoe.experiment as de
+
+    monkeypatch.setenv("DSMOE_EVAL_IN_CHILD", "1")
+    results = {}
+    devices = [torch.device("cpu", 0), torch.device("cpu", 1)]
+    with pytest.raises(ValueError, match="call 2 failed"):
+        de.on_each_device(fails_on_two, [(1,), (2,), (3,), (4,)], devices, lambda i, r: results.setdefault(i, r))
+    assert results[0] == 1  # running when call 2 failed: finished and kept; none started after the failure
+    assert 2 not in results.values() and 4 not in results.values()
+
+
+def test_held_out_sequences_go_to_a_child_as_one_tensor_per_source():
+    """20,000 documents as 20,000 tensors would be 20,000 shared-memory files (too many open files)."""
+    import torch
+
+    from dsmoe.experiment import packed_sequences, unpacked_sequences
+
+    documents = [torch.arange(n) for n in (5, 1, 9)]
+    flat, lengths = packed_sequences(documents)
+    assert flat.ndim == 1 and lengths == [5, 1, 9]
+    assert all(torch.equal(a, b) for a, b in zip(unpacked_sequences((flat, lengths)), documents, strict=True))
+    windows = torch.arange(12).reshape(3, 4)
+    assert torch.equal(torch.stack(unpacked_sequences(packed_sequences(windows))), windows)
 
 
 def test_a_run_trained_with_other_settings_is_refused_not_reused(write_scale, monkeypatch):
@@ -361,9 +399,9 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     class FakePopen:
         pid = -12345
 
-        def __init__(self, command, process_group):
+        def __init__(self, command, process_group, stdin):
             assert seen[-1] == "empty_cache"  # the driver's cached GPU memory (its evaluations) is freed first
-            assert process_group == 0  # a group of its own
+            assert process_group == 0 and stdin == subprocess.DEVNULL  # a group of its own, no terminal input
             seen.append(command)
 
         def wait(self):
@@ -397,10 +435,55 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
         experiment.launch_training(tmp_path / "launch.yaml")
 
 
+def test_the_driver_keeps_ignored_signals_and_stops_after_a_late_sigterm(monkeypatch, tmp_path):
+    """nohup's ignored hang-up stays ignored while a run trains; a SIGTERM passed on after the run's last step still
+    stops the driver (143) instead of letting it go on to evaluate or train the next run."""
+    import os
+    import signal
+    import subprocess
+
+    import dsmoe.experiment as experiment
+
+    (tmp_path / "launch.yaml").write_text(f"out_dir: {tmp_path}\nrun_name: run\n")
+    monkeypatch.setenv("DSMOE_LAUNCHER", "true")
+    monkeypatch.setattr(experiment, "stop_process_group", lambda group, signum: None)
+    seen = []
+
+    class FakePopen:
+        pid = -1
+
+        def __init__(self, command, **kwargs):
+            pass
+
+        def send_signal(self, signum):
+            seen.append(signum)
+
+        def wait(self):
+            seen.append(signal.getsignal(signal.SIGHUP))
+            if term:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives after the run's last step: it exits 0
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        term = False
+        experiment.launch_training(tmp_path / "launch.yaml")
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        term = True
+        with pytest.raises(SystemExit) as stopped:
+            experiment.launch_training(tmp_path / "launch.yaml")
+        assert stopped.value.code == 143 and seen[-1] == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 RUN_WITH_A_STRAY = """
 import os, signal, subprocess, sys, time
 stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # a rank left behind
-open(os.environ["PIDS"] + ".ttou", "w").write(str(signal.getsignal(signal.SIGTTOU) == signal.SIG_IGN))
+ttou_ignored = signal.getsignal(signal.SIGTTOU) == signal.SIG_IGN
+stdin_closed = os.path.realpath("/proc/self/fd/0") == "/dev/null"
+open(os.environ["PIDS"] + ".tty", "w").write(f"{ttou_ignored} {stdin_closed}")
 open(os.environ["PIDS"], "w").write(f"{os.getpid()} {stray.pid}")
 if os.environ["HOW"] == "fail":
     sys.exit(1)
@@ -443,7 +526,8 @@ def test_no_process_of_a_run_outlives_it(monkeypatch, tmp_path, how, signum, cod
         experiment.launch_training(tmp_path / "launch.yaml")
     if code:
         assert stopped.value.code == code
-    assert (tmp_path / "pids.ttou").read_text() == "True"  # in the terminal's background: writes must not stop it
+    # in the terminal's background: writing must not stop it, and it reads nothing from the terminal
+    assert (tmp_path / "pids.tty").read_text() == "True True"
     for pid in map(int, pids.read_text().split()):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
