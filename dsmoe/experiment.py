@@ -39,10 +39,10 @@ from dsmoe.cli import StepFailed, say
 from dsmoe.evaluate import perplexity
 from dsmoe.methods import method_of_model
 from dsmoe.packages import write_json
-from dsmoe.results import hardware, provenance, results_root
+from dsmoe.results import REPO, hardware, provenance, results_root
 from dsmoe.stats import count_params
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO  # the checkout
 SCALES_DIR = ROOT / "experiments" / "configs" / "scales"
 SCALES = ("demo", "smollm2", "llama1b", "llama7b")
 
@@ -170,9 +170,9 @@ def launch_training(config_file: Path) -> None:
     """Run ``python -m dsmoe.train --config config_file`` as its own process tree and wait for it. A SIGTERM to the
     driver is passed on to the run's first process (Lightning's rank 0, or the launcher), which passes it to the
     others: the driver exits 143 once the run has stopped (with a checkpoint, where training had begun); so does a
-    hang-up (the terminal closed). Ctrl-C stops the run (exit 130). However the run ends, none of its processes outlives it: a rank whose rank 0 died
-    before it could pass a signal on would otherwise wait for it, holding its GPU, until the process group's
-    timeout."""
+    hang-up (the terminal closed). Ctrl-C stops the run (exit 130). However the run ends, none of its processes
+    outlives it: a rank whose rank 0 died before it could pass a signal on would otherwise wait for it, holding its
+    GPU, until the process group's timeout."""
     from dsmoe.train import PREEMPTED_MARKER
 
     command = [*launcher(), sys.executable, "-m", "dsmoe.train", "--config", str(config_file)]
@@ -181,7 +181,6 @@ def launch_training(config_file: Path) -> None:
     print(f"[experiment] {shlex.join(command)}", file=sys.stderr)
     marker = Path(saved.out_dir) / saved.run_name / PREEMPTED_MARKER
     marker.unlink(missing_ok=True)
-    torch.cuda.empty_cache()  # what an evaluation here left cached on the GPUs goes to the run's processes
     proc: subprocess.Popen | None = None
     received: list[int] = []
 
@@ -435,10 +434,15 @@ def on_the_gpus(fn: Callable[..., T], *args: Any) -> T:
     never holds a CUDA context (about 0.5 GB per GPU that the training runs it starts next would lack, and which a
     GPU in exclusive-process mode would refuse them); in this process on the CPU (there too with
     ``DSMOE_EVAL_IN_CHILD=1``). ``fn`` and its arguments must pickle: a module-level function, plain values."""
-    if not (torch.cuda.is_available() or os.environ.get("DSMOE_EVAL_IN_CHILD") == "1"):
+    if not in_child_processes():
         return fn(*args)
     with child_processes(1) as pool:
         return pool.submit(fn, *args).result()  # a child's error is raised here, its traceback attached
+
+
+def in_child_processes() -> bool:
+    """Whether GPU work runs in child processes: where there are GPUs, or on the CPU with DSMOE_EVAL_IN_CHILD=1."""
+    return torch.cuda.is_available() or os.environ.get("DSMOE_EVAL_IN_CHILD") == "1"
 
 
 def child_processes(workers: int) -> ProcessPoolExecutor:
@@ -470,7 +474,7 @@ def on_each_device(
     """``fn(*args, device)`` for each ``args`` in calls, one call per device at a time, each device taking the next
     call as it comes free; ``done(i, result)`` as each call ``i`` finishes. On GPUs each call runs in a spawned child
     process (see :func:`on_the_gpus`), so several run at once; on the CPU one after another in this process."""
-    if not (devices[0].type == "cuda" or os.environ.get("DSMOE_EVAL_IN_CHILD") == "1"):
+    if not in_child_processes():
         for i, args in enumerate(calls):
             done(i, fn(*args, devices[0]))
         return

@@ -59,7 +59,7 @@ from dsmoe.bench_inference import (  # noqa: E402
 )
 from dsmoe.cli import run as run_cli  # noqa: E402
 from dsmoe.hf_remote.partitioned_swiglu import swiglu_parts  # noqa: E402
-from dsmoe.models import load_model  # noqa: E402
+from dsmoe.models import EMBEDDED, load_model  # noqa: E402
 from dsmoe.plots import inference_speedup  # noqa: E402
 from dsmoe.results import PROVENANCE, provenance, results_root, write_csv  # noqa: E402
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += bench_ffn(name, "prefill", args.seq, top, args)
         save()
     if args.parts & {"e2e", "train"}:
-        dense = (load_model(args.model) if args.model else load_model())[0].to(args.device).eval()
+        dense = load_model(args.model or EMBEDDED)[0].to(args.device).eval()
         run_info["huge_pages"] = huge_pages()  # while the dense model is alive
     if "e2e" in args.parts:
         moe = convert(copy.deepcopy(dense), DSMoEConfig(N_EXPERTS)).eval()
