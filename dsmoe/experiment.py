@@ -640,10 +640,11 @@ def measure(
     return result
 
 
-def benchmarks(scale: str, runs: list[tuple[str, int]], limit: int | None) -> list[dict[str, dict]]:
-    """Cached Table 2 benchmarks (lm-eval) of each (run, seed)'s final model ("dense": the original model), with the
-    scale's eval settings (batch size, generation length). The runs are trained first where missing; the missing
-    scores are then computed one model per GPU, as many at once as there are GPUs (bf16), or on the CPU."""
+def benchmarks(scale: str, runs: list[tuple[str, int]], limit: int | None) -> dict[tuple[str, int], dict[str, dict]]:
+    """Cached Table 2 benchmarks (lm-eval) of each (run, seed)'s final model ("dense": the original model), keyed by
+    (run, seed), with the scale's eval settings (batch size, generation length). The runs are trained first where
+    missing; the missing scores are then computed one model per GPU, as many at once as there are GPUs (bf16), or
+    on the CPU."""
     sc = scale_config(scale)
     jobs = []
     for run, seed in runs:
@@ -667,7 +668,7 @@ def benchmarks(scale: str, runs: list[tuple[str, int]], limit: int | None) -> li
         results[missing[k]] = value
 
     on_each_device(run_benchmarks_of, calls, eval_devices(), done)
-    return results
+    return dict(zip(runs, results, strict=True))
 
 
 def run_benchmarks_of(

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = range(args.seeds)
     evals = {run: [ex.evaluate(args.scale, run, seed=s) for s in seeds] for run, _ in ABLATION_STE_RUNS}
     scored = ex.benchmarks(args.scale, [(run, s) for run, _ in ABLATION_STE_RUNS for s in seeds], limit)
-    bench = {run: scored[i * len(seeds) : (i + 1) * len(seeds)] for i, (run, _) in enumerate(ABLATION_STE_RUNS)}
+    bench = {run: [scored[run, s] for s in seeds] for run, _ in ABLATION_STE_RUNS}
     measures = [(t.column, lambda run, t=t: ex.benchmark_scores(bench[run], t.name)) for t in PAPER_TASKS]
     measures.append(("PPL", lambda run: [r["ppl"] for r in evals[run]]))
     measures.append(("Activated %", lambda run: [100 * r["activated_fraction"] for r in evals[run]]))

@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     limit, methods = args.limit, scale_config(args.scale).methods
     runs = [(run, label, range(args.seeds) if run != DENSE else [0]) for run, label in TABLE1_RUNS]
     runs = [(run, label, seeds) for run, label, seeds in runs if run == DENSE or run in methods]
-    scored = iter(benchmarks(args.scale, [(run, s) for run, _, seeds in runs for s in seeds], limit))  # all at once
+    scored = benchmarks(args.scale, [(run, s) for run, _, seeds in runs for s in seeds], limit)  # all at once
     rows = []
     for run, label, seeds in runs:
-        results = [next(scored) for _ in seeds]
+        results = [scored[run, s] for s in seeds]
         row = {"Model": label}
         for task in PAPER_TASKS:
             scores = benchmark_scores(results, task.name)
