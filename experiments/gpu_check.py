@@ -6,15 +6,16 @@
    own process (as every experiment does), with a weights-only export half-way;
 2. the same with FSDP on one device for a few steps: activation checkpointing, rotated sharded checkpoints and the
    gathered export;
-3. the final model reloaded by the suite and by plain transformers (``trust_remote_code=True``): logits compared;
-4. PPL of the dense and the trained model on the GPU (bf16, a replica per GPU: the experiments' evaluation);
-5. 20 items of two lm-eval tasks (PIQA, HellaSwag) on the GPU, from the offline copies;
-6. the inference benchmark's GPU rows (``experiments/bench_inference.py --device cuda --quick``).
+3. SparseGPT and LLM-Pruner (block) calibrated and trained for 2 steps on the GPU;
+4. the final model reloaded by the suite and by plain transformers (``trust_remote_code=True``): logits compared;
+5. PPL of the dense and the trained model on the GPU (bf16, a replica per GPU: the experiments' evaluation);
+6. 20 items of two lm-eval tasks (PIQA, HellaSwag) on the GPU, from the offline copies;
+7. the inference benchmark's GPU rows (``experiments/bench_inference.py --device cuda --quick``).
 
 Every check is one row of results/gpu_check/gpu_check.csv (status, seconds, value, detail, provenance); a failing
 check is recorded and the next one runs. ``--model random:smollm2`` uses SmolLM2-135M's shapes with random weights
 and a tokenizer trained on the fly, for machines without the embedded model's package (shapes, not weights, decide
-the timings). ``--cpu-smoke`` runs checks 1–5 on the CPU with a tiny model (FSDP with gloo, through dsmoe's FSDP
+the timings). ``--cpu-smoke`` runs checks 1–6 on the CPU with a tiny model (FSDP with gloo, through dsmoe's FSDP
 strategy) to test this script, writing runs/gpu_check/smoke_results/ instead.
 """
 
@@ -90,8 +91,8 @@ def random_model(folder: Path, corpus: Path, tiny: bool) -> Path:
     return folder
 
 
-def train_config(name: str, model: str, corpus: Path, args, **trainer) -> Path:
-    """A training run's launch.yaml, as the experiment drivers write it."""
+def train_config(name: str, model: str, corpus: Path, args, method: dict | None = None, **trainer) -> Path:
+    """A training run's launch.yaml, as the experiment drivers write it (``method``: DSMoE's unless given)."""
     seq_len, batch = (32, 4) if args.cpu_smoke else (512, 16)
     cfg = {
         "run_name": name,
@@ -99,6 +100,7 @@ def train_config(name: str, model: str, corpus: Path, args, **trainer) -> Path:
         "model": model,
         "method": "dsmoe",
         "method_options": {"num_experts": 8 if not args.cpu_smoke else 4, "tau": 0.5},
+        **(method or {}),
         "data": {
             "sources": [{"name": "code", "data_files": str(corpus)}],
             "seq_len": seq_len,
@@ -124,7 +126,7 @@ def train_config(name: str, model: str, corpus: Path, args, **trainer) -> Path:
     return path
 
 
-def check(rows: list[dict], name: str, work, out: Path) -> object:
+def check(rows: list[dict], name: str, work, out: Path, method: str = "dsmoe") -> object:
     """Run one check; record status, time and its value or error, and write out/gpu_check.csv again (a run cut
     short by a time limit keeps the rows it finished)."""
     start = time.perf_counter()
@@ -141,7 +143,7 @@ def check(rows: list[dict], name: str, work, out: Path) -> object:
             "seconds": round(time.perf_counter() - start, 1),
             "value": value,
             "detail": detail,
-            **provenance(model=ROW_MODEL, method="dsmoe"),
+            **provenance(model=ROW_MODEL, method=method),
         }
     )
     print(f"[gpu-check] {name}: {status} ({rows[-1]['seconds']} s) {value} {detail}", flush=True)
@@ -150,6 +152,14 @@ def check(rows: list[dict], name: str, work, out: Path) -> object:
 
 
 ROW_MODEL = ""
+BASELINES = {  # the pruners, calibrated where they train (prepare_model): the check runs each for 2 steps
+    "sparsegpt": {"method": "sparsegpt", "method_options": {"match_activated": 0.8}},
+    "llm_pruner_block": {
+        "method": "llm_pruner_block",
+        "method_options": {"match_activated": 0.8, "calibration_samples": 10, "calibration_seq_len": 64},
+    },
+}
+TINY_MODEL_OPTIONS = {"llm_pruner_block": {"keep_first": 0, "keep_last": 0}}  # --cpu-smoke's model has 2 layers
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -169,11 +179,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     steps = 4 if args.cpu_smoke else args.steps
     out = OUT if not args.cpu_smoke else RUNS / "smoke_results"
-    for name in ("bf16", "fsdp"):  # every check trains afresh (a finished run would be reused, not timed)
+    for name in ("bf16", "fsdp", *BASELINES):  # every check trains afresh (a finished run would be reused, not timed)
         shutil.rmtree(RUNS / name, ignore_errors=True)
 
-    def train(name: str, **trainer) -> tuple[str, str]:
-        config = train_config(name, model, corpus, args, **trainer)
+    def train(name: str, method: dict | None = None, **trainer) -> tuple[str, str]:
+        config = train_config(name, model, corpus, args, method, **trainer)
         launch_training(config)
         summary = json.loads((RUNS / name / "train_summary.json").read_text())
         log = RUNS / name / "tensorboard"
@@ -208,6 +218,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return steps, f"{detail}; sharded checkpoints kept: {kept}"
 
     check(rows, "FSDP on one device (sharded checkpoints, gathered export)", fsdp, out)
+
+    def baselines() -> tuple[str, str]:
+        steps = {}
+        for name, method in BASELINES.items():
+            if args.cpu_smoke:
+                options = {**method["method_options"], **TINY_MODEL_OPTIONS.get(name, {})}
+                method = {**method, "method_options": options}
+            steps[name] = train(name, method=method, max_steps=2)[0]
+        return json.dumps(steps), "calibrated (SparseGPT Hessians, LLM-Pruner gradients) on the GPU, 2 steps each"
+
+    check(rows, "baselines calibrated on the accelerator", baselines, out, method=" ".join(BASELINES))
 
     def reload() -> tuple[str, str]:
         import dsmoe

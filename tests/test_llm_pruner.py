@@ -88,6 +88,28 @@ def test_importance_equals_autograd_taylor(arch, tied):
 
 
 @pytest.mark.parametrize("arch,tied", ARCHS)
+def test_gradients_summed_in_host_memory_give_the_same_importance(arch, tied):
+    """on_host (the default on a GPU) keeps no gradient in p.grad after each backward, and its sums over several
+    batches give bit-for-bit the importances of gradients accumulated in p.grad."""
+    model = tiny_model(arch, tie_word_embeddings=tied)
+    batches = calib(n=3)
+
+    def importances(on_host: bool):
+        with lp.taylor_gradients(model, batches, on_host=on_host):
+            assert all((p.grad is None) == on_host for p in model.parameters())
+            return [lp.hidden_importance(model)] + [
+                imp for layer in model.model.layers for imp in (lp.ffn_importance(layer), lp.kv_group_importance(layer))
+            ]
+
+    in_grad, on_host = importances(False), importances(True)
+    for a, b in zip(in_grad, on_host, strict=True):
+        assert torch.equal(a, b)
+    assert all(p.grad is None and not hasattr(p, lp.HOST_GRAD) for p in model.parameters())  # nothing left
+    with pytest.raises(RuntimeError, match="inside taylor_gradients"):
+        lp.hidden_importance(model)
+
+
+@pytest.mark.parametrize("arch,tied", ARCHS)
 def test_block_pruning_of_dead_channels_and_heads_is_lossless(arch, tied):
     model = tiny_model(arch, num_hidden_layers=3, tie_word_embeddings=tied).eval()
     dead = {0: torch.tensor([3, 7, 50, 127]), 1: torch.randperm(128, generator=torch.Generator().manual_seed(0))[:40]}

@@ -61,12 +61,23 @@ MODES = ("channel", "block")
 # ---------------------------------------------------------------------------------------------- importance
 
 
+HOST_GRAD = "taylor_grad_on_host"  # parameter attribute: its gradient, kept in host memory (see taylor_gradients)
+
+
 @contextmanager
-def taylor_gradients(model: PreTrainedModel, calib_batches: Iterable[torch.Tensor], num_batches: int | None = None):
-    """Set every ``p.grad`` to ∂L/∂p of the LM loss averaged over the calibration batches, then clear them.
+def taylor_gradients(
+    model: PreTrainedModel,
+    calib_batches: Iterable[torch.Tensor],
+    num_batches: int | None = None,
+    on_host: bool | None = None,
+):
+    """Give every parameter ∂L/∂p of the LM loss averaged over the calibration batches, then clear them.
 
     Like LLM-Pruner (one backward of the mean loss over its calibration samples), computed on the dense
-    model in eval mode; requires_grad flags and train/eval mode are restored on exit.
+    model in eval mode; requires_grad flags and train/eval mode are restored on exit. ``on_host`` (default:
+    when the model is on a GPU) accumulates each gradient in host memory as backward produces it, instead of
+    in ``p.grad``: a 7B model's fp32 gradients (27 GB) would not fit beside its weights on a 40 GB GPU. The
+    sums are the same (fp32 additions in the same order); the importance functions read either place.
     """
     batches = list(islice(calib_batches, num_batches) if num_batches else calib_batches)
     if not batches:
@@ -77,6 +88,9 @@ def taylor_gradients(model: PreTrainedModel, calib_batches: Iterable[torch.Tenso
     params = list(model.parameters())
     flags, was_training = [p.requires_grad for p in params], model.training
     device = params[0].device
+    if on_host is None:
+        on_host = device.type == "cuda"
+    hooks = [p.register_post_accumulate_grad_hook(_grad_to_host) for p in params] if on_host else []
     model.zero_grad(set_to_none=True)
     model.eval()
     try:
@@ -87,17 +101,32 @@ def taylor_gradients(model: PreTrainedModel, calib_batches: Iterable[torch.Tenso
             (model(input_ids=ids, labels=ids).loss / len(batches)).backward()
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         model.zero_grad(set_to_none=True)
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
+            if hasattr(p, HOST_GRAD):
+                delattr(p, HOST_GRAD)
         model.train(was_training)
+
+
+def _grad_to_host(p: torch.Tensor) -> None:
+    """Backward hook: add p.grad to p's host-memory sum and free it on the device."""
+    total = getattr(p, HOST_GRAD, None)
+    if total is None:
+        setattr(p, HOST_GRAD, p.grad.to("cpu"))
+    else:
+        total += p.grad.to("cpu")
+    p.grad = None
 
 
 def _salience(p: torch.Tensor) -> torch.Tensor:
     """Element-wise first-order Taylor importance |w·∂L/∂w| ("param_first")."""
-    if p.grad is None:
+    grad = p.grad if p.grad is not None else getattr(p, HOST_GRAD, None)
+    if grad is None:
         raise RuntimeError("no gradient on a parameter: compute importance inside taylor_gradients(model, batches)")
-    return (p.detach().float() * p.grad.float()).abs()
+    return (p.detach().float() * grad.to(p.device).float()).abs()
 
 
 def _row_importance(linear: nn.Linear) -> torch.Tensor:
