@@ -92,6 +92,7 @@ def test_gradients_summed_in_host_memory_give_the_same_importance(arch, tied):
     """on_host (the default on a GPU) keeps no gradient in p.grad after each backward, and its sums over several
     batches give bit-for-bit the importances of gradients accumulated in p.grad."""
     model = tiny_model(arch, tie_word_embeddings=tied)
+    model.model.norm.weight.requires_grad_(False)  # a frozen parameter gets its gradient too, and stays frozen
     batches = calib(n=3)
 
     def importances(on_host: bool):
@@ -105,6 +106,7 @@ def test_gradients_summed_in_host_memory_give_the_same_importance(arch, tied):
     for a, b in zip(in_grad, on_host, strict=True):
         assert torch.equal(a, b)
     assert all(p.grad is None and not hasattr(p, lp.HOST_GRAD) for p in model.parameters())  # nothing left
+    assert not model.model.norm.weight.requires_grad
     with pytest.raises(RuntimeError, match="inside taylor_gradients"):
         lp.hidden_importance(model)
 

@@ -90,12 +90,14 @@ def taylor_gradients(
     device = params[0].device
     if on_host is None:
         on_host = device.type == "cuda"
-    hooks = [p.register_post_accumulate_grad_hook(_grad_to_host) for p in params] if on_host else []
+    hooks = []
     model.zero_grad(set_to_none=True)
     model.eval()
     try:
         for p in params:
             p.requires_grad_(True)
+        if on_host:  # hooks need requires_grad
+            hooks = [p.register_post_accumulate_grad_hook(_grad_to_host) for p in params]
         for ids in batches:
             ids = ids.to(device)
             (model(input_ids=ids, labels=ids).loss / len(batches)).backward()
