@@ -84,6 +84,22 @@ def _worker(rank, init_file):
         assert state == {}
     assert all_finite(sharded)
 
+    # a tied model (SmolLM2, Llama-3.2-1B): the gathered export gives both names the trained matrix, and loading it
+    # keeps the tie and the one-process model's logits
+    ref = tiny_model("llama", seed=3, tie_word_embeddings=True)
+    _train(ref, full, clip=0.05)
+    sharded = _wrap(tiny_model("llama", seed=3, tie_word_embeddings=True))
+    _train(sharded, local, clip=0.05)
+    state = full_state_dict(sharded)
+    if rank == 0:
+        torch.testing.assert_close(state["lm_head.weight"], state["model.embed_tokens.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(state["lm_head.weight"], ref.lm_head.weight, rtol=1e-4, atol=1e-5)
+        exported = tiny_model("llama", seed=4, tie_word_embeddings=True)
+        exported.load_state_dict(state)
+        assert exported.lm_head.weight is exported.model.embed_tokens.weight
+        with torch.no_grad():
+            torch.testing.assert_close(exported(full[0]).logits, ref(full[0]).logits, rtol=1e-4, atol=1e-4)
+
     # the mixed-precision policy keeps RoPE's buffer in fp32 and reduces gradients in fp32
     policy = mixed_precision_policy("bf16-mixed")
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == policy.buffer_dtype == torch.float32
