@@ -270,3 +270,17 @@ def test_reproduce_plan_cli_offline(tmp_path):
     assert out[-1] == f"peak disk: {dp.plan_target('table3', 'llama7b').peak_bytes / 1e9:.1f} GB"
     bad = subprocess.run(command[:2] + ["demo", "--plan"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--plan works with a target" in bad.stderr
+
+
+def test_reproduce_help_prints_the_header_comment(tmp_path):
+    """./reproduce.sh help: the usage block at the top of the script, whatever its length, without the '#'s."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DSMOE_VENV": str(tmp_path / "no-venv")}
+    out = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "help"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = (ROOT / "reproduce.sh").read_text().splitlines()[1:]
+    header = header[: next(i for i, line in enumerate(header) if not line.startswith("#"))]
+    assert len(lines) == len(header) > 5
+    assert lines[0].startswith("One command per result") and not any(line.startswith("#") for line in lines)
+    for target in ("demo", "test", "setup", "gpu-check", "--plan", "table6", "DSMOE_RESULTS"):
+        assert target in out.stdout
