@@ -56,16 +56,19 @@ def perplexity(
 ) -> PerplexityResult:
     """Token-weighted PPL = exp(Σ −log p(x_{t+1}|x_≤t) / #predicted tokens) over windows (eq. 2).
 
-    Each window (a 1-D LongTensor) is scored on its own; its first token is context only. ``model`` may be a list of
+    Each window (a 1-D LongTensor) is scored on its own; its first token is context only. Windows are batched
+    longest first; those of unequal length (the documents protocol) are padded to the batch's longest, and
+    ``count_only(model, real_tokens)`` (a dynamic method's, e.g. DSMoE's) is called around the forward of a padded
+    batch so that activation statistics count its real tokens only. ``model`` may be a list of
     replicas on different devices: batch b goes to replica b mod R, each replica in its own thread (GPU kernels run
-    concurrently), and the batch sums are added in batch order, so the result does not depend on R. Windows of
-    unequal length are padded; ``count_only(model, real_tokens)`` (a dynamic method's, e.g. DSMoE's) is called
-    around the forward of a padded batch so that activation statistics count its real tokens only.
+    concurrently), and the batch sums are added in batch order, so the result does not depend on R.
     """
     models = list(model) if isinstance(model, Sequence) else [model]
     for m in models:
         m.eval()
-    windows = list(windows)
+    # longest first (stable): documents of similar length share a batch, the least padding (lm-eval orders its
+    # requests so too), and a batch size too large for the device fails on the first batch, not the last
+    windows = sorted(windows, key=len, reverse=True)
     chunks = [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
     sums: list[tuple[float, int] | None] = [None] * len(chunks)
     progress = tqdm(total=len(chunks), desc=desc, leave=False, disable=len(chunks) <= 1)
