@@ -410,13 +410,22 @@ def eval_devices() -> list[torch.device]:
     return [torch.device("cpu")]
 
 
+EVAL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def eval_dtype() -> torch.dtype:
-    """bf16 on a GPU, fp32 on the CPU."""
+    """bf16 on a GPU, fp32 on the CPU; ``DSMOE_EVAL_DTYPE`` (bfloat16, float16, float32) chooses, e.g. float16 or
+    float32 on GPUs without bf16 (V100, T4). Part of every cached evaluation's key ("evaluated_on")."""
+    chosen = os.environ.get("DSMOE_EVAL_DTYPE", "")
+    if chosen:
+        if chosen not in EVAL_DTYPES:
+            raise ValueError(f"DSMOE_EVAL_DTYPE={chosen!r} is not one of {', '.join(EVAL_DTYPES)}")
+        return EVAL_DTYPES[chosen]
     return torch.bfloat16 if eval_devices()[0].type == "cuda" else torch.float32
 
 
 def load_for_eval(source: str, device: torch.device | None = None) -> tuple[torch.nn.Module, Any]:
-    """A model on ``device`` (default: the first evaluation device): bf16 on a GPU, fp32 on the CPU."""
+    """A model on ``device`` (default: the first evaluation device) in :func:`eval_dtype`."""
     from dsmoe.models import load_model
 
     device = device or eval_devices()[0]
@@ -634,7 +643,7 @@ def measure(
     result["activated_fraction"] = result["activated_params"] / dense_total
     result["dense_params"] = dense_total
     result["tau"] = tau if tau is not None else (dynamic.threshold(model) if dynamic else "")
-    evaluated_on = hardware()
+    evaluated_on = f"{hardware()}, {str(eval_dtype()).removeprefix('torch.')}"  # e.g. 8x NVIDIA H100 ..., bfloat16
     where = f"trained on {trained_on}; evaluated on {evaluated_on}" if trained_on else evaluated_on
     result["provenance"] = provenance(**fields, tau=result["tau"], hardware=where)
     return result
@@ -705,6 +714,7 @@ def scale_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with ``--scale`` checked and ``--limit`` / ``--seeds`` checked, their defaults the scale's eval
     settings (the targets' and ``--plan``'s command lines)."""
     sc = scale_config(args.scale)  # fail early on an unknown scale
+    eval_dtype()  # and on a bad DSMOE_EVAL_DTYPE, before any run trains
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of benchmark items per task, got {args.limit}")
     args.limit = args.limit if args.limit is not None else sc.eval.get("benchmark_limit")

@@ -59,7 +59,7 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     assert by_model["dense (no training)"]["tokens"] == "0" and by_model["DSMoE"]["tokens"] == "512"
     # where a run trained (its rank 0 recorded it) and where it was evaluated: at paper scale 8 GPUs vs the driver's
     assert re.fullmatch(
-        r"trained on 1 CPU .+, single_device; evaluated on CPU .+, \d+ threads", by_model["DSMoE"]["hardware"]
+        r"trained on 1 CPU .+, single_device; evaluated on CPU .+, \d+ threads, float32", by_model["DSMoE"]["hardware"]
     )
 
 
@@ -141,6 +141,25 @@ def test_cached_evaluation_is_recomputed_when_its_settings_change(tiny_scale, mo
     fewer = de.evaluate("tiny", "dense")
     assert len(loads) == 1 and fewer["eval_tokens"] == first["eval_tokens"] // 2 and fewer["ppl"] != first["ppl"]
     assert de.evaluate("tiny", "dense") == fewer and len(loads) == 1
+
+
+def test_eval_dtype_is_chosen_by_dsmoe_eval_dtype(tiny_scale, monkeypatch):
+    """DSMOE_EVAL_DTYPE (e.g. float16/float32 on GPUs without bf16): the model is evaluated in it, the cached result
+    is recomputed, and a bad value is refused when the target starts, naming what is allowed."""
+    import torch
+
+    import dsmoe.experiment as de
+
+    fp32 = de.evaluate("tiny", "dense")
+    monkeypatch.setenv("DSMOE_EVAL_DTYPE", "bfloat16")
+    assert de.evaluation_precision() == "cpu torch.bfloat16"
+    model, _ = de.load_for_eval(de.scale_config("tiny").base.model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    bf16 = de.evaluate("tiny", "dense")
+    assert bf16["ppl"] != fp32["ppl"] and bf16["ppl"] == pytest.approx(fp32["ppl"], rel=0.05)
+    monkeypatch.setenv("DSMOE_EVAL_DTYPE", "bf16")
+    with pytest.raises(ValueError, match=r"DSMOE_EVAL_DTYPE='bf16' is not one of bfloat16, float16, float32"):
+        de.parse_scale("table1", ["--scale", "tiny"])
 
 
 def test_evaluation_on_gpus_runs_in_a_child_process(tiny_scale, monkeypatch):
