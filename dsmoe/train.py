@@ -58,6 +58,7 @@ from dsmoe.matching import parse_target
 from dsmoe.methods import get_method, match_options
 from dsmoe.models import EMBEDDED, cast_parameters, load_model, load_tokenizer
 from dsmoe.packages import write_atomic, write_json
+from dsmoe.progress import progress_callbacks
 from dsmoe.results import training_hardware
 from dsmoe.stats import count_params
 
@@ -588,6 +589,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         ThroughputMonitor(
             batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(), window_size=10
         ),
+        # a terminal: Lightning's progress bar; a log file (a cluster job): a plain line every log_every_n_steps
+        *progress_callbacks(t.log_every_n_steps, tokens_per_step),
         *(callbacks or []),
     ]
     # LitCausalLM logs validation values already summed over the ranks (metrics' sync, counts' all-reduce); Lightning

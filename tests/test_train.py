@@ -4,6 +4,7 @@ every method trains through the same entry point, export."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -135,14 +136,29 @@ def test_bad_match_activated_is_named_before_the_model_is_loaded(tmp_path, asset
             train(cfg)
 
 
-def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets):
+def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets, capsys):
+    """Also: stdout that is not a terminal (here pytest's capture; a cluster job's log) gets a progress line every
+    log_every_n_steps optimizer steps and after each validation, where Rich's bar would print only at the end."""
     cfg = make_cfg(
         assets,
         tmp_path,
-        **{"trainer.max_steps": 12, "trainer.val_check_interval": 12, "trainer.keep_checkpoints": True},
+        **{
+            "trainer.max_steps": 12,
+            "trainer.val_check_interval": 12,
+            "trainer.keep_checkpoints": True,
+            "trainer.log_every_n_steps": 5,
+        },
     )
     recorder = LossRecorder()
     final = train(cfg, callbacks=[recorder])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dsmoe.train] ")]
+    steps = [line for line in lines if line.startswith("[dsmoe.train] step ")]
+    assert [line.split()[2] for line in steps] == ["5/12", "10/12", "12/12"], lines
+    assert all(f"{s * 128:,} tokens, lm_loss " in line for s, line in zip((5, 10, 12), steps, strict=True))
+    assert all("mean_active_experts " in line and " left" in line for line in steps)
+    (validation,) = [line for line in lines if line.startswith("[dsmoe.train] validation")]
+    assert re.fullmatch(r"\[dsmoe.train\] validation at step 12, .*\bppl [\d.]+\b.*", validation), validation
+    assert "ppl_a " in validation and "mean_active_experts " in validation and "layer_" not in validation
     losses = list(recorder.losses.values())
     assert sum(losses[-4:]) < 0.95 * sum(losses[:4])  # 0.87-0.92 over seeds after 12 steps
     init, trained = dsmoe.load(tmp_path / "run" / "init_model"), dsmoe.load(final)
