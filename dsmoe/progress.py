@@ -14,17 +14,19 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
+MIN_SECONDS = 30.0  # between two step lines: 1B on 8 GPUs is estimated at ~0.2 s per step (FLOPs), not measured
+
 
 class ProgressLines(ProgressBar):
-    """One line every ``every`` optimizer steps (and at the last): step, tokens, the progress-bar metrics (LM loss,
-    mean active experts, validation PPL), tokens/s and the time left; one line after each validation. Rank 0 only;
-    the metrics are read to the host only on those steps."""
+    """A line on every ``every``-th optimizer step at least ``min_seconds`` after the last line (and on the last
+    step): step, tokens, the progress-bar metrics (LM loss, mean active experts), tokens/s and the time left; one
+    line after each validation. Rank 0 only; the metrics are read to the host only for those lines."""
 
-    def __init__(self, every: int, tokens_per_step: int) -> None:
+    def __init__(self, every: int, tokens_per_step: int, min_seconds: float = MIN_SECONDS) -> None:
         super().__init__()
-        self.every, self.tokens_per_step = every, tokens_per_step
+        self.every, self.tokens_per_step, self.min_seconds = every, tokens_per_step, min_seconds
         self._enabled = True
-        self._start_time, self._start_step, self._last_step = 0.0, 0, -1
+        self._start_time, self._start_step, self._last_step, self._last_time = 0.0, 0, -1, float("-inf")
 
     def disable(self) -> None:
         self._enabled = False
@@ -40,11 +42,13 @@ class ProgressLines(ProgressBar):
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step, total = trainer.global_step, trainer.max_steps
-        if not self._show(trainer) or step == self._last_step or (step % self.every and step != total):
+        step, total, now = trainer.global_step, trainer.max_steps, time.monotonic()
+        if not self._show(trainer) or step == self._last_step:
             return
-        self._last_step = step
-        elapsed = time.monotonic() - self._start_time
+        if step != total and (step % self.every or now - self._last_time < self.min_seconds):
+            return
+        self._last_step, self._last_time = step, now
+        elapsed = now - self._start_time
         rate = (step - self._start_step) / max(elapsed, 1e-9)  # optimizer steps per second since this start
         left = timedelta(seconds=round((total - step) / rate)) if rate > 0 else "?"
         line = (
@@ -72,4 +76,4 @@ def _listed(metrics: dict[str, Any], prefix: str) -> str:
 
 def progress_callbacks(every: int, tokens_per_step: int) -> list[ProgressBar]:
     """Lines (:class:`ProgressLines`) where stdout is not a terminal; none elsewhere: Lightning's own bar."""
-    return [] if sys.stdout.isatty() else [ProgressLines(every, tokens_per_step)]
+    return [] if sys.stdout.isatty() else [ProgressLines(every, tokens_per_step, MIN_SECONDS)]
