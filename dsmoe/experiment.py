@@ -140,8 +140,9 @@ class TrainingFailed(StepFailed):
 def check_launcher(cfg: DictConfig, config_file: Path) -> None:
     """Without ``$DSMOE_LAUNCHER`` Lightning starts the processes of this node only: a run on several nodes, or a
     driver inside a SLURM allocation of several tasks (Lightning would wait for srun tasks nobody starts), would
-    hang. Both stop here, saying what to do."""
+    hang. Both stop here, saying what to do. srun without --kill-on-bad-exit is warned about."""
     if launcher():
+        warn_srun_without_kill_on_bad_exit(launcher())
         return
     nodes = int(OmegaConf.select(cfg, "trainer.num_nodes", default=1))
     if nodes > 1:
@@ -163,6 +164,21 @@ def check_launcher(cfg: DictConfig, config_file: Path) -> None:
             f'run would wait for {launched[0]} processes that nothing starts. Set DSMOE_LAUNCHER="srun '
             f'--ntasks-per-node=<GPUs per node> --cpus-per-task=$SLURM_CPUS_PER_TASK --kill-on-bad-exit=1" (README, '
             '"Several GPUs and nodes"), or allocate one task per node and let Lightning start the processes'
+        )
+
+
+def warn_srun_without_kill_on_bad_exit(command: list[str]) -> None:
+    """A failing rank (e.g. a hub read error in its data loader) leaves the other ranks srun started waiting in their
+    next collective until the process-group timeout (30 min under NCCL), holding their GPUs, unless srun kills the
+    job's other tasks when one fails (--kill-on-bad-exit / -K, or SLURM_KILL_BAD_EXIT=1)."""
+    if not command or Path(command[0]).name != "srun" or os.environ.get("SLURM_KILL_BAD_EXIT") == "1":
+        return
+    flags = [a for a in command[1:] if a.startswith(("--kill-on-bad-exit", "-K"))]
+    if not flags or any(a.endswith(("=0", "-K0")) for a in flags):
+        print(
+            "[experiment] warning: DSMOE_LAUNCHER runs srun without --kill-on-bad-exit=1: if one rank fails, the "
+            "others wait until the process-group timeout (30 min under NCCL), holding their GPUs",
+            file=sys.stderr,
         )
 
 

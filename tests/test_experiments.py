@@ -683,3 +683,27 @@ def test_a_driver_without_a_launcher_refuses_what_would_hang(tmp_path, monkeypat
     monkeypatch.setattr(experiment, "stop_process_group", lambda group, signum: None)
     experiment.launch_training(config)
     assert len(started) == 1
+
+
+@pytest.mark.parametrize(
+    "command, warned",
+    [
+        ("srun --ntasks-per-node=8", True),
+        ("/usr/bin/srun --ntasks-per-node=8 --kill-on-bad-exit=1", False),
+        ("srun -K --ntasks-per-node=8", False),
+        ("srun --kill-on-bad-exit=0", True),
+        ("torchrun --no-python --nproc-per-node=8", False),
+    ],
+)
+def test_srun_without_kill_on_bad_exit_is_warned_about(command, warned, monkeypatch, capsys):
+    """A failing rank would leave the others srun started waiting for the process-group timeout."""
+    import shlex
+
+    import dsmoe.experiment as experiment
+
+    monkeypatch.delenv("SLURM_KILL_BAD_EXIT", raising=False)
+    experiment.warn_srun_without_kill_on_bad_exit(shlex.split(command))
+    assert ("without --kill-on-bad-exit=1" in capsys.readouterr().err) == warned
+    monkeypatch.setenv("SLURM_KILL_BAD_EXIT", "1")  # srun's own default, set for the job
+    experiment.warn_srun_without_kill_on_bad_exit(shlex.split(command))
+    assert capsys.readouterr().err == ""
