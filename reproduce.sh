@@ -115,7 +115,7 @@ case "$target" in
       "$RUN_PY" "experiments/${SCRIPTS[$t]}" "$@"
     done ;;
   help|-h|--help)
-    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0" ;;  # the header comment above
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p;}' "$(basename "$0")" ;;  # the header comment above (cd'ed here)
   *)
     echo "unknown target '$target'; choose one of: setup test demo gpu-check table1 table2 table3 table4 table5 table6 fig2 fig3 all" >&2
     exit 2 ;;

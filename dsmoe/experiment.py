@@ -346,6 +346,7 @@ def evaluation_settings(scale: str, source: str) -> dict[str, Any]:
         "protocol": eval_protocol(scale),
         "val_windows": sc.eval.get("val_windows"),
         "evaluated_on": evaluation_precision(),
+        "batched": "longest first",  # documents of unequal length: the batching moves the last digits
     }
 
 

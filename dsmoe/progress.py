@@ -20,13 +20,21 @@ MIN_SECONDS = 30.0  # between two step lines: 1B on 8 GPUs is estimated at ~0.2 
 class ProgressLines(ProgressBar):
     """A line on every ``every``-th optimizer step at least ``min_seconds`` after the last line (and on the last
     step): step, tokens, the progress-bar metrics (LM loss, mean active experts), tokens/s and the time left; one
-    line after each validation. Rank 0 only; the metrics are read to the host only for those lines."""
+    line after each validation. Rank 0 only."""
 
     def __init__(self, every: int, tokens_per_step: int, min_seconds: float = MIN_SECONDS) -> None:
         super().__init__()
         self.every, self.tokens_per_step, self.min_seconds = every, tokens_per_step, min_seconds
         self._enabled = True
         self._start_time, self._start_step, self._last_step, self._last_time = 0.0, 0, -1, float("-inf")
+
+    @property
+    def is_enabled(self) -> bool:  # LightningModule.print asks
+        return self._enabled
+
+    @property
+    def is_disabled(self) -> bool:
+        return not self._enabled
 
     def disable(self) -> None:
         self._enabled = False

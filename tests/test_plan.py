@@ -284,3 +284,6 @@ def test_reproduce_help_prints_the_header_comment(tmp_path):
     assert lines[0].startswith("One command per result") and not any(line.startswith("#") for line in lines)
     for target in ("demo", "test", "setup", "gpu-check", "--plan", "table6", "DSMOE_RESULTS"):
         assert target in out.stdout
+    command = ["bash", f"{ROOT.name}/reproduce.sh", "help"]  # started from another directory
+    elsewhere = subprocess.run(command, env=env, cwd=ROOT.parent, capture_output=True, text=True)
+    assert elsewhere.returncode == 0 and elsewhere.stdout == out.stdout, elsewhere.stderr

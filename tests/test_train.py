@@ -152,8 +152,15 @@ def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets
     )
     recorder = LossRecorder()
     monkeypatch.setattr("dsmoe.progress.MIN_SECONDS", 0.0)  # (30 s between lines in a real run)
-    final = train(cfg, callbacks=[recorder])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dsmoe.train] ")]
+
+    class Printer(L.Callback):  # LightningModule.print asks the progress bar whether it is enabled
+        def on_train_start(self, trainer, pl_module):
+            pl_module.print("[test] printed")
+
+    final = train(cfg, callbacks=[recorder, Printer()])
+    out = capsys.readouterr().out
+    assert "[test] printed" in out
+    lines = [line for line in out.splitlines() if line.startswith("[dsmoe.train] ")]
     steps = [line for line in lines if line.startswith("[dsmoe.train] step ")]
     assert [line.split()[2] for line in steps] == ["5/12", "10/12", "12/12"], lines
     assert all(f"{s * 128:,} tokens, lm_loss " in line for s, line in zip((5, 10, 12), steps, strict=True))
