@@ -6,7 +6,8 @@
    own process (as every experiment does), with a weights-only export half-way;
 2. the same with FSDP on one device for a few steps: activation checkpointing, rotated sharded checkpoints and the
    gathered export;
-3. SparseGPT and LLM-Pruner (block) calibrated and trained for 2 steps on the GPU;
+3. SparseGPT and LLM-Pruner (block) calibrated and trained for 2 steps on the GPU; LLM-Pruner's importances from
+   gradients summed in host memory (its default on a GPU) against gradients in p.grad, with the peak memory of each;
 4. the final model reloaded by the suite and by plain transformers (``trust_remote_code=True``): logits compared;
 5. PPL of the dense and the trained model on the GPU (bf16, a replica per GPU: the experiments' evaluation);
 6. 20 items of two lm-eval tasks (PIQA, HellaSwag) on the GPU, from the offline copies;
@@ -229,6 +230,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return json.dumps(steps), "calibrated (SparseGPT Hessians, LLM-Pruner gradients) on the GPU, 2 steps each"
 
     check(rows, "baselines calibrated on the accelerator", baselines, out, method=" ".join(BASELINES))
+
+    def host_gradients() -> tuple[str, str]:
+        """LLM-Pruner's importances from gradients summed in host memory (the default on a GPU) against gradients
+        summed in p.grad: the same bits, and the peak GPU memory of each."""
+        from dsmoe.baselines import llm_pruner
+        from dsmoe.models import load_model
+
+        device = torch.device("cuda") if not args.cpu_smoke else torch.device("cpu")
+        dense, _ = load_model(model)
+        dense = dense.to(device)
+        seeded = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, dense.config.vocab_size, (2, 64), generator=seeded) for _ in range(3)]
+        found, peaks = {}, {}
+        for on_host in (False, True):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            with llm_pruner.taylor_gradients(dense, batches, on_host=on_host):
+                found[on_host] = [llm_pruner.hidden_importance(dense)]
+                found[on_host] += [llm_pruner.ffn_importance(layer) for layer in dense.model.layers]
+            peaks[on_host] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+        same = all(torch.equal(a, b) for a, b in zip(found[False], found[True], strict=True))
+        if not same:
+            raise AssertionError("importances from host-summed gradients differ from those summed in p.grad")
+        return "identical", f"peak GPU memory {peaks[False]:.0f} MiB in p.grad, {peaks[True]:.0f} MiB in host memory"
+
+    check(rows, "LLM-Pruner gradients summed in host memory", host_gradients, out, method="llm_pruner_block")
 
     def reload() -> tuple[str, str]:
         import dsmoe

@@ -589,6 +589,7 @@ def test_gpu_check_script_runs_its_checks_on_the_cpu(tmp_path, monkeypatch):
         "train DSMoE 4 steps": "ok",
         "FSDP on one device (sharded checkpoints, gathered export)": "ok",
         "baselines calibrated on the accelerator": "ok",
+        "LLM-Pruner gradients summed in host memory": "ok",
         "export reloaded anywhere": "ok",
         "PPL on the accelerator": "ok",
         "lm-eval on the accelerator": "ok",
