@@ -42,6 +42,7 @@ import yaml
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -214,7 +215,7 @@ def check_devices(t: TrainerConfig) -> None:
     if processes < 1:
         raise ValueError(f"trainer.devices={t.devices!r} gives no process; give a positive count or device list")
     launched = launched_world_size()
-    if launched is not None and launched[0] != processes:
+    if launched is not None and launched[0] != processes and not lightning_starts_the_processes(t):
         raise ValueError(
             f"{launched[1]} {launched[0]} processes but trainer.devices={t.devices!r} × trainer.num_nodes="
             f"{t.num_nodes} gives {processes}: make them agree (trainer.num_nodes=<nodes>, trainer.devices=<processes "
@@ -222,6 +223,16 @@ def check_devices(t: TrainerConfig) -> None:
             "--ntasks-per-node=<devices>, or DSMOE_LAUNCHER for the experiment scripts; README, 'Several GPUs and "
             "nodes')"
         )
+
+
+def lightning_starts_the_processes(t: TrainerConfig) -> bool:
+    """In a SLURM job step of one task on one node (``sbatch --ntasks=1 --gpus=8``, the usual single-node job),
+    Lightning would take SLURM's one task for the whole world and refuse trainer.devices > 1: there it is given its
+    own cluster environment instead and starts the processes itself, as outside SLURM."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    single_task = SLURMEnvironment.detect() and int(os.environ["SLURM_NTASKS"]) == 1
+    return single_task and t.num_nodes == 1 and world_size(t) > 1
 
 
 def launched_world_size() -> tuple[int, str] | None:
@@ -604,7 +615,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         num_nodes=t.num_nodes,
         strategy=build_strategy(cfg, model),
         precision=precision,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *([LightningEnvironment()] if lightning_starts_the_processes(t) else [])],
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=None,  # LitCausalLM clips (FSDP needs its own clip, which Lightning's FSDP plugin refuses)

@@ -293,6 +293,33 @@ def test_processes_started_by_torchrun_or_srun_must_agree_with_devices_times_nod
     monkeypatch.setenv("SLURM_JOB_NAME", "table1")
     with pytest.raises(ValueError, match=r"this SLURM job step has \(SLURM_NTASKS\) 16 processes .* gives 4.*srun"):
         check_devices(cfg.trainer)
+    # one SLURM task on one node (sbatch --ntasks=1 --gpus=8): Lightning starts the processes itself, as outside SLURM
+    from dsmoe.train import lightning_starts_the_processes
+
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    with pytest.raises(ValueError, match=r"\(SLURM_NTASKS\) 1 processes .* gives 4"):  # two nodes: srun must start them
+        check_devices(cfg.trainer)
+    one_node = make_cfg(assets, tmp_path, **{"trainer.devices": 2}).trainer
+    check_devices(one_node)
+    assert lightning_starts_the_processes(one_node)
+    assert not lightning_starts_the_processes(make_cfg(assets, tmp_path).trainer)  # one device: SLURM's one task
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # not SLURM for Lightning: it starts them anyway
+    assert not lightning_starts_the_processes(one_node)
+
+
+@pytest.mark.slow
+def test_ddp_in_a_slurm_job_step_of_one_task(tmp_path, assets):
+    """sbatch --ntasks=1 with 2 devices: the run trains on 2 processes that Lightning started (SLURM's variables
+    simulated), rank 0 alone preparing the model."""
+    cfg = make_cfg(assets, tmp_path, **{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 2})
+    OmegaConf.save(cfg, tmp_path / "ddp.yaml")
+    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "table1.sbatch", "SLURM_JOB_ID": "7"}
+    slurm |= {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    command = [sys.executable, "-m", "dsmoe.train", "--config", str(tmp_path / "ddp.yaml")]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **slurm})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["world_size"] == 2
 
 
 def test_calibration_runs_on_the_gpu_of_the_runs_first_device(monkeypatch, tmp_path, assets):
