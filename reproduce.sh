@@ -69,7 +69,7 @@ print(" ".join(n for n in needs if importlib.util.find_spec(n) is None))') || mi
   echo "$want" > "$stamp"
 }
 
-# target → script (Tables 5 and 6 are the same experiment at the 1B and 7B scales)
+# target → script (Tables 5 and 6 are the same experiment at the 1B and 7B scales; dsmoe.targets.TARGET_SCRIPTS too)
 declare -A SCRIPTS=(
   [table1]=table1.py [table2]=table2.py [table3]=ablation_ste.py [table4]=tau_sweep.py
   [table5]=token_curve.py [table6]=token_curve.py [fig2]=ablation_no_gate.py [fig3]=heatmap.py
@@ -109,11 +109,9 @@ case "$target" in
   table1|table2|table3|table4|table5|table6|fig2|fig3)
     setup
     exec "$RUN_PY" "experiments/${SCRIPTS[$target]}" "$@" ;;
-  all)
+  all)  # one process: a SIGTERM to it reaches the target running then
     setup
-    for t in table1 table2 table3 table4 table5 fig2 fig3; do
-      "$RUN_PY" "experiments/${SCRIPTS[$t]}" "$@"
-    done ;;
+    exec "$RUN_PY" experiments/all.py "$@" ;;
   help|-h|--help)
     sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p;}' "$(basename "$0")" ;;  # the header comment above (cd'ed here)
   *)

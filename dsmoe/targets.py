@@ -37,6 +37,17 @@ TARGET_RUNS: dict[str, tuple[tuple[str, str], ...]] = {
     "fig2": NO_GATE_RUNS,
     "fig3": HEATMAP_RUNS,
 }
+# target → its script in experiments/ (Tables 5 and 6 are the same experiment at the 1B and 7B scales)
+TARGET_SCRIPTS = {
+    "table1": "table1.py",
+    "table2": "table2.py",
+    "table3": "ablation_ste.py",
+    "table4": "tau_sweep.py",
+    "table5": "token_curve.py",
+    "table6": "token_curve.py",
+    "fig2": "ablation_no_gate.py",
+    "fig3": "heatmap.py",
+}
 ALL = (
     "table1",
     "table2",

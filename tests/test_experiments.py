@@ -708,3 +708,31 @@ def test_srun_without_kill_on_bad_exit_is_warned_about(command, warned, monkeypa
     monkeypatch.setenv("SLURM_KILL_BAD_EXIT", "1")  # srun's own default, set for the job
     experiment.warn_srun_without_kill_on_bad_exit(shlex.split(command))
     assert capsys.readouterr().err == ""
+
+
+def test_all_runs_every_target_in_one_process_and_stops_at_a_failure(monkeypatch):
+    """experiments/all.py (./reproduce.sh all): each target's script in turn with the same arguments, in this process
+    (where a SIGTERM to the driver reaches the target running then); the first failure stops it. reproduce.sh's
+    target → script map is dsmoe.targets.TARGET_SCRIPTS."""
+    from dsmoe.targets import ALL, TARGET_SCRIPTS
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    ran = []
+    for script in set(TARGET_SCRIPTS.values()):
+        module = importlib.import_module(Path(script).stem)
+        monkeypatch.setattr(module, "main", lambda argv, script=script: ran.append((script, argv)))
+    everything = importlib.import_module("all")
+    everything.main(["--scale", "tiny"])
+    assert ran == [(TARGET_SCRIPTS[t], ["--scale", "tiny"]) for t in ALL]
+    ran.clear()
+
+    def fails(argv):
+        raise RuntimeError("table2 failed")
+
+    monkeypatch.setattr(importlib.import_module("table2"), "main", fails)
+    with pytest.raises(RuntimeError, match="table2 failed"):
+        everything.main([])
+    assert [script for script, _ in ran] == ["table1.py"]
+    text = (EXPERIMENTS.parent / "reproduce.sh").read_text()
+    pairs = re.findall(r"\[(\w+)\]=(\w+\.py)", text[text.index("declare -A SCRIPTS") :])
+    assert dict(pairs) == TARGET_SCRIPTS
