@@ -3,23 +3,51 @@ llama7b scale), Figs. 2 and 3.
 
     python experiments/all.py [--scale S] [--limit N] [--seeds N]      (./reproduce.sh all)
 
-One process, so that a SIGTERM to it (a batch job's signal before its time limit) reaches the target running then,
-which passes it on to its training run: the run saves a checkpoint and everything exits 143. Stops at the first
-target that fails; run it again to go on (finished runs and cached evaluations are reused).
+Each target's script runs as a child of this process, which passes a SIGTERM or hang-up on to it (a batch job's
+signal before its time limit reaches the target running then: its training run saves a checkpoint and everything
+exits 143) and Ctrl-C as Ctrl-C. Stops at the first target that fails, with its exit status; run it again to go on
+(finished runs and cached evaluations are reused).
 """
 
-import importlib
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 from dsmoe.cli import run as run_cli
 from dsmoe.targets import ALL, TARGET_SCRIPTS
 
+HERE = Path(__file__).resolve().parent
+
+
+def run_target(command: list[str]) -> int:
+    """Run ``command``, passing a SIGTERM or hang-up to this process on as SIGTERM and a SIGINT as SIGINT (signals
+    this process ignores, e.g. under nohup, stay ignored); its exit status, 128 + N if signal N ended it."""
+    child = subprocess.Popen(command)
+
+    def forward(signum, frame) -> None:
+        child.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    previous = {
+        signum: signal.signal(signum, forward)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code
+
 
 def main(argv: list[str] | None = None) -> None:
     for target in ALL:
-        print(f"[all] {target}: experiments/{TARGET_SCRIPTS[target]}", file=sys.stderr)
-        importlib.import_module(Path(TARGET_SCRIPTS[target]).stem).main(argv)
+        print(f"[all] {target}: experiments/{TARGET_SCRIPTS[target]}", file=sys.stderr, flush=True)
+        code = run_target([sys.executable, str(HERE / TARGET_SCRIPTS[target]), *(argv or [])])
+        if code:
+            print(f"[all] stopped at {target} (exit status {code}); run it again to go on", file=sys.stderr)
+            raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -710,29 +710,59 @@ def test_srun_without_kill_on_bad_exit_is_warned_about(command, warned, monkeypa
     assert capsys.readouterr().err == ""
 
 
-def test_all_runs_every_target_in_one_process_and_stops_at_a_failure(monkeypatch):
-    """experiments/all.py (./reproduce.sh all): each target's script in turn with the same arguments, in this process
-    (where a SIGTERM to the driver reaches the target running then); the first failure stops it. reproduce.sh's
-    target → script map is dsmoe.targets.TARGET_SCRIPTS."""
+FAKE_TARGET = """
+import os, sys, time
+from pathlib import Path
+log = Path(os.environ["FAKE_LOG"])
+log.write_text(log.read_text() + f"{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\\n")
+if Path(sys.argv[0]).name == os.environ.get("FAKE_FAILS"):
+    sys.exit(3)
+if Path(sys.argv[0]).name == os.environ.get("FAKE_WAITS"):
+    Path(os.environ["FAKE_LOG"] + ".waiting").write_text("")
+    time.sleep(60)  # until the SIGTERM passed on (its default action: exit by the signal)
+"""
+
+
+def test_all_runs_every_target_and_passes_sigterm_on(tmp_path, monkeypatch):
+    """experiments/all.py (./reproduce.sh all): each target's script in turn with the same arguments, each in a child
+    process; the first failure stops it with that exit status; a SIGTERM to it (a batch job's time-limit signal) is
+    passed on to the target running and it exits 143. reproduce.sh's map is dsmoe.targets.TARGET_SCRIPTS."""
+    import os
+    import signal
+    import threading
+    import time
+
     from dsmoe.targets import ALL, TARGET_SCRIPTS
 
     monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    ran = []
-    for script in set(TARGET_SCRIPTS.values()):
-        module = importlib.import_module(Path(script).stem)
-        monkeypatch.setattr(module, "main", lambda argv, script=script: ran.append((script, argv)))
     everything = importlib.import_module("all")
+    for script in TARGET_SCRIPTS.values():
+        (tmp_path / script).write_text(FAKE_TARGET)
+    monkeypatch.setattr(everything, "HERE", tmp_path)
+    log = tmp_path / "log"
+    log.write_text("")
+    monkeypatch.setenv("FAKE_LOG", str(log))
     everything.main(["--scale", "tiny"])
-    assert ran == [(TARGET_SCRIPTS[t], ["--scale", "tiny"]) for t in ALL]
-    ran.clear()
-
-    def fails(argv):
-        raise RuntimeError("table2 failed")
-
-    monkeypatch.setattr(importlib.import_module("table2"), "main", fails)
-    with pytest.raises(RuntimeError, match="table2 failed"):
+    assert log.read_text().splitlines() == [f"{TARGET_SCRIPTS[t]} --scale tiny" for t in ALL]
+    log.write_text("")
+    monkeypatch.setenv("FAKE_FAILS", "table2.py")
+    with pytest.raises(SystemExit) as stopped:
         everything.main([])
-    assert [script for script, _ in ran] == ["table1.py"]
+    assert stopped.value.code == 3 and log.read_text().split() == ["table1.py", "table2.py"]
+    log.write_text("")
+    monkeypatch.setenv("FAKE_WAITS", "table1.py")
+
+    def preempt() -> None:
+        while not (tmp_path / "log.waiting").exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        everything.main([])
+    assert stopped.value.code == 143 and log.read_text().split() == ["table1.py"]
+    assert signal.getsignal(signal.SIGTERM) is previous
     text = (EXPERIMENTS.parent / "reproduce.sh").read_text()
     pairs = re.findall(r"\[(\w+)\]=(\w+\.py)", text[text.index("declare -A SCRIPTS") :])
     assert dict(pairs) == TARGET_SCRIPTS
