@@ -5,8 +5,8 @@ llama7b scale), Figs. 2 and 3.
 
 Each target's script runs as a child of this process, which passes a SIGTERM or hang-up on to it (a batch job's
 signal before its time limit reaches the target running then: its training run saves a checkpoint and everything
-exits 143) and Ctrl-C as Ctrl-C. Stops at the first target that fails, with its exit status; run it again to go on
-(finished runs and cached evaluations are reused).
+exits 143); Ctrl-C in the terminal reaches the target itself. Stops at the first target that fails, with its exit
+status; run it again to go on (finished runs and cached evaluations are reused).
 """
 
 import signal
@@ -21,12 +21,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_target(command: list[str]) -> int:
-    """Run ``command``, passing a SIGTERM or hang-up to this process on as SIGTERM and a SIGINT as SIGINT (signals
-    this process ignores, e.g. under nohup, stay ignored); its exit status, 128 + N if signal N ended it."""
+    """Run ``command`` and return its exit status (128 + N if signal N ended it). A SIGTERM or hang-up to this
+    process is passed on to it as SIGTERM; Ctrl-C reaches it from the terminal (it is in this process's group), so
+    this process only waits for it and then stops (130). Signals this process ignores (nohup) stay ignored."""
     child = subprocess.Popen(command)
+    interrupted = []
 
     def forward(signum, frame) -> None:
-        child.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        if signum == signal.SIGINT:
+            interrupted.append(signum)  # not passed on: a second Ctrl-C would make srun abort at once
+        else:
+            child.send_signal(signal.SIGTERM)
 
     previous = {
         signum: signal.signal(signum, forward)
@@ -38,7 +43,8 @@ def run_target(command: list[str]) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 128 - code if code < 0 else code
+    code = 128 - code if code < 0 else code
+    return code or (130 if interrupted else 0)
 
 
 def main(argv: list[str] | None = None) -> None:
