@@ -537,14 +537,16 @@ def test_no_process_of_a_run_outlives_it(monkeypatch, tmp_path, how, signum, cod
     if signum:
         threading.Thread(target=signal_the_driver, daemon=True).start()
     expected = pytest.raises(SystemExit) if signum else pytest.raises(experiment.TrainingFailed, match="status 1")
-    # the hang-up must reach the driver where the tests themselves run under nohup too (an ignored hang-up stays
-    # ignored, as tested above)
+    # the signal must reach the driver where the tests themselves run under nohup (hang-up ignored) or in the
+    # background of a shell (Ctrl-C ignored): an ignored signal stays ignored, as tested above
     hup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with expected as stopped:
             experiment.launch_training(tmp_path / "launch.yaml")
     finally:
         signal.signal(signal.SIGHUP, hup)
+        signal.signal(signal.SIGINT, sigint)
     if code:
         assert stopped.value.code == code
     # in the terminal's background: writing must not stop it, and it reads nothing from the terminal
