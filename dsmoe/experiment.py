@@ -239,8 +239,8 @@ def launch_training(config_file: Path) -> None:
     # torchrun exits 1 when its ranks exit 143; a SIGTERM after the run's last step stops the driver too
     if code == PREEMPTED or signal.SIGTERM in received or (code and marker.exists()):
         say(
-            "[experiment] training stopped by SIGTERM (its output above names the checkpoint it saved, if any); run the same command "
-            "again to resume"
+            "[experiment] training stopped by SIGTERM (its output above names the checkpoint it saved, if any); run "
+            "the same command again to resume"
         )
         raise SystemExit(PREEMPTED)
     if code:
