@@ -152,6 +152,15 @@ def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets
     )
     recorder = LossRecorder()
     monkeypatch.setattr("dsmoe.progress.MIN_SECONDS", 0.0)  # (30 s between lines in a real run)
+    from dsmoe.lit import LitCausalLM
+
+    taken, log_activation = [], LitCausalLM._log_activation
+
+    def recorded(self, stage, last):  # training's activation statistics: only on the steps the logger writes
+        taken.append((stage, self.global_step))
+        log_activation(self, stage, last)
+
+    monkeypatch.setattr(LitCausalLM, "_log_activation", recorded)
 
     class Printer(L.Callback):  # LightningModule.print asks the progress bar whether it is enabled
         def on_train_start(self, trainer, pl_module):
@@ -176,7 +185,15 @@ def test_training_lowers_loss_and_sparsity_loss_reaches_routers(tmp_path, assets
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
-    tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    accumulator = EventAccumulator(str(events)).Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    # steps 5, 10 (TensorBoard) and the last, 12 (the last progress line), each of its 2 micro-batches (the second
+    # one's values are logged)
+    assert [step for stage, step in taken if stage == "train"] == [4, 4, 9, 9, 11, 11]
+    written = [
+        [event.step for event in accumulator.Scalars(f"train/{name}")] for name in ("lm_loss", "mean_active_experts")
+    ]
+    assert written[0] == written[1] == [4, 9], written
     expected = {"train/lm_loss", "train/sparsity_loss", "train/loss", "train/mean_active_experts"}
     expected |= {"train/active_experts/layer_01", "train/activated_params_frac", "train/device/items_per_sec"}
     expected |= {"val/ppl", "val/ppl_a", "val/ppl_b", "val/mean_active_experts", "lr-AdamW/pg1"}
