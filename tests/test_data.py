@@ -205,6 +205,50 @@ def test_hub_shaped_files_resolve_in_order_and_a_dataset_folder_resolves_like_a_
     ]
 
 
+def test_local_copies_of_the_paper_sets_are_used_through_their_presets_without_the_hub(tmp_path, monkeypatch):
+    """A node without internet: each paper set, as `hf download --repo-type dataset ID --local-dir DIR` leaves it
+    (README.md naming the configs), is read through its preset given `path: DIR`, with only the preset's config's
+    files; a hub set that cannot be reached, or a copy without its README.md, is refused saying so."""
+    import datasets
+
+    configs = {"fineweb-edu": ("sample-10BT", "sample/10BT", "default", "data/CC-MAIN-2024-10")}
+    configs["cosmopedia"] = ("web_samples_v2", "data/web_samples_v2", "stories", "data/stories")
+    layouts = {name: [wanted, other] for name, (_, wanted, _, other) in configs.items()}
+    layouts |= {"open-web-math": ["data"], "starcoder": ["python", "java"]}  # starcoder: the preset's data_dir
+    texts = {}
+    for name, folders in layouts.items():
+        column = "content" if name == "starcoder" else "text"
+        for folder in folders:
+            (tmp_path / name / folder).mkdir(parents=True)
+            for f in range(2):
+                docs = [f"{name} {folder} {f} {r}" for r in range(6)]
+                pq.write_table(pa.table({column: docs}), tmp_path / name / folder / f"train-{f:05d}-of-00002.parquet")
+                texts[name, folder] = texts.get((name, folder), []) + docs
+    for name, config in configs.items():
+        lines = [
+            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {d}/*\n"
+            for c, d in (config[:2], config[2:])
+        ]
+        (tmp_path / name / "README.md").write_text("---\nconfigs:\n" + "".join(lines) + "---\n")
+    sources = [SourceConfig.from_obj({"preset": f"paper:{name}", "path": str(tmp_path / name)}) for name in layouts]
+    assert not any(source.is_hub for source in sources)
+    prepared, held_out = prepare_sources(DataConfig(sources=sources, val_docs_per_source=2))
+    for source, held, (name, folders) in zip(prepared, held_out, layouts.items(), strict=True):
+        reader = SourceReader(source.files, 0, 1, source.held_out, 0, 8, 0.01, held_out_texts=source.held_out_texts)
+        assert sorted(one_epoch(reader) + list(held)) == sorted(texts[name, folders[0]]), name
+
+    (tmp_path / "fineweb-edu" / "README.md").unlink()
+    with pytest.raises(DataFileError, match="'sample-10BT' not found.*needs the dataset's README.md beside its files"):
+        resolve_files(sources[0])
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", unreachable)
+    with pytest.raises(DataFileError, match=r"without hub access.*hf download --repo-type dataset HuggingFaceFW/fi"):
+        resolve_files(SourceConfig.from_obj("paper:fineweb-edu"))
+
+
 @pytest.mark.parametrize("world_size, num_workers", [(2, 2), (1, 3)])
 def test_readers_read_disjoint_files_and_cover_the_training_documents(tmp_path, world_size, num_workers):
     sources = hub_shaped_sources(tmp_path / "hub")

@@ -140,9 +140,16 @@ def _hub_files(source: SourceConfig) -> tuple[str, list[str]]:
             source.path, name=source.config_name, data_dir=source.data_dir, revision=source.revision
         )
     except Exception as err:  # noqa: BLE001 - any failure here means the dataset cannot be found or reached
+        if source.is_hub:  # e.g. a node without internet
+            hint = (
+                f"; without hub access, download it where there is (`hf download --repo-type dataset {source.path} "
+                "--local-dir DIR`, --include this config's files and README.md) and give the source `path: DIR`"
+            )
+        else:  # a local copy of a hub dataset: its README.md names the configs
+            hint = "; a local copy of a hub dataset needs the dataset's README.md beside its files"
         raise DataFileError(
             f"source {source.name!r}: cannot resolve dataset {source.path!r} (config {source.config_name!r}, "
-            f"data_dir {source.data_dir!r}): {type(err).__name__}: {err}"
+            f'data_dir {source.data_dir!r}): {type(err).__name__}: {err}{hint} (README, "Machines without internet")'
         ) from err
     data_files = builder.config.data_files or {}
     if source.split not in data_files:
