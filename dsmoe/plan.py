@@ -314,16 +314,34 @@ class TargetPlan:
         return next(r for r in self.runs if r.run == name)
 
 
-def dsmoe_fraction(scale: str, model: str) -> tuple[float, str]:
+STRUCTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def paper_model(model: str, config: PretrainedConfig) -> str | None:
+    """The paper's model ``model`` is: its hub name, or a local copy with its shipped config's structure."""
+    if model in PAPER_ACTIVATED:
+        return model
+    shape = [getattr(config, key, None) for key in STRUCTURE_KEYS]
+    for name in PAPER_ACTIVATED:
+        if shape == [getattr(model_config(name), key) for key in STRUCTURE_KEYS]:
+            return name
+    return None
+
+
+def dsmoe_fraction(scale: str, model: str, config: PretrainedConfig) -> tuple[float, str]:
     """The activated fraction the baselines match: this scale's DSMoE evaluation, else the paper's Table 1."""
     path = runs_root(scale) / "dsmoe" / "eval.json"
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     if path.exists():
         return float(json.loads(path.read_text())["activated_fraction"]), f"measured by this scale's DSMoE ({shown})"
-    activated, total = PAPER_ACTIVATED.get(model, PAPER_ACTIVATED["meta-llama/Llama-3.2-1B"])
-    paper = f"the paper's Table 1 ({count(activated)} of {count(total)}"
-    paper += ")" if model in PAPER_ACTIVATED else f" for Llama-3.2-1B, assumed for {model})"
-    return activated / total, f"{paper}: DSMoE has not been evaluated at this scale yet ({shown} is missing)"
+    paper = paper_model(model, config)
+    activated, total = PAPER_ACTIVATED[paper or "meta-llama/Llama-3.2-1B"]
+    source = f"the paper's Table 1 ({count(activated)} of {count(total)}"
+    if paper is None:
+        source += f" for Llama-3.2-1B, assumed for {model})"
+    else:
+        source += ")" if paper == model else f" for {paper}, whose structure {model} has)"
+    return activated / total, f"{source}: DSMoE has not been evaluated at this scale yet ({shown} is missing)"
 
 
 def source_description(model: str) -> tuple[str, bool]:
@@ -355,7 +373,7 @@ def plan_target(target: str, scale: str, seeds: int | None = None) -> TargetPlan
     for run, label in target_labels(target):
         if label not in labels.setdefault(run, []):
             labels[run].append(label)
-    fraction, fraction_source = dsmoe_fraction(scale, model)
+    fraction, fraction_source = dsmoe_fraction(scale, model, config)
     seeds = int(sc.eval.get("seeds", 1)) if seeds is None else seeds
     runs = []
     for run in order:

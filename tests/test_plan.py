@@ -103,6 +103,26 @@ def test_measured_dsmoe_fraction_replaces_the_papers(offline):
         dp.plan_target("table1", "llama1b")
 
 
+def test_a_local_copy_of_a_paper_model_plans_with_that_models_table_1_fraction(offline, monkeypatch):
+    """An offline node's scale copy names the model by its directory: the plan recognises Llama-2-7B by its structure
+    and matches the baselines to 7B's Table 1 fraction (3.93B of 6.74B), not to the 1B fallback."""
+    local = offline / "Llama-2-7b-hf"
+    local.mkdir()
+    (local / "config.json").write_text((dp.CONFIGS_DIR / "llama-2-7b-hf.json").read_text())
+    scale = (ROOT / "experiments/configs/scales/llama7b.yaml").read_text()
+    assert "model: meta-llama/Llama-2-7b-hf\n" in scale
+    (offline / "scales").mkdir()
+    (offline / "scales" / "llama7b.yaml").write_text(scale.replace("meta-llama/Llama-2-7b-hf", str(local)))
+    monkeypatch.setenv("DSMOE_SCALES_DIR", str(offline / "scales"))
+    plan = dp.plan_target("table1", "llama7b")
+    assert plan.config_source == f"local directory {local} (already on disk, not counted)"
+    assert f"(3.93B of 6.74B for meta-llama/Llama-2-7b-hf, whose structure {local} has)" in plan.fraction_source
+    assert abs(plan.run("llm_pruner_block").params / 3.93e9 - 1) < 0.005
+    other = json.loads((local / "config.json").read_text()) | {"num_hidden_layers": 30}
+    (local / "config.json").write_text(json.dumps(other))
+    assert f"for Llama-3.2-1B, assumed for {local})" in dp.plan_target("table1", "llama7b").fraction_source
+
+
 def test_demo_scale_plan(offline):
     plan = dp.plan_target("table1", "demo")  # DSMOE_CACHE is empty: the shipped config of the embedded model
     assert plan.dense_params == 134_515_008 and plan.dense_dtype == "float32"
