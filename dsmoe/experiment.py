@@ -21,6 +21,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -167,14 +168,24 @@ def check_launcher(cfg: DictConfig, config_file: Path) -> None:
         )
 
 
+def slurm_kills_on_bad_exit() -> bool:
+    """Whether the cluster's slurm.conf makes srun kill a step's other tasks when one fails (KillOnBadExit=1)."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):  # no scontrol here, or it does not answer
+        return False
+    return re.search(r"^KillOnBadExit\s*=\s*1\s*$", shown, re.MULTILINE) is not None
+
+
 def warn_srun_without_kill_on_bad_exit(command: list[str]) -> None:
     """A failing rank (e.g. a hub read error in its data loader) leaves the other ranks srun started waiting in their
     next collective until the process-group timeout (30 min under NCCL), holding their GPUs, unless srun kills the
-    job's other tasks when one fails (--kill-on-bad-exit / -K, or SLURM_KILL_BAD_EXIT=1)."""
+    job's other tasks when one fails (--kill-on-bad-exit / -K, SLURM_KILL_BAD_EXIT=1, or slurm.conf's
+    KillOnBadExit=1 where the flag is not given)."""
     if not command or Path(command[0]).name != "srun" or os.environ.get("SLURM_KILL_BAD_EXIT") == "1":
         return
     flags = [a for a in command[1:] if a.startswith(("--kill-on-bad-exit", "-K"))]
-    if not flags or any(a.endswith(("=0", "-K0")) for a in flags):
+    if (not flags and not slurm_kills_on_bad_exit()) or any(a.endswith(("=0", "-K0")) for a in flags):
         print(
             "[experiment] warning: DSMOE_LAUNCHER runs srun without --kill-on-bad-exit=1: if one rank fails, the "
             "others wait until the process-group timeout (30 min under NCCL), holding their GPUs",

@@ -2,6 +2,7 @@
 and provenance; an interrupted target re-run completes without redoing finished runs."""
 
 import importlib
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -165,7 +166,6 @@ def test_eval_dtype_is_chosen_by_dsmoe_eval_dtype(tiny_scale, monkeypatch):
 def test_evaluation_on_gpus_runs_in_a_child_process(tiny_scale, monkeypatch):
     """Where there are GPUs the driver measures in a spawned child (DSMOE_EVAL_IN_CHILD=1 does so on the CPU): the
     driver holds no CUDA context while the runs it starts next train. Same result as in the driver itself."""
-    import os
 
     import dsmoe.experiment as de
 
@@ -183,7 +183,6 @@ def test_evaluation_on_gpus_runs_in_a_child_process(tiny_scale, monkeypatch):
 
 
 def where_it_ran(x, device):
-    import os
 
     return x * x, str(device), os.getpid()
 
@@ -191,7 +190,6 @@ def where_it_ran(x, device):
 def test_calls_share_the_devices_one_child_each(monkeypatch):
     """Table 2's lm-eval, one model per GPU: each call in a child process on a device of its own, every call done
     (here 2 CPU "devices" stand in for GPUs, with DSMOE_EVAL_IN_CHILD=1)."""
-    import os
 
     import torch
 
@@ -313,7 +311,6 @@ def test_model_fingerprint_changes_when_a_model_is_written_again(tmp_path):
 def test_ddp_table1_and_tau_sweep_drivers_with_two_processes_per_run(write_scale):
     """The real entry points: the driver launches each run as `python -m dsmoe.train` (Lightning then starts the
     second rank), evaluates alone and writes each CSV once; a re-run trains nothing."""
-    import os
     import subprocess
     import sys
 
@@ -351,7 +348,6 @@ def test_ddp_table1_and_tau_sweep_drivers_with_two_processes_per_run(write_scale
 def test_fsdp_table1_driver_trains_every_method_with_two_processes(write_scale):
     """Table 1 with every method trained under FSDP (2 CPU processes, dsmoe's FSDP strategy): pruned shapes,
     top-k experts and SparseGPT masks on shards, each run exported once and evaluated by the driver."""
-    import os
     import subprocess
     import sys
 
@@ -381,7 +377,6 @@ def test_fsdp_table1_driver_trains_every_method_with_two_processes(write_scale):
 def test_table1_driver_with_torchrun_as_the_launcher(write_scale):
     """DSMOE_LAUNCHER=torchrun: the driver's runs start as torchrun's ranks (not Lightning's), the CSV is written
     once by the driver."""
-    import os
     import subprocess
     import sys
 
@@ -453,7 +448,6 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
 def test_the_driver_keeps_ignored_signals_and_stops_after_a_late_sigterm(monkeypatch, tmp_path):
     """nohup's ignored hang-up stays ignored while a run trains; a SIGTERM passed on after the run's last step still
     stops the driver (143) instead of letting it go on to evaluate or train the next run."""
-    import os
     import signal
     import subprocess
 
@@ -514,7 +508,6 @@ def test_no_process_of_a_run_outlives_it(monkeypatch, tmp_path, how, signum, cod
     """A run's processes die with it: a rank its rank 0 left behind (rank 0 failed, or was killed by a SIGTERM that
     came before it could pass one on) is stopped by the driver. A SIGTERM passed on (or a hang-up) counts as a
     preemption (143), whatever the run's exit status; Ctrl-C stops everything (130)."""
-    import os
     import signal
     import sys
     import threading
@@ -698,15 +691,24 @@ def test_a_driver_without_a_launcher_refuses_what_would_hang(tmp_path, monkeypat
         ("torchrun --no-python --nproc-per-node=8", False),
     ],
 )
-def test_srun_without_kill_on_bad_exit_is_warned_about(command, warned, monkeypatch, capsys):
+def test_srun_without_kill_on_bad_exit_is_warned_about(command, warned, tmp_path, monkeypatch, capsys):
     """A failing rank would leave the others srun started waiting for the process-group timeout."""
     import shlex
 
     import dsmoe.experiment as experiment
 
     monkeypatch.delenv("SLURM_KILL_BAD_EXIT", raising=False)
+    bin_dir = tmp_path / "bin"  # a cluster's scontrol, answering as its slurm.conf says
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "KillOnBadExit           = $KILL"\necho "KillWait = 30 sec"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("KILL", "0")
     experiment.warn_srun_without_kill_on_bad_exit(shlex.split(command))
     assert ("without --kill-on-bad-exit=1" in capsys.readouterr().err) == warned
+    monkeypatch.setenv("KILL", "1")  # slurm.conf's default for srun, where the flag is not given
+    experiment.warn_srun_without_kill_on_bad_exit(shlex.split(command))
+    assert ("without --kill-on-bad-exit=1" in capsys.readouterr().err) == (command == "srun --kill-on-bad-exit=0")
     monkeypatch.setenv("SLURM_KILL_BAD_EXIT", "1")  # srun's own default, set for the job
     experiment.warn_srun_without_kill_on_bad_exit(shlex.split(command))
     assert capsys.readouterr().err == ""
@@ -729,7 +731,6 @@ def test_all_runs_every_target_and_passes_sigterm_on(tmp_path, monkeypatch):
     """experiments/all.py (./reproduce.sh all): each target's script in turn with the same arguments, each in a child
     process; the first failure stops it with that exit status; a SIGTERM to it (a batch job's time-limit signal) is
     passed on to the target running and it exits 143. reproduce.sh's map is dsmoe.targets.TARGET_SCRIPTS."""
-    import os
     import signal
     import threading
     import time
