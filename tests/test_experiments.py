@@ -424,6 +424,7 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     writes_marker = False
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     monkeypatch.setattr(experiment, "stop_process_group", lambda group, signum: seen.append(("stop", group)))
+    monkeypatch.setattr(experiment, "slurm_kills_on_bad_exit", lambda: False)  # no scontrol through FakePopen
     monkeypatch.setenv("DSMOE_LAUNCHER", "srun --ntasks-per-node=8 --export='ALL,A=1 2'")
     experiment.launch_training(tmp_path / "launch.yaml")
     assert seen[0] == ["srun", "--ntasks-per-node=8", "--export=ALL,A=1 2", sys.executable, "-m", "dsmoe.train"] + [
