@@ -206,39 +206,62 @@ def test_hub_shaped_files_resolve_in_order_and_a_dataset_folder_resolves_like_a_
 
 
 def test_local_copies_of_the_paper_sets_are_used_through_their_presets_without_the_hub(tmp_path, monkeypatch):
-    """A node without internet: each paper set, as `hf download --repo-type dataset ID --local-dir DIR` leaves it
-    (README.md naming the configs), is read through its preset given `path: DIR`, with only the preset's config's
-    files; a hub set that cannot be reached, or a copy without its README.md, is refused saying so."""
+    """A node without internet: each paper set, as `hf download --repo-type dataset ID --include <its config's
+    files> --include README.md --local-dir DIR` leaves it, is read through its preset given `path: DIR`, with only
+    the preset's config's files. The cards list other configs first (fineweb-edu's `default`), whose files were not
+    downloaded: `datasets` alone infers a local copy's format from the first config and fails there. A hub set that
+    cannot be reached, or a copy without its README.md or the config, is refused saying so."""
     import datasets
 
-    configs = {"fineweb-edu": ("sample-10BT", "sample/10BT", "default", "data/CC-MAIN-2024-10")}
-    configs["cosmopedia"] = ("web_samples_v2", "data/web_samples_v2", "stories", "data/stories")
-    layouts = {name: [wanted, other] for name, (_, wanted, _, other) in configs.items()}
-    layouts |= {"open-web-math": ["data"], "starcoder": ["python", "java"]}  # starcoder: the preset's data_dir
+    cards = {  # each card's configs in the hub's order; the preset's is not the first
+        "fineweb-edu": [("default", "data/*/*"), ("sample-10BT", "sample/10BT/*"), ("sample-100BT", "sample/100BT/*")],
+        "cosmopedia": [
+            ("auto_math_text", "data/auto_math_text/train-*"),
+            ("web_samples_v2", "data/web_samples_v2/train-*"),
+        ],
+    }
+    downloaded = {"fineweb-edu": ["sample/10BT"], "cosmopedia": ["data/web_samples_v2"]}
+    downloaded |= {"open-web-math": ["data"], "starcoder": ["python"]}  # no configs; starcoder: the preset's data_dir
+    (tmp_path / "starcoder" / "java").mkdir(parents=True)  # another data_dir, not the preset's
+    pq.write_table(
+        pa.table({"content": ["class A {}"]}), tmp_path / "starcoder" / "java" / "train-00000-of-00001.parquet"
+    )
     texts = {}
-    for name, folders in layouts.items():
+    for name, (folder,) in downloaded.items():
         column = "content" if name == "starcoder" else "text"
-        for folder in folders:
-            (tmp_path / name / folder).mkdir(parents=True)
-            for f in range(2):
-                docs = [f"{name} {folder} {f} {r}" for r in range(6)]
-                pq.write_table(pa.table({column: docs}), tmp_path / name / folder / f"train-{f:05d}-of-00002.parquet")
-                texts[name, folder] = texts.get((name, folder), []) + docs
-    for name, config in configs.items():
-        lines = [
-            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {d}/*\n"
-            for c, d in (config[:2], config[2:])
-        ]
-        (tmp_path / name / "README.md").write_text("---\nconfigs:\n" + "".join(lines) + "---\n")
-    sources = [SourceConfig.from_obj({"preset": f"paper:{name}", "path": str(tmp_path / name)}) for name in layouts]
+        (tmp_path / name / folder).mkdir(parents=True)
+        (tmp_path / name / ".cache" / "huggingface").mkdir(parents=True)  # what hf download --local-dir leaves
+        for f in range(2):
+            docs = [f"{name} {f} {r}" for r in range(6)]
+            pq.write_table(pa.table({column: docs}), tmp_path / name / folder / f"train-{f:05d}-of-00002.parquet")
+            texts[name] = texts.get(name, []) + docs
+    for name, configs in cards.items():
+        lines = [f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {p}\n" for c, p in configs]
+        (tmp_path / name / "README.md").write_text(
+            "---\nlicense: odc-by\nconfigs:\n" + "".join(lines) + "---\n# Card\n"
+        )
+    sources = [SourceConfig.from_obj({"preset": f"paper:{name}", "path": str(tmp_path / name)}) for name in downloaded]
     assert not any(source.is_hub for source in sources)
     prepared, held_out = prepare_sources(DataConfig(sources=sources, val_docs_per_source=2))
-    for source, held, (name, folders) in zip(prepared, held_out, layouts.items(), strict=True):
+    for source, held, name in zip(prepared, held_out, downloaded, strict=True):
         reader = SourceReader(source.files, 0, 1, source.held_out, 0, 8, 0.01, held_out_texts=source.held_out_texts)
-        assert sorted(one_epoch(reader) + list(held)) == sorted(texts[name, folders[0]]), name
+        assert sorted(one_epoch(reader) + list(held)) == sorted(texts[name]), name
 
+    other = SourceConfig.from_obj({"preset": "paper:fineweb-edu", "path": str(tmp_path / "fineweb-edu")})
+    other.config_name = "sample-100BT"  # listed in the card, not downloaded
+    with pytest.raises(DataFileError, match=r"no file of config 'sample-100BT' \(\['sample/100BT/\*'\]\) is in"):
+        resolve_files(other)
+    other.config_name = "sample-350BT"
+    with pytest.raises(
+        DataFileError, match=r"has no config 'sample-350BT'; its configs are \['default', 'sample-10BT'"
+    ):
+        resolve_files(other)
+    missing = SourceConfig.from_obj({"preset": "paper:cosmopedia", "path": str(tmp_path / "elsewhere")})
+    assert not missing.is_hub  # a path, not a hub id: not looked up on the hub
+    with pytest.raises(DataFileError, match=r"no folder '.*elsewhere' on this machine \(a run on several nodes"):
+        resolve_files(missing)
     (tmp_path / "fineweb-edu" / "README.md").unlink()
-    with pytest.raises(DataFileError, match="'sample-10BT' not found.*needs the dataset's README.md beside its files"):
+    with pytest.raises(DataFileError, match=r"fineweb-edu' has no README.md, which names a hub dataset's configs"):
         resolve_files(sources[0])
 
     def unreachable(*args, **kwargs):

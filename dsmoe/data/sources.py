@@ -9,6 +9,8 @@ import os
 import re
 from dataclasses import dataclass
 
+import yaml
+
 from dsmoe.config_checks import reject_unknown_keys
 from dsmoe.data.corpus import DOMAINS, build_corpus
 from dsmoe.data.files import DataFileError, SourceFiles, file_format
@@ -64,9 +66,10 @@ class SourceConfig:
     @property
     def is_hub(self) -> bool:
         """Whether the source is read from the hub (not a local folder, files or the embedded corpus)."""
-        return (
-            self.path is not None and self.embedded_domain is None and not os.path.isdir(os.path.expanduser(self.path))
-        )
+        if self.path is None or self.embedded_domain is not None:
+            return False
+        looks_local = self.path.startswith(("/", ".", "~")) or self.path.count("/") > 1  # hub ids: "owner/name"
+        return not looks_local and not os.path.isdir(os.path.expanduser(self.path))
 
     @property
     def file_patterns(self) -> list[str]:
@@ -131,6 +134,73 @@ def _expand(pattern: str, source: str) -> list[str]:
     return [os.path.expanduser(pattern)]
 
 
+def _one_format(files: list[str], source: str) -> str:
+    formats = {file_format(f, source) for f in files}
+    if len(formats) > 1:
+        raise DataFileError(f"source {source!r} mixes file formats {sorted(formats)}: split it into sources")
+    return formats.pop()
+
+
+def _card_configs(folder: str, source: str) -> list[dict]:
+    """The ``configs`` of a local dataset copy's README.md (its YAML header), as the hub lists them."""
+    readme = os.path.join(os.path.expanduser(folder), "README.md")
+    try:
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataFileError(
+            f"source {source!r}: {folder!r} has no README.md, which names a hub dataset's configs: copy it with the "
+            "files (hf download ... --include README.md)"
+        ) from None
+    header = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    try:
+        configs = (yaml.safe_load(header) or {}).get("configs") or []
+    except (yaml.YAMLError, AttributeError) as err:
+        raise DataFileError(f"source {source!r}: cannot read the YAML header of {readme!r}: {err}") from err
+    return [c for c in configs if isinstance(c, dict) and "config_name" in c]
+
+
+def _split_patterns(data_files, split: str) -> list[str] | None:
+    """A config's ``data_files`` for ``split`` (a pattern or list: "train"; ``[{split, path}]``; ``{split: path}``)."""
+    if isinstance(data_files, str):
+        data_files = [data_files]
+    if isinstance(data_files, dict):
+        data_files = [{"split": k, "path": v} for k, v in data_files.items()]
+    patterns: dict[str, list[str]] = {}
+    for entry in data_files or []:
+        split_of, paths = ("train", entry) if isinstance(entry, str) else (entry.get("split", "train"), entry["path"])
+        patterns.setdefault(split_of, []).extend([paths] if isinstance(paths, str) else paths)
+    return patterns.get(split)
+
+
+def _local_config_files(source: SourceConfig) -> list[str]:
+    """The files of a config of a local copy of a hub dataset (``hf download --local-dir``), read from its
+    README.md as the hub does. (``datasets`` infers a local copy's format from its *first* config's files, which
+    ``--include`` of another config did not download: fineweb-edu's first is ``default``.)"""
+    configs = _card_configs(source.path, source.name)
+    config = next((c for c in configs if c["config_name"] == source.config_name), None)
+    if config is None:
+        raise DataFileError(
+            f"source {source.name!r}: the README.md of {source.path!r} has no config {source.config_name!r}; "
+            f"its configs are {[c['config_name'] for c in configs]}"
+        )
+    patterns = _split_patterns(config.get("data_files"), source.split)
+    if not patterns:
+        raise DataFileError(
+            f"source {source.name!r}: config {source.config_name!r} of {source.path!r} lists no files for split "
+            f"{source.split!r}"
+        )
+    base = os.path.join(source.path, config.get("data_dir") or "", source.data_dir or "")
+    found = {f for p in patterns for f in glob.glob(os.path.expanduser(os.path.join(base, p)), recursive=True)}
+    files = sorted(f for f in found if os.path.isfile(f))
+    if not files:
+        raise DataFileError(
+            f"source {source.name!r}: no file of config {source.config_name!r} ({patterns}) is in {source.path!r}: "
+            "download them (hf download ... --include <these patterns>)"
+        )
+    return files
+
+
 def _hub_files(source: SourceConfig) -> tuple[str, list[str]]:
     """The packaged builder name and data file URLs of a hub dataset (or local dataset folder): metadata only."""
     import datasets
@@ -140,16 +210,16 @@ def _hub_files(source: SourceConfig) -> tuple[str, list[str]]:
             source.path, name=source.config_name, data_dir=source.data_dir, revision=source.revision
         )
     except Exception as err:  # noqa: BLE001 - any failure here means the dataset cannot be found or reached
+        hint = ""
         if source.is_hub:  # e.g. a node without internet
             hint = (
                 f"; without hub access, download it where there is (`hf download --repo-type dataset {source.path} "
-                "--local-dir DIR`, --include this config's files and README.md) and give the source `path: DIR`"
+                "--local-dir DIR`, --include this config's files and README.md) and give the source `path: DIR` "
+                '(README, "Machines without internet")'
             )
-        else:  # a local copy of a hub dataset: its README.md names the configs
-            hint = "; a local copy of a hub dataset needs the dataset's README.md beside its files"
         raise DataFileError(
             f"source {source.name!r}: cannot resolve dataset {source.path!r} (config {source.config_name!r}, "
-            f'data_dir {source.data_dir!r}): {type(err).__name__}: {err}{hint} (README, "Machines without internet")'
+            f"data_dir {source.data_dir!r}): {type(err).__name__}: {err}{hint}"
         ) from err
     data_files = builder.config.data_files or {}
     if source.split not in data_files:
@@ -181,10 +251,15 @@ def resolve_files(source: SourceConfig) -> SourceFiles:
         fmt, files = "json", [str(build_corpus([source.embedded_domain])[source.embedded_domain])]
     elif source.data_files is not None:
         files = [f for pattern in source.file_patterns for f in _expand(pattern, source.name)]
-        formats = {file_format(f, source.name) for f in files}
-        if len(formats) > 1:
-            raise DataFileError(f"source {source.name!r} mixes file formats {sorted(formats)}: split it into sources")
-        fmt = formats.pop()
+        fmt = _one_format(files, source.name)
+    elif not source.is_hub and not os.path.isdir(os.path.expanduser(source.path)):
+        raise DataFileError(
+            f"source {source.name!r}: no folder {source.path!r} on this machine (a run on several nodes needs it on "
+            "a filesystem every node sees)"
+        )
+    elif source.config_name is not None and not source.is_hub:
+        files = _local_config_files(source)
+        fmt = _one_format(files, source.name)
     else:
         fmt, files = _hub_files(source)
     return SourceFiles(source.name, fmt, tuple(files), source.text_field, source.streaming)
