@@ -168,8 +168,10 @@ def _split_patterns(data_files, split: str) -> list[str] | None:
         data_files = [{"split": k, "path": v} for k, v in data_files.items()]
     patterns: dict[str, list[str]] = {}
     for entry in data_files or []:
-        split_of, paths = ("train", entry) if isinstance(entry, str) else (entry.get("split", "train"), entry["path"])
-        patterns.setdefault(split_of, []).extend([paths] if isinstance(paths, str) else paths)
+        split_of, paths = (
+            ("train", entry) if isinstance(entry, str) else (entry.get("split", "train"), entry.get("path"))
+        )
+        patterns.setdefault(split_of, []).extend([paths] if isinstance(paths, str) else paths or [])
     return patterns.get(split)
 
 
