@@ -16,7 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dsmoe.config_checks import merged, reject_unknown_keys
+from dsmoe.config_checks import reject_unknown_keys
+from dsmoe.config_merge import merged
 from dsmoe.data import DataConfig
 from dsmoe.train import TrainConfig
 

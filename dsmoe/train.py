@@ -52,7 +52,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
 from dsmoe.cli import say
-from dsmoe.config_checks import merged, set_leaves
+from dsmoe.config_merge import merged, set_leaves
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
 from dsmoe.matching import parse_target

@@ -1,6 +1,6 @@
 """The module structure the README's layout promises, read from the source (imports inside functions and under
 TYPE_CHECKING count): no import cycle in dsmoe/, methods reached only through the registry, experiment scripts
-that import nothing from each other."""
+that import nothing from each other, and the method with torch and transformers only."""
 
 from __future__ import annotations
 
@@ -107,3 +107,33 @@ def test_experiment_scripts_import_nothing_from_each_other():
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert alias.name.split(".")[0] not in scripts, f"{path.name} imports {alias.name}"
+
+
+def test_the_method_runs_with_torch_and_transformers_only():
+    """The README's promise (someone can take DSMoE into their own trainer): ``import dsmoe``, convert, train a step
+    and save/load with Lightning, OmegaConf, datasets and lm-eval unimportable (YAML is transformers' own)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, tempfile
+        for blocked in ("lightning", "pytorch_lightning", "omegaconf", "datasets", "lm_eval", "torchmetrics"):
+            sys.modules[blocked] = None  # importing it raises ImportError
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        import dsmoe
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2)
+        model = dsmoe.convert(LlamaForCausalLM(config), dsmoe.DSMoEConfig(num_experts=4, tau=0.5))
+        ids = torch.randint(0, 64, (2, 8))
+        loss = model(input_ids=ids, labels=ids).loss + dsmoe.sparsity_loss(model)
+        loss.backward()
+        with tempfile.TemporaryDirectory() as out:
+            dsmoe.save(model, out)
+            dsmoe.load(out)
+        print("ok", sorted(m for m in ("omegaconf", "lightning", "datasets") if sys.modules.get(m) is not None))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok []"

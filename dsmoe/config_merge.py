@@ -1,0 +1,64 @@
+"""Configurations merged over their schema with OmegaConf (scale files, train configs, command-line overrides): the
+unknown keys named by :func:`dsmoe.config_checks.reject_unknown_sections`, a refused value named with its key."""
+
+from __future__ import annotations
+
+import copy
+import typing
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dsmoe.config_checks import reject_unknown_sections
+
+
+def merged(base: Any, *configs: Any, schema: type, where: str) -> DictConfig:
+    """``configs`` (mappings) merged in order over ``base`` (the structured ``schema`` or a config made from it):
+    each checked for unknown keys (:func:`reject_unknown_sections`), every value's type checked by OmegaConf; a
+    wrong type is a ValueError naming ``where`` and the key."""
+    for config in configs:
+        values = OmegaConf.to_container(config) if isinstance(config, DictConfig) else config
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{where} must be a mapping of {sorted(typing.get_type_hints(schema))}, got {values!r}")
+        reject_unknown_sections(values, schema, where)
+    try:
+        return OmegaConf.merge(base, *configs)
+    except OmegaConfBaseException as error:
+        message = " ".join(line.strip() for line in str(error).splitlines())
+        named = "" if getattr(error, "full_key", None) else refused_value(base, configs)
+        raise ValueError(f"{where}: {named}{message}") from error
+
+
+def leaves(values: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested mapping; lists and empty mappings are leaves."""
+    values = OmegaConf.to_container(values) if isinstance(values, DictConfig) else values
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def set_leaves(config: DictConfig, values: Any) -> list[tuple[str, Any]]:
+    """Set every leaf of ``values`` on ``config`` (typed by its schema), in place; returns the (key, value) pairs
+    the schema refused (an unknown key, a wrong type), which are left out."""
+    refused = []
+    for key, value in leaves(values):
+        try:
+            OmegaConf.update(config, key, value, merge=False)
+        except OmegaConfBaseException:
+            refused.append((key, value))
+    return refused
+
+
+def refused_value(base: Any, configs: tuple[Any, ...]) -> str:
+    """``"key=value: "`` for the first value OmegaConf refuses to merge over ``base`` (its errors about a sequence's
+    length or element type name neither), or ``""``."""
+    trial = copy.deepcopy(base)
+    for config in configs:
+        refused = set_leaves(trial, config)
+        if refused:
+            return f"{refused[0][0]}={refused[0][1]!r}: "
+    return ""
