@@ -420,14 +420,14 @@ def describe_run(run: RunPlan, before: int) -> list[str]:
     if not run.trained:
         return [head, f"  no training: evaluates the dense model; disk: {gb(before)}"]
     kept = run.checkpoints_kept
+    end = "kept at the end" if run.keep_checkpoints else "deleted when the run finishes"
     lines = [
         f"{head}  method {run.method}: {run.setting}",
         f"  {count(run.params)} params ({run.params:,}); {count(run.tokens)} tokens = {run.steps:,} steps × "
         f"{run.tokens_per_step:,} tokens; {run.precision}",
-        f"  init_model/   {gb(run.init_model_bytes)} {run.init_dtype}, weights deleted when the run finishes",
+        f"  init_model/   {gb(run.init_model_bytes)} {run.init_dtype}, weights {end}",
         f"  checkpoints/  {gb(run.checkpoint_bytes)} each (weights + AdamW moments), every {run.checkpoint_every:,} "
-        f"steps: {run.checkpoints_written} written, newest {kept} kept ({kept + 1} while writing), "
-        + ("kept at the end" if run.keep_checkpoints else "deleted when the run finishes"),
+        f"steps: {run.checkpoints_written} written, newest {kept} kept ({kept + 1} while writing), {end}",
     ]
     if run.exports:
         points = ", ".join(f"{count(point)} (step {step:,})" for point, step in run.exports)

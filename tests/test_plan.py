@@ -147,8 +147,12 @@ def test_disk_events_rotate_and_clean_up():
     assert deltas == [1000, 100, 10, 100, 100, -100, 10, -1200]
     assert run.peak_bytes == max(dp._running(events)) == 1000 + 300 + 10
     assert run.kept_bytes == 20  # the export and final/
+    ends = [line.split(",")[-1] for line in dp.describe_run(run, 0)[2:4]]  # init_model/, checkpoints/
+    assert ends == [" weights deleted when the run finishes", " deleted when the run finishes"]
     run.keep_checkpoints = True
     assert sum(delta for _, delta in dp.disk_events(run)) == 1000 + 200 + 20
+    ends = [line.split(",")[-1] for line in dp.describe_run(run, 0)[2:4]]
+    assert ends == [" weights kept at the end", " kept at the end"]
 
 
 def test_runs_in_order_trains_dsmoe_before_the_baselines_that_match_it():
