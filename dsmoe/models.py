@@ -105,7 +105,10 @@ def load_model(
             raise ValueError(f"model {name_or_path!r}: damaged weight file(s) in {local}: {'; '.join(bad)}") from None
         if not local.exists():
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"model {name_or_path!r} could not be loaded from the hub: {first}") from None
+            raise ValueError(
+                f"model {name_or_path!r} could not be loaded from the hub: {first} (without hub access: `hf download "
+                f'{path} --local-dir DIR` where there is, then model: DIR; README, "Machines without internet")'
+            ) from None
         raise
     return model, load_tokenizer(path)
 
