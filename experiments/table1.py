@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(
             f"{row['Model']:22s} {row['Configuration']:24s} act {row['Activated %']:5.1f}%  "
-            f"PPL {row['PPL']:.2f} ± {row['PPL sd']:.2f} ({row['seeds']} seeds)"
+            f"PPL {row['PPL']:.2f}"
+            + (f" ± {row['PPL sd']:.2f} ({row['seeds']} seeds)" if row["seeds"] > 1 else " (1 seed)")
         )
     print(f"wrote {path}")
 
