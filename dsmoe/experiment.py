@@ -149,7 +149,8 @@ def check_launcher(cfg: DictConfig, config_file: Path) -> None:
     if nodes > 1:
         raise TrainingFailed(
             f"{config_file} trains on trainer.num_nodes={nodes} nodes, and without DSMOE_LAUNCHER this driver starts "
-            f'processes on its own node only. Set DSMOE_LAUNCHER (e.g. "srun --ntasks-per-node=8 --kill-on-bad-exit=1" under SLURM), or '
+            "processes on its own node only. Set DSMOE_LAUNCHER (e.g. "
+            '"srun --ntasks-per-node=8 --kill-on-bad-exit=1" under SLURM), or '
             f"start the run on every node yourself: cd {shlex.quote(str(ROOT))} && PYTHONPATH={shlex.quote(str(ROOT))} "
             f"{shlex.quote(sys.executable)} -m torch.distributed.run --nnodes={nodes} --nproc-per-node=<GPUs per node> "
             f"--rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 --rdzv-id=<a new id> --shutdown-timeout=600 "

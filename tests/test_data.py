@@ -272,22 +272,6 @@ def test_local_copies_of_the_paper_sets_are_used_through_their_presets_without_t
         resolve_files(SourceConfig.from_obj("paper:fineweb-edu"))
 
 
-@pytest.mark.parametrize(
-    "data_files, train",
-    [
-        ("sample/10BT/*", ["sample/10BT/*"]),  # a pattern or a list of them: the train split
-        (["a/*", "b/*"], ["a/*", "b/*"]),
-        ([{"split": "train", "path": ["a/*", "b/*"]}, {"split": "test", "path": "t/*"}], ["a/*", "b/*"]),
-        ({"train": "a/*", "test": "t/*"}, ["a/*"]),
-        ([{"split": "test", "path": "t/*"}], None),
-    ],
-)
-def test_a_cards_config_lists_its_split_files_in_every_form_the_hub_uses(data_files, train):
-    from dsmoe.data.sources import _split_patterns
-
-    assert _split_patterns(data_files, "train") == train
-
-
 @pytest.mark.parametrize("world_size, num_workers", [(2, 2), (1, 3)])
 def test_readers_read_disjoint_files_and_cover_the_training_documents(tmp_path, world_size, num_workers):
     sources = hub_shaped_sources(tmp_path / "hub")

@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 
-import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from dsmoe.config_checks import reject_unknown_keys
 from dsmoe.data.corpus import DOMAINS, build_corpus
@@ -66,10 +66,13 @@ class SourceConfig:
     @property
     def is_hub(self) -> bool:
         """Whether the source is read from the hub (not a local folder, files or the embedded corpus)."""
-        if self.path is None or self.embedded_domain is not None:
+        if self.path is None or self.embedded_domain is not None or os.path.isdir(os.path.expanduser(self.path)):
             return False
-        looks_local = self.path.startswith(("/", ".", "~")) or self.path.count("/") > 1  # hub ids: "owner/name"
-        return not looks_local and not os.path.isdir(os.path.expanduser(self.path))
+        try:
+            validate_repo_id(self.path)  # "/data/x", "./x", "~/x", "a/b/c": a path, missing here
+        except HFValidationError:
+            return False
+        return True
 
     @property
     def file_patterns(self) -> list[str]:
@@ -141,60 +144,38 @@ def _one_format(files: list[str], source: str) -> str:
     return formats.pop()
 
 
-def _card_configs(folder: str, source: str) -> list[dict]:
-    """The ``configs`` of a local dataset copy's README.md (its YAML header), as the hub lists them."""
-    readme = os.path.join(os.path.expanduser(folder), "README.md")
+def _local_config_files(source: SourceConfig) -> list[str]:
+    """The files of a config of a local copy of a hub dataset (``hf download --local-dir``), from the configs its
+    README.md lists, as the hub reads them. (``datasets`` infers a local copy's format from its *first* config's
+    files, which ``--include`` of another config did not download: fineweb-edu's first is ``default``.)"""
+    from datasets.data_files import DataFilesList, sanitize_patterns
+    from huggingface_hub.repocard import metadata_load
+
+    folder = os.path.expanduser(source.path)
     try:
-        with open(readme, encoding="utf-8") as f:
-            text = f.read()
+        configs = (metadata_load(os.path.join(folder, "README.md")) or {}).get("configs") or []
     except FileNotFoundError:
         raise DataFileError(
-            f"source {source!r}: {folder!r} has no README.md, which names a hub dataset's configs: copy it with the "
-            "files (hf download ... --include README.md)"
+            f"source {source.name!r}: {source.path!r} has no README.md, which names a hub dataset's configs: copy it "
+            "with the files (hf download ... --include README.md)"
         ) from None
-    header = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
-    try:
-        configs = (yaml.safe_load(header) or {}).get("configs") or []
-    except (yaml.YAMLError, AttributeError) as err:
-        raise DataFileError(f"source {source!r}: cannot read the YAML header of {readme!r}: {err}") from err
-    return [c for c in configs if isinstance(c, dict) and "config_name" in c]
-
-
-def _split_patterns(data_files, split: str) -> list[str] | None:
-    """A config's ``data_files`` for ``split`` (a pattern or list: "train"; ``[{split, path}]``; ``{split: path}``)."""
-    if isinstance(data_files, str):
-        data_files = [data_files]
-    if isinstance(data_files, dict):
-        data_files = [{"split": k, "path": v} for k, v in data_files.items()]
-    patterns: dict[str, list[str]] = {}
-    for entry in data_files or []:
-        split_of, paths = (
-            ("train", entry) if isinstance(entry, str) else (entry.get("split", "train"), entry.get("path"))
-        )
-        patterns.setdefault(split_of, []).extend([paths] if isinstance(paths, str) else paths or [])
-    return patterns.get(split)
-
-
-def _local_config_files(source: SourceConfig) -> list[str]:
-    """The files of a config of a local copy of a hub dataset (``hf download --local-dir``), read from its
-    README.md as the hub does. (``datasets`` infers a local copy's format from its *first* config's files, which
-    ``--include`` of another config did not download: fineweb-edu's first is ``default``.)"""
-    configs = _card_configs(source.path, source.name)
-    config = next((c for c in configs if c["config_name"] == source.config_name), None)
+    config = next((c for c in configs if c.get("config_name") == source.config_name), None)
     if config is None:
         raise DataFileError(
             f"source {source.name!r}: the README.md of {source.path!r} has no config {source.config_name!r}; "
-            f"its configs are {[c['config_name'] for c in configs]}"
+            f"its configs are {[c.get('config_name') for c in configs]}"
         )
-    patterns = _split_patterns(config.get("data_files"), source.split)
+    try:
+        patterns = sanitize_patterns(config.get("data_files") or []).get(source.split)
+    except ValueError as err:
+        raise DataFileError(f"source {source.name!r}: config {source.config_name!r} of {source.path!r}: {err}") from err
     if not patterns:
         raise DataFileError(
             f"source {source.name!r}: config {source.config_name!r} of {source.path!r} lists no files for split "
             f"{source.split!r}"
         )
-    base = os.path.join(source.path, config.get("data_dir") or "", source.data_dir or "")
-    found = {f for p in patterns for f in glob.glob(os.path.expanduser(os.path.join(base, p)), recursive=True)}
-    files = sorted(f for f in found if os.path.isfile(f))
+    base = os.path.join(folder, config.get("data_dir") or "", source.data_dir or "")
+    files = list(DataFilesList.from_patterns(patterns, base_path=base))
     if not files:
         raise DataFileError(
             f"source {source.name!r}: no file of config {source.config_name!r} ({patterns}) is in {source.path!r}: "
