@@ -755,11 +755,17 @@ def scale_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation; the sd of a single value is undefined: NaN (a blank cell in the
+    CSVs), not 0, which would claim a spread of zero that no second seed measured."""
     mean = sum(values) / len(values)
     if len(values) < 2:
-        return mean, 0.0
+        return mean, math.nan
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def plus_minus(mean: float, sd: float, digits: int = 3) -> str:
+    """``mean ± sd`` for printing, or the mean alone where the sd is undefined (one seed)."""
+    return f"{mean:.{digits}f}" if math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def with_spread(row: dict[str, Any], name: str, values: list[float]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import math
 import os
 import platform
 import subprocess
@@ -106,6 +107,8 @@ def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], columns: Sequenc
 
 
 def _fmt(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return ""  # undefined (e.g. the sd of one seed): a blank cell, read back as NaN by pandas
     if isinstance(value, float):
         return f"{value:.6g}"
     return value

@@ -9,7 +9,7 @@ evaluates) and without it (as the model trained). Points are means over the seed
 """
 
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import evaluate, parse_scale, results_dir, run_config, seeds_provenance, with_spread
+from dsmoe.experiment import evaluate, parse_scale, plus_minus, results_dir, run_config, seeds_provenance, with_spread
 from dsmoe.plots import fig2_curve
 from dsmoe.results import PROVENANCE, write_csv
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row("w/o G(x)", results, rescale))
             r = rows[-1]
             print(
-                f"{label}: τ={tau:.2f}  active {r['mean active experts']:.2f}  PPL {r['PPL']:.3f} ± {r['PPL sd']:.3f}"
+                f"{label}: τ={tau:.2f}  active {r['mean active experts']:.2f}  PPL {plus_minus(r['PPL'], r['PPL sd'])}"
             )
     rows.append(row("DSMoE", [evaluate(args.scale, "dsmoe", seed=s) for s in seeds], True))
     columns = ["run", "rescale", "tau", "mean active experts", "mean active experts sd", "PPL", "PPL sd", "seeds"]

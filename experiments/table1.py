@@ -8,7 +8,7 @@ data, steps and optimizer settings. Each trained row is the mean over the seeds,
 """
 
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import evaluate, parse_scale, results_dir, scale_config, table_row
+from dsmoe.experiment import evaluate, parse_scale, plus_minus, results_dir, scale_config, table_row
 from dsmoe.results import PROVENANCE, write_csv
 from dsmoe.targets import DENSE, TABLE1_RUNS
 
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(
             f"{row['Model']:22s} {row['Configuration']:24s} act {row['Activated %']:5.1f}%  "
-            f"PPL {row['PPL']:.2f}"
-            + (f" ± {row['PPL sd']:.2f} ({row['seeds']} seeds)" if row["seeds"] > 1 else " (1 seed)")
+            f"PPL {plus_minus(row['PPL'], row['PPL sd'], 2)} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})"
         )
     print(f"wrote {path}")
 

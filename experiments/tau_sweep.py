@@ -7,7 +7,7 @@ activated-parameter percentage are measured on the validation windows (mean and 
 """
 
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import evaluate, parse_scale, results_dir, seeds_provenance, with_spread
+from dsmoe.experiment import evaluate, parse_scale, plus_minus, results_dir, seeds_provenance, with_spread
 from dsmoe.results import PROVENANCE, write_csv
 
 TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         # of the DSMoE model's own parameters, as Table 4
         with_spread(row, "activated params %", [100 * r["activated_params"] / r["params"] for r in results])
         rows.append({**row, "seeds": len(results), **seeds_provenance(results), "tau": tau})
-        print(f"τ={tau:.1f}  PPL {row['PPL']:.3f} ± {row['PPL sd']:.3f}  activated {row['activated params %']:.2f}%")
+        print(f"τ={tau:.1f}  PPL {plus_minus(row['PPL'], row['PPL sd'])}  activated {row['activated params %']:.2f}%")
     columns = ["tau", "PPL", "PPL sd", "activated params %", "activated params % sd", "seeds"]
     columns += [c for c in PROVENANCE if c != "tau"]
     print(f"wrote {write_csv(results_dir(args.scale) / 'table4_tau.csv', rows, columns)}")

@@ -14,6 +14,7 @@ from dsmoe.experiment import (
     ensure_run,
     evaluate,
     parse_scale,
+    plus_minus,
     results_dir,
     run_config,
     run_dir,
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         with_spread(row, "PPL", [r["ppl"] for r in results])
         with_spread(row, "activated params %", [100 * r["activated_fraction"] for r in results])
         rows.append({**row, "seeds": len(results), **seeds_provenance(results), "tokens": tokens, "steps": steps})
-        print(f"step {steps:6d}  tokens {tokens:.3g}  PPL {row['PPL']:.3f} ± {row['PPL sd']:.3f}")
+        print(f"step {steps:6d}  tokens {tokens:.3g}  PPL {plus_minus(row['PPL'], row['PPL sd'])}")
     columns = ["Tokens", "PPL", "PPL sd", "activated params %", "activated params % sd", "seeds", *PROVENANCE]
     print(f"wrote {write_csv(results_dir(args.scale) / 'tables5_6_tokens.csv', rows, columns)}")
     caption = f"DSMoE ({run_config(args.scale, 'dsmoe').model}), PPL by continued pre-training tokens"

@@ -53,6 +53,7 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     assert [r["Model"] for r in rows] == ["dense (no training)", "SparseGPT", "LLaMA-MoE", "DSMoE"]
     for col in ["Configuration", "Params", "Activated Params", "PPL", "PPL a", "PPL b", *PROVENANCE]:
         assert all(r[col] != "" for r in rows[1:] if col != "tau" or r["Model"] == "DSMoE"), col
+    assert all(r["seeds"] == "1" and r["PPL sd"] == r["Activated % sd"] == "" for r in rows)  # undefined, not 0
     by_model = {r["Model"]: r for r in rows}
     assert abs(float(by_model["SparseGPT"]["Activated %"]) - float(by_model["DSMoE"]["Activated %"])) < 1.0
     assert by_model["DSMoE"]["Configuration"] == "d=64, D=32x4"
@@ -62,6 +63,18 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     assert re.fullmatch(
         r"trained on 1 CPU .+, single_device; evaluated on CPU .+, \d+ threads, float32", by_model["DSMoE"]["hardware"]
     )
+
+
+def test_the_spread_of_one_seed_is_undefined_not_zero(tmp_path):
+    from dsmoe.experiment import mean_sd, plus_minus
+    from dsmoe.results import write_csv
+
+    assert mean_sd([2.0, 4.0]) == (3.0, pytest.approx(2**0.5))  # sample sd: n - 1
+    mean, sd = mean_sd([2.0])
+    assert mean == 2.0 and sd != sd  # NaN
+    assert plus_minus(3.0, 2**0.5) == "3.000 ± 1.414" and plus_minus(2.0, sd, 2) == "2.00"
+    rows = read_csv(write_csv(tmp_path / "t.csv", [{"PPL": mean, "PPL sd": sd}], ["PPL", "PPL sd"]))
+    assert rows == [{"PPL": "2", "PPL sd": ""}]
 
 
 @pytest.mark.parametrize(
@@ -97,7 +110,7 @@ def test_every_figure_and_table_target(tiny_scale_all):
     run_script("heatmap")
     heat = read_csv(tiny_scale_all / "results" / "tiny" / "fig3_heatmap.csv")
     assert [r["source"] for r in heat] == ["a", "b", "a sd", "b sd"]
-    assert all(float(r["layer_00"]) == 0 for r in heat[2:])  # one seed: no spread
+    assert all(r["layer_00"] == "" for r in heat[2:])  # one seed: its spread is undefined, not 0
     run_script("token_curve")
     curve = read_csv(tiny_scale_all / "results" / "tiny" / "tables5_6_tokens.csv")
     assert [int(r["steps"]) for r in curve] == [1, 2, 4] and [int(r["Tokens"]) for r in curve] == [128, 256, 512]
