@@ -75,6 +75,23 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     return model
 
 
+def check_model_location(name_or_path: str) -> None:
+    """Refuse a model that is none of: the embedded alias, an HF model directory here, a hub id ('org/name')."""
+    if name_or_path in EMBEDDED_ALIASES:
+        return
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: the directory holds no config.json (not an HF model directory)"
+        )
+    if not local.exists() and (
+        local.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
+    ):
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: no such directory, and not a hub id ('org/name') or {EMBEDDED!r}"
+        )
+
+
 def load_model(
     name_or_path: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, **kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -83,16 +100,9 @@ def load_model(
     A directory saved by a method (with HF remote code or in the earlier format, see dsmoe.saving) is rebuilt by
     that method's ``load``; anything else loads as a plain HF model.
     """
+    check_model_location(name_or_path)
     path = resolve(name_or_path)
     local = Path(path).expanduser()
-    if local.exists() and not (local / "config.json").exists():
-        raise FileNotFoundError(
-            f"model {name_or_path!r}: the directory holds no config.json (not an HF model directory)"
-        )
-    if not local.exists() and (local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1):
-        raise FileNotFoundError(
-            f"model {name_or_path!r}: no such directory, and not a hub id ('org/name') or {EMBEDDED!r}"
-        )
     saved_by = method_of_saved(read_config(local)) if local.exists() else "dense"
     try:
         if saved_by == "dense":

@@ -57,7 +57,7 @@ from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mi
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
 from dsmoe.matching import parse_target
 from dsmoe.methods import get_method, match_options
-from dsmoe.models import EMBEDDED, cast_parameters, load_model, load_tokenizer
+from dsmoe.models import EMBEDDED, cast_parameters, check_model_location, load_model, load_tokenizer
 from dsmoe.packages import write_atomic, write_json
 from dsmoe.progress import progress_callbacks
 from dsmoe.results import training_hardware
@@ -327,12 +327,7 @@ def check_config(cfg: DictConfig) -> None:
     check_files = getattr(data, "check_files", None)
     if check_files is not None:
         check_files()
-    model = Path(cfg.model).expanduser()
-    if model.exists() and not (model / "config.json").is_file():
-        raise FileNotFoundError(f"model {cfg.model!r}: the directory holds no config.json (not an HF model directory)")
-    local_looking = model.is_absolute() or cfg.model.startswith((".", "~")) or cfg.model.count("/") != 1
-    if not model.exists() and local_looking and not cfg.model.startswith("embedded"):
-        raise FileNotFoundError(f"model {cfg.model!r}: no such directory (and not a hub id 'org/name' or {EMBEDDED!r})")
+    check_model_location(cfg.model)
 
 
 # ---------------------------------------------------------------------------------------------- preparation

@@ -29,6 +29,20 @@ def test_missing_or_non_model_paths_are_named(tmp_path, monkeypatch):
         load_model("nobody/no-such-model")
 
 
+def test_training_refuses_a_missing_model_before_it_starts_and_takes_every_embedded_alias(tmp_path, assets):
+    from test_train import make_cfg
+
+    from dsmoe.models import EMBEDDED_ALIASES, check_model_location
+    from dsmoe.train import train
+
+    for model, message in [("/nonexistent/dir", "no such directory, and not a hub id"), (str(tmp_path), "no config")]:
+        with pytest.raises(FileNotFoundError, match=f"model '{model}': .*{message}"):
+            train(make_cfg(assets, tmp_path, model=model))
+        assert not (tmp_path / "run").exists()
+    for alias in EMBEDDED_ALIASES:  # the training check refused 'smollm2-135m', which load_model takes
+        check_model_location(alias)
+
+
 def test_damaged_config_and_weights_name_the_file(saved):
     config = saved / "config.json"
     text = config.read_text()
