@@ -457,7 +457,7 @@ def format_plan(plan: TargetPlan) -> str:
     for run, before in zip(plan.runs, plan.on_disk_before(), strict=True):
         lines += describe_run(run, before)
     lines += [
-        "Not counted: training data (streamed), benchmark datasets, TensorBoard logs, evaluation JSON (kB).",
+        "Not counted: training data (streamed from the hub, or local copies you made), benchmark datasets, TensorBoard logs, evaluation JSON (kB).",
         f"Peak at: {plan.peak_event}",
         f"peak disk: {plan.peak_bytes / GB:.1f} GB",
     ]
