@@ -133,11 +133,15 @@ class LitCausalLM(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Under bf16-true / 16-true Lightning casts the whole module, buffers too: RoPE's inv_freq would be rounded
-        (up to ~1 rad of angle at position 1024 for Llama-2-7B). Its fp32 values are put back."""
+        (up to ~1 rad of angle at position 1024 for Llama-2-7B). Its fp32 values are put back. So are the perplexity
+        sums' (torchmetrics lets ``Module.to`` cast its states): a bf16 token count stops being exact past 256 tokens,
+        an fp16 one overflows to inf past 65504 (PPL NaN)."""
         for module, name, value in self.fp32_buffers:
             current = getattr(module, name)
             if current.dtype != torch.float32:
                 setattr(module, name, value.to(current.device))
+        for metric in self.val_ppl:
+            metric.set_dtype(torch.float32)
 
     def on_train_start(self) -> None:
         if self.method.on_train_start is not None:  # e.g. SparseGPT takes its (possibly sharded) masks

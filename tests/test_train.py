@@ -365,11 +365,17 @@ def test_bf16_true_training_keeps_ropes_buffers_fp32(tmp_path, assets):
             seen["inv_freq"] = rotary[0].inv_freq.clone()
             seen["weight"] = pl_module.model.lm_head.weight.dtype
 
+        def on_validation_epoch_end(self, trainer, pl_module):  # after the module's hook: the sums were reset
+            seen["ppl sums"] = {m.total_log_probs.dtype for m in pl_module.val_ppl} | {
+                m.count.dtype for m in pl_module.val_ppl
+            }
+
     cfg = make_cfg(assets, tmp_path, **{"trainer.precision": "bf16-true", "trainer.max_steps": 1})
     train(cfg, callbacks=[Look()])
     assert seen["weight"] == torch.bfloat16  # the weights are 16-bit ...
     assert seen["inv_freq"].dtype == torch.float32  # ... RoPE's frequencies are not rounded
     torch.testing.assert_close(seen["inv_freq"], expected, rtol=0, atol=0)
+    assert seen["ppl sums"] == {torch.float32}  # nor the validation PPL's sums (bf16 counts tokens exactly to 256)
 
 
 @pytest.mark.slow
