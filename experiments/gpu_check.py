@@ -250,10 +250,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 found[on_host] = [llm_pruner.hidden_importance(dense)]
                 found[on_host] += [llm_pruner.ffn_importance(layer) for layer in dense.model.layers]
             peaks[on_host] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-        same = all(torch.equal(a, b) for a, b in zip(found[False], found[True], strict=True))
-        if not same:
-            raise AssertionError("importances from host-summed gradients differ from those summed in p.grad")
-        return "identical", f"peak GPU memory {peaks[False]:.0f} MiB in p.grad, {peaks[True]:.0f} MiB in host memory"
+        memory = f"peak GPU memory {peaks[False]:.0f} MiB in p.grad, {peaks[True]:.0f} MiB in host memory"
+        pairs = list(zip(found[False], found[True], strict=True))
+        if all(torch.equal(a, b) for a, b in pairs):
+            return "identical", memory
+        # the same sums of the same per-batch gradients; a GPU backward with atomic adds may differ in the last bits
+        worst = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in pairs)
+        if worst > 1e-5:
+            raise AssertionError(f"importances from host-summed gradients differ from p.grad's: relative {worst:.1e}")
+        return f"rel. diff {worst:.1e}", f"{memory}; not bitwise equal: the two backward passes were not deterministic"
 
     check(rows, "LLM-Pruner gradients summed in host memory", host_gradients, out, method="llm_pruner_block")
 
