@@ -132,10 +132,9 @@ class LitCausalLM(L.LightningModule):
         self.log(f"{stage}/activated_params_frac", activated / self.dense_params)
 
     def on_fit_start(self) -> None:
-        """Under bf16-true / 16-true Lightning casts the whole module, buffers too: RoPE's inv_freq would be rounded
+        """Under bf16-true Lightning casts the whole module, buffers too: RoPE's inv_freq would be rounded
         (up to ~1 rad of angle at position 1024 for Llama-2-7B). Its fp32 values are put back. So are the perplexity
-        sums' (torchmetrics lets ``Module.to`` cast its states): a bf16 token count stops being exact past 256 tokens,
-        an fp16 one overflows to inf past 65504 (PPL NaN)."""
+        sums' (torchmetrics lets ``Module.to`` cast its states): a bf16 token count stops being exact past 256 tokens."""
         for module, name, value in self.fp32_buffers:
             current = getattr(module, name)
             if current.dtype != torch.float32:

@@ -8,10 +8,10 @@ routers, LLaMA-MoE gates, LLM-Pruner's planned shapes; SparseGPT stores a dense 
 training loop (dsmoe.train):
 
 - the dense model: downloaded once into the HF cache, in its source dtype (config.json dtype/torch_dtype);
-- init_model/: the prepared model in the dtype training holds weights in (fp32; 16-bit under bf16-true/16-true);
+- init_model/: the prepared model in the dtype training holds weights in (fp32; bf16 under bf16-true);
   its weights are deleted when the run finishes;
 - checkpoints/: resume checkpoints every trainer.checkpoint_every_n_steps, fp32 weights and AdamW's two moments
-  (12 bytes per parameter; 6 under bf16-true/16-true), the newest trainer.keep_last_checkpoints kept (one more while
+  (12 bytes per parameter; 6 under bf16-true), the newest trainer.keep_last_checkpoints kept (one more while
   the newest is written); deleted when the run finishes unless trainer.keep_checkpoints;
 - exports/tokens_<N>/ at trainer.export_tokens and final/: weights only, in the export dtype.
 

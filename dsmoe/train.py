@@ -63,7 +63,7 @@ from dsmoe.progress import progress_callbacks
 from dsmoe.results import training_hardware
 from dsmoe.stats import count_params
 
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")  # not 16-true: AdamW cannot train in fp16
 STRATEGIES = ("auto", "ddp", "fsdp")
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREEMPTED = 143  # exit status after SIGTERM (128 + 15), once the checkpoint is written
@@ -180,8 +180,8 @@ def resolved_precision(t: TrainerConfig) -> str:
 
 def weights_dtype(t: TrainerConfig) -> torch.dtype:
     """The dtype training holds the weights in: fp32 master weights (32-true and the mixed precisions, whose
-    plugins cast for compute), the 16-bit dtype under bf16-true / 16-true."""
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(resolved_precision(t), torch.float32)
+    plugins cast for compute), bf16 under bf16-true."""
+    return torch.bfloat16 if resolved_precision(t) == "bf16-true" else torch.float32
 
 
 def export_dtype(t: TrainerConfig) -> torch.dtype:
@@ -287,8 +287,20 @@ def check_values(cfg: DictConfig):
     schedules = [s.value for s in SchedulerType]
     if o.schedule not in schedules:
         raise ValueError(f"optim.schedule {o.schedule!r} is unknown; choose one of {schedules}")
+    if t.precision == "16-true":
+        raise ValueError(
+            "trainer.precision '16-true' cannot train with AdamW: its moments in fp16 underflow (eps=1e-8 rounds to 0) "
+            "and the first updates make the weights inf/NaN; use 16-mixed (fp32 weights, fp16 compute) or bf16-mixed"
+        )
     if t.precision not in PRECISIONS:
         raise ValueError(f"trainer.precision {t.precision!r} is unknown; choose one of {list(PRECISIONS)}")
+    if t.precision == "bf16-true":
+        warnings.warn(
+            "trainer.precision bf16-true holds the weights and AdamW's state in bf16, whose spacing near a weight w is "
+            f"about |w|/128: AdamW's updates, about optim.lr = {o.lr:g}, are lost on weights with |w| > {256 * o.lr:.2g}, "
+            "which then never change (a Llama's weights have std ~0.02). bf16-mixed trains with fp32 master weights.",
+            stacklevel=2,
+        )
     if t.strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy {t.strategy!r} is unknown; choose one of {list(STRATEGIES)}")
     if t.export_dtype != "auto" and t.export_dtype not in EXPORT_DTYPES:

@@ -371,7 +371,8 @@ def test_bf16_true_training_keeps_ropes_buffers_fp32(tmp_path, assets):
             }
 
     cfg = make_cfg(assets, tmp_path, **{"trainer.precision": "bf16-true", "trainer.max_steps": 1})
-    train(cfg, callbacks=[Look()])
+    with pytest.warns(UserWarning, match=r"bf16-true .* optim.lr = 0.003, are lost on weights with \|w\| > 0.77"):
+        train(cfg, callbacks=[Look()])
     assert seen["weight"] == torch.bfloat16  # the weights are 16-bit ...
     assert seen["inv_freq"].dtype == torch.float32  # ... RoPE's frequencies are not rounded
     torch.testing.assert_close(seen["inv_freq"], expected, rtol=0, atol=0)
@@ -640,6 +641,7 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
         ({"trainer.devices": 0}, r"trainer.devices=0 \(accelerator 'cpu'\): .*should be an int > 0"),
         ({"trainer.num_nodes": 0}, "trainer.num_nodes must be a positive integer, got 0"),
         ({"trainer.accelerator": "tpu"}, r"trainer.accelerator 'tpu' is unknown; choose one of \['auto', 'cpu'"),
+        ({"trainer.precision": "16-true"}, r"trainer.precision '16-true' cannot train with AdamW: .* use 16-mixed"),
         ({"trainer.limit_val_batches": 1.5}, r"trainer.limit_val_batches must be .* in \(0, 1\], got 1.5"),
         ({"calibration_sequences": 0}, "calibration_sequences must be a positive integer, got 0"),  # hung before
         ({"optim.weight_decay": -1}, "optim.weight_decay must be >= 0"),
