@@ -177,6 +177,23 @@ def test_two_item_run_on_dsmoe_converted_tiny_llama(manifest):
     assert dsmoe.activation_stats(model).tokens > 0  # the routing ran inside lm-eval's forwards
 
 
+def test_a_bf16_model_is_scored_with_fp32_log_probabilities(manifest, monkeypatch):
+    """Table 2 evaluates in bf16 on GPUs; lm-eval's log-softmax (and the sums over a continuation) must be fp32."""
+    torch.set_num_threads(1)
+    seen = []
+    log_softmax = torch.nn.functional.log_softmax
+
+    def recording(*args, **kwargs):
+        out = log_softmax(*args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "log_softmax", recording)
+    model = tiny_model("llama", vocab_size=49152).to(torch.bfloat16)
+    run_benchmarks(model, load_tokenizer(), tasks=["piqa"], limit=2, batch_size=2, offline=True)
+    assert seen and set(seen) == {torch.float32}
+
+
 def test_command_line_run_evaluates_where_the_tables_do(manifest, tmp_path, capsys, monkeypatch):
     import json
 

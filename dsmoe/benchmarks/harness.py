@@ -201,7 +201,9 @@ def _evaluate(model, tokenizer, tasks, limit, batch_size, offline, max_gen_toks,
 
     was_training = model.training
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # sets eval mode
+        # log-probabilities in fp32 whatever the model's dtype: lm-eval's default keeps a bf16 model's, and the
+        # continuations' sums rounded to bf16 tie or flip the choices (HFLM sets eval mode)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float32")
         with tempfile.TemporaryDirectory(prefix="dsmoe_tasks_") as tmp:
             names = write_task_configs(tmp, tasks, offline)
             out = simple_evaluate(
