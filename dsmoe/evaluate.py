@@ -85,4 +85,12 @@ def perplexity(
         with ThreadPoolExecutor(len(models)) as pool:
             list(pool.map(work, range(len(models))))  # re-raises a replica's error
     progress.close()
-    return PerplexityResult(sum(s[0] for s in sums), sum(s[1] for s in sums))
+    result = PerplexityResult(sum(s[0] for s in sums), sum(s[1] for s in sums))
+    if not math.isfinite(result.nll_sum):  # inf/NaN logits: a numeric fault, not a model that is merely bad
+        dtype = next(models[0].parameters()).dtype
+        hint = " (float16 overflows where bfloat16 does not: DSMOE_EVAL_DTYPE=bfloat16 or float32)"
+        raise ValueError(
+            f"{desc}: the model's log-probabilities are not finite (Σ NLL = {result.nll_sum}) in {dtype}"
+            + (hint if dtype == torch.float16 else "")
+        )
+    return result

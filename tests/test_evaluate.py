@@ -138,3 +138,14 @@ def test_documents_are_batched_longest_first(tokenizer):
         nll = sum(model(d[None], labels=d[None]).loss.item() * (d.numel() - 1) for d in docs)
     assert result.tokens == sum(d.numel() - 1 for d in docs)
     assert result.ppl == pytest.approx(math.exp(nll / result.tokens), rel=1e-5)
+
+
+def test_overflowing_logits_are_an_error_not_a_nan_ppl():
+    """Evaluated in float16 (DSMOE_EVAL_DTYPE on GPUs without bf16) a model may overflow: PPL must not come out NaN."""
+    model = tiny_model("llama").half()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(60000.0)  # each logit a sum of 60000·h: beyond float16's 65504
+    windows = [torch.arange(1, 9)]
+    with pytest.raises(ValueError, match=r"ppl: .* not finite .* torch.float16 \(float16 overflows .*bfloat16"):
+        perplexity(model, windows)
+    assert math.isfinite(perplexity(tiny_model("llama"), windows).ppl)
