@@ -728,6 +728,14 @@ def benchmark_scores(results: list[dict[str, dict]], task: str) -> list[float] |
     return [100 * r[task]["value"] for r in results]
 
 
+def benchmark_stderr(results: list[dict[str, dict]], task: str) -> float:
+    """lm-eval's standard error of a task's score over its items, in points (the mean over the seeds' runs; NaN
+    where lm-eval gave none). The seeds score the same items, so this part of the noise does not shrink with them:
+    at --limit 20 it is about 10 points."""
+    values = [r[task].get("stderr") for r in results]
+    return math.nan if any(v is None for v in values) else 100 * sum(values) / len(values)
+
+
 def parse_scale(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--scale", default="demo", help=f"one of {SCALES} (demo: embedded model on CPU, the default)")

@@ -3,7 +3,7 @@
     python experiments/ablation_ste.py [--scale demo] [--limit N] [--seeds N]   → results/<scale>/table3_ablation_ste.csv
 
 Both runs use identical data, steps and settings; rows are the benchmarks of Table 2 and PPL (means over the seeds,
-with their sd).
+with their sd; benchmarks also with lm-eval's standard error over the items, se).
 """
 
 from dsmoe import experiment as ex
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     scored = ex.benchmarks(args.scale, [(run, s) for run, _ in ABLATION_STE_RUNS for s in seeds], limit)
     bench = {run: [scored[run, s] for s in seeds] for run, _ in ABLATION_STE_RUNS}
     measures = [(t.column, lambda run, t=t: ex.benchmark_scores(bench[run], t.name)) for t in PAPER_TASKS]
+    stderr = {t.column: lambda run, t=t: ex.benchmark_stderr(bench[run], t.name) for t in PAPER_TASKS}
     measures.append(("PPL", lambda run: [r["ppl"] for r in evals[run]]))
     measures.append(("Activated %", lambda run: [100 * r["activated_fraction"] for r in evals[run]]))
     provenance = {**ex.seeds_provenance(evals["dsmoe"]), "method": "dsmoe vs dsmoe(no_ste)"}
@@ -33,9 +34,11 @@ def main(argv: list[str] | None = None) -> None:
                 row[label] = scores
             else:
                 ex.with_spread(row, label, scores)
+                if name in stderr:
+                    row[f"{label} se"] = stderr[name](run)
         rows.append({**row, "seeds": len(seeds), "limit": limit or "full", **provenance})
         print({k: row.get(k) for k in ("Model", *(label for _, label in ABLATION_STE_RUNS))})
-    labels = [c for _, label in ABLATION_STE_RUNS for c in (label, f"{label} sd")]
+    labels = [c for _, label in ABLATION_STE_RUNS for c in (label, f"{label} sd", f"{label} se")]
     columns = ["Model", *labels, "seeds", "limit", *PROVENANCE]
     print(f"wrote {write_csv(ex.results_dir(args.scale) / 'table3_ablation_ste.csv', rows, columns)}")
 

@@ -4,7 +4,8 @@
 
 Zero-shot: HellaSwag, LAMBADA, PIQA, SIQA, StoryCloze, Winogrande; 5-shot exact match: GSM8K,
 NaturalQuestions, TriviaQA, WebQuestions. DSMoE routing is active inside lm-eval's forward passes.
-Scores are percentages, means over the seeds with their sd; StoryCloze is "unavailable offline" where its
+Scores are percentages, means over the seeds with their sd and lm-eval's standard error over the items (se; the
+seeds score the same items, so it does not shrink with them); StoryCloze is "unavailable offline" where its
 licence-gated data is missing.
 """
 
@@ -12,6 +13,7 @@ from dsmoe.benchmarks import PAPER_TASKS
 from dsmoe.cli import run as run_cli
 from dsmoe.experiment import (
     benchmark_scores,
+    benchmark_stderr,
     benchmarks,
     evaluate,
     parse_scale,
@@ -40,11 +42,12 @@ def main(argv: list[str] | None = None) -> None:
                 row[task.column] = scores
             else:
                 with_spread(row, task.column, scores)
+                row[f"{task.column} se"] = benchmark_stderr(results, task.name)
         first = next(r for r in results[0].values() if r["status"] == "ok")
         provenance = seeds_provenance([evaluate(args.scale, run, seed=s) for s in seeds])
         rows.append({**row, "seeds": len(results), "limit": limit or "full", "data": first["source"], **provenance})
         print(label, {t.column: rows[-1][t.column] for t in PAPER_TASKS})
-    scores = [c for t in PAPER_TASKS for c in (t.column, f"{t.column} sd")]
+    scores = [c for t in PAPER_TASKS for c in (t.column, f"{t.column} sd", f"{t.column} se")]
     columns = ["Model", *scores, "seeds", "limit", "data", *PROVENANCE]
     print(f"wrote {write_csv(results_dir(args.scale) / 'table2_benchmarks.csv', rows, columns)}")
 

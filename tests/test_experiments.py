@@ -119,6 +119,13 @@ def test_every_figure_and_table_target(tiny_scale_all):
     rows = read_csv(tiny_scale_all / "results" / "tiny" / "table3_ablation_ste.csv")
     assert [r["Model"] for r in rows][-2:] == ["PPL", "Activated %"] and rows[0]["limit"] == "2"
     assert {r["Model"] for r in rows} >= {"Hellaswag", "WebQs", "StoryCloze"}
+    by_measure = {r["Model"]: r for r in rows}
+    assert float(by_measure["Hellaswag"]["DSMoE se"]) >= 0 and by_measure["PPL"]["DSMoE se"] == ""  # items' se
+    run_script("table2")
+    rows = read_csv(tiny_scale_all / "results" / "tiny" / "table2_benchmarks.csv")
+    assert [r["Model"] for r in rows][0] == "dense (no training)" and len(rows) == 5
+    for r in rows:  # lm-eval's standard error over the items, sample sd / sqrt(n): 0 or 50 points for 2 items
+        assert r["PIQA se"] in ("0", "50") and r["StoryCloze se"] == "" and r["Hellaswag sd"] == ""
 
 
 def test_validation_windows_are_read_once_per_data_config(tiny_scale, assets):
