@@ -29,6 +29,20 @@ class OptimConfig:
     schedule: str = "cosine"  # any transformers.get_scheduler name: cosine, linear, constant_with_warmup, ...
 
 
+class TokenPerplexity(Perplexity):
+    """torchmetrics' Perplexity (Σ NLL and token count, summed over processes) with each token's NLL from a
+    log-softmax (cross-entropy), eq. 2: torchmetrics takes log(softmax(x)), infinite for a token whose probability
+    underflows fp32 (NLL above ~103, as a damaged or freshly pruned model gives)."""
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        flat = target.reshape(-1)
+        nll = nn.functional.cross_entropy(
+            preds.reshape(flat.numel(), -1).float(), flat, ignore_index=self.ignore_index, reduction="sum"
+        )
+        self.total_log_probs += nll
+        self.count += (flat != self.ignore_index).sum()
+
+
 class NonFiniteLossError(StepFailed):
     """The loss stopped being finite (e.g. a learning rate far too high); training stops."""
 
@@ -85,7 +99,7 @@ class LitCausalLM(L.LightningModule):
         # weight decay on matrices only; names decided here because FSDP flattens parameters to 1-D shards
         self.no_decay = {name for name, p in model.named_parameters() if p.ndim < 2 or "norm" in name}
         self.val_source_names = list(val_source_names or ["val"])
-        self.val_ppl = nn.ModuleList(Perplexity(ignore_index=IGNORE_INDEX) for _ in self.val_source_names)
+        self.val_ppl = nn.ModuleList(TokenPerplexity(ignore_index=IGNORE_INDEX) for _ in self.val_source_names)
         self.fp32_buffers = fp32_buffers(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):

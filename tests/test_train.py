@@ -466,6 +466,23 @@ def test_validation_ppl_is_token_weighted_over_sources():
     assert logged["val/ppl"] == pytest.approx(math.exp((nll[0] + nll[1]) / (tokens[0] + tokens[1])), rel=1e-5)
 
 
+def test_validation_nll_of_a_token_with_an_underflowing_probability_is_finite():
+    """Eq. 2 by hand: logits (0, 200, 0), target 0: NLL = log(1 + e^200 + 1) = 200 + log1p(2e^-200); a target at
+    IGNORE_INDEX is not counted. torchmetrics' own Perplexity takes log(softmax) = log(0) there: inf."""
+    from torchmetrics.text import Perplexity
+
+    from dsmoe.data.datamodule import IGNORE_INDEX
+    from dsmoe.lit import TokenPerplexity
+
+    logits = torch.tensor([[[0.0, 200.0, 0.0], [1.0, 2.0, 3.0]]])
+    target = torch.tensor([[0, IGNORE_INDEX]])
+    ours, theirs = TokenPerplexity(ignore_index=IGNORE_INDEX), Perplexity(ignore_index=IGNORE_INDEX)
+    ours.update(logits, target)
+    theirs.update(logits, target)
+    assert ours.total_log_probs.item() == pytest.approx(200 + math.log1p(2 * math.exp(-200))) and ours.count == 1
+    assert theirs.total_log_probs.item() == math.inf
+
+
 def test_lr_schedule_spans_max_steps(tmp_path, assets):
     """The cosine schedule decays over exactly the run's optimizer steps (max_steps from the Trainer)."""
 
