@@ -36,11 +36,12 @@ class TokenPerplexity(Perplexity):
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         flat = target.reshape(-1)
+        ignore = -100 if self.ignore_index is None else self.ignore_index  # cross-entropy's default: no class is -100
         nll = nn.functional.cross_entropy(
-            preds.reshape(flat.numel(), -1).float(), flat, ignore_index=self.ignore_index, reduction="sum"
+            preds.reshape(flat.numel(), -1).float(), flat, ignore_index=ignore, reduction="sum"
         )
         self.total_log_probs += nll
-        self.count += (flat != self.ignore_index).sum()
+        self.count += (flat != ignore).sum()
 
 
 class NonFiniteLossError(StepFailed):
