@@ -567,11 +567,13 @@ def evaluate_model(
             stats = dynamic.stats(model, False, None)
             out["active_per_layer"][name] = stats.mean_active_per_layer
             out.setdefault("activated_per_source", {})[name] = stats.activated_params
+            out.setdefault("routed_per_source", {})[name] = stats.tokens  # every real position, the first included
     out["ppl"] = math.exp(nll / tokens)
     out["eval_tokens"] = tokens
     out["params"] = count_params(model)
-    if dynamic:  # token-weighted means over the sources
-        share = {name: t / tokens for name, t in out["tokens_per_source"].items()}
+    if dynamic:  # means over every routed position of every source: each source weighted by its positions
+        routed = out.pop("routed_per_source")
+        share = {name: t / sum(routed.values()) for name, t in routed.items()}
         out["activated_params"] = sum(share[k] * v for k, v in out.pop("activated_per_source").items())
         per_layer = [
             sum(share[k] * v[i] for k, v in out["active_per_layer"].items())

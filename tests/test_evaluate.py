@@ -120,6 +120,10 @@ def test_activation_statistics_count_real_tokens_not_padding(tokenizer, impl):
         result = evaluate_model(model, {"docs": docs}, batch_size=batch_size)
         assert result["mean_active_per_layer"] == pytest.approx(per_layer, rel=1e-6), batch_size
         assert dsmoe.activation_stats(model).tokens == 66
+    # two sources: the overall mean is over all 66 routed positions (a ratio of sums), each source weighted by its
+    # positions (11 and 55), not by its predicted tokens (9 and 51: a document's first token predicts nothing)
+    result = evaluate_model(model, {"a": docs[:2], "b": docs[2:]}, batch_size=4)
+    assert result["mean_active_per_layer"] == pytest.approx(per_layer, rel=1e-6)
 
 
 def test_documents_are_batched_longest_first(tokenizer):
