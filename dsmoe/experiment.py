@@ -798,10 +798,11 @@ def table_row(results: list[dict[str, Any]], label: str) -> dict[str, Any]:
     row = {
         "Model": label,
         "Configuration": " | ".join(dict.fromkeys(r["configuration"] for r in results)),
-        "Params": first["params"],
     }
-    with_spread(row, "Activated Params", [r["activated_params"] for r in results])
-    row["Activated Params"] = round(row["Activated Params"])
+    # a baseline matched seed by seed (LLM-Pruner's widths) has another size per seed: both counts are means
+    for column, key in (("Params", "params"), ("Activated Params", "activated_params")):
+        with_spread(row, column, [r[key] for r in results])
+        row[column] = round(row[column])
     with_spread(row, "Activated %", [100 * r["activated_fraction"] for r in results])
     with_spread(row, "PPL", [r["ppl"] for r in results])
     row["seeds"] = len(results)

@@ -53,7 +53,7 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     assert [r["Model"] for r in rows] == ["dense (no training)", "SparseGPT", "LLaMA-MoE", "DSMoE"]
     for col in ["Configuration", "Params", "Activated Params", "PPL", "PPL a", "PPL b", *PROVENANCE]:
         assert all(r[col] != "" for r in rows[1:] if col != "tau" or r["Model"] == "DSMoE"), col
-    assert all(r["seeds"] == "1" and r["PPL sd"] == r["Activated % sd"] == "" for r in rows)  # undefined, not 0
+    assert all(r["seeds"] == "1" and r["PPL sd"] == r["Params sd"] == "" for r in rows)  # undefined, not 0
     by_model = {r["Model"]: r for r in rows}
     assert abs(float(by_model["SparseGPT"]["Activated %"]) - float(by_model["DSMoE"]["Activated %"])) < 1.0
     assert by_model["DSMoE"]["Configuration"] == "d=64, D=32x4"
@@ -75,6 +75,21 @@ def test_the_spread_of_one_seed_is_undefined_not_zero(tmp_path):
     assert plus_minus(3.0, 2**0.5) == "3.000 ± 1.414" and plus_minus(2.0, sd, 2) == "2.00"
     rows = read_csv(write_csv(tmp_path / "t.csv", [{"PPL": mean, "PPL sd": sd}], ["PPL", "PPL sd"]))
     assert rows == [{"PPL": "2", "PPL sd": ""}]
+
+
+def test_table1_counts_are_means_over_seeds_whose_models_differ_in_size():
+    """LLM-Pruner is matched seed by seed: each seed's pruned model has its own size, so Params is a mean (with its
+    sd) like Activated Params, not the first seed's count (a pruned model's two counts must agree)."""
+    from dsmoe.experiment import table_row
+
+    def result(seed, width, params):
+        provenance = {"seed": seed, "model": "m", "tokens": 1}
+        return {"configuration": f"d={width}", "params": params, "activated_params": params, "activated_fraction": 0.8,
+                "ppl": 10.0 + seed, "ppl_per_source": {"a": 10.0 + seed}, "provenance": provenance}  # fmt: skip
+
+    row = table_row([result(0, 461, 1000), result(1, 448, 900), result(2, 437, 800)], "LLM-Pruner-channel")
+    assert row["Params"] == row["Activated Params"] == 900 and row["Params sd"] == pytest.approx(100)
+    assert row["Configuration"] == "d=461 | d=448 | d=437" and row["seed"] == "0,1,2"
 
 
 @pytest.mark.parametrize(
