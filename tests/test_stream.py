@@ -179,6 +179,33 @@ def test_resume_with_another_layout_or_config_is_refused(tmp_path):
         other.load_state_dict({"train_batches_consumed": 12})
     with pytest.raises(ValueError, match=r"older data stream \(format 2, .*its positions count other documents"):
         other.load_state_dict({**state, "format": 2})  # before repeats of held-out texts were skipped
+    assert state["files"]["p"] == [str(tmp_path / f"part-{f}.parquet") for f in range(FILES)]
+
+
+def test_resume_after_the_files_behind_a_glob_changed_is_refused(tmp_path):
+    """data_files "part-*.parquet" is the same setting after a file was added: the positions (file index, row) would
+    point into other documents, and the held-out sample could be redrawn from trained-on files."""
+    sources, tok = write_sources(tmp_path)
+    cfg = DataConfig(sources=sources, seq_len=11, micro_batch_size=2, val_docs_per_source=4)
+    dm = data_module(cfg, tok, rank=0)
+    dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    state = dm.state_dict()
+    (tmp_path / "part-0a.parquet").write_bytes((tmp_path / "part-0.parquet").read_bytes())  # sorts among them
+    resumed = data_module(cfg, tok, rank=0)
+    resumed.load_state_dict(state)  # the settings are the same ...
+    with pytest.raises(ValueError, match=r"source 'p' reads other files .* \(6 then, 7 now; added 1: .*part-0a"):
+        resumed.train_dataloader()  # ... the files are not
+    (tmp_path / "part-0a.parquet").unlink()
+    again = data_module(cfg, tok, rank=0)
+    again.load_state_dict(state)
+    again.train_dataloader()  # the same files: resumes
+    moved = tmp_path / "moved"  # the data folder moved as a whole (another mount point): the same files
+    moved.mkdir()
+    for f in [*tmp_path.glob("part-*.parquet"), tmp_path / "j.jsonl"]:
+        f.rename(moved / f.name)
+    there = data_module(DataConfig(**{**cfg.__dict__, "sources": write_sources(moved, write=False)[0]}), tok, 0)
+    there.load_state_dict({**state, "config": there.config.stream_fingerprint()})  # the config names the new folder
+    there.train_dataloader()
 
 
 def test_batched_tokenisation_equals_one_document_per_call():

@@ -70,6 +70,15 @@ def _gather(local: Any) -> list[Any] | None:
     return gathered
 
 
+def relative_names(files: list[str]) -> list[str]:
+    """Paths below the files' common folder: a data folder moved or mounted elsewhere as a whole keeps them."""
+    folders = [f.split("/")[:-1] for f in files]
+    common = 0
+    while folders and all(len(d) > common and d[common] == folders[0][common] for d in folders):
+        common += 1
+    return ["/".join(f.split("/")[common:]) for f in files]
+
+
 class PretrainDataModule(L.LightningDataModule):
     """Training: one endless mixed stream per rank. Validation: one DataLoader per source, in the order
     of ``val_source_names``, over the packed held-out documents (``val_windows``; the documents themselves
@@ -182,6 +191,7 @@ class PretrainDataModule(L.LightningDataModule):
         return {
             "format": STATE_FORMAT,
             "config": self.config.stream_fingerprint(),
+            "files": self.resolved_files(),
             "world_size": self.world_size,
             "num_workers": max(self.config.num_workers, 1),
             "ranks": ranks,
@@ -205,11 +215,40 @@ class PretrainDataModule(L.LightningDataModule):
             )
         self._loaded = state
 
+    def resolved_files(self) -> dict[str, list[str]]:
+        """Each source's files in stored order (hub files pinned to a commit): the positions index into them."""
+        self._prepare()
+        return {source.files.name: list(source.files.files) for source in self.sources}
+
+    def _check_same_files(self, saved: dict[str, list[str]]) -> None:
+        """Refuse a resume whose sources resolve to other files than the checkpoint's: a data_files glob that
+        matches a file added, removed or renamed since would continue another stream, and could redraw the
+        held-out documents from files that were trained on."""
+        current = self.resolved_files()
+        for name in sorted(saved.keys() | current.keys()):
+            before, now = relative_names(saved.get(name, [])), relative_names(current.get(name, []))
+            if before != now:
+                added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+                change = (
+                    "; ".join(
+                        f"{what} {len(paths)}: {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}"
+                        for what, paths in (("added", added), ("gone", gone))
+                        if paths
+                    )
+                    or "the same files in another order"
+                )
+                raise ValueError(
+                    f"source {name!r} reads other files than the checkpoint's data stream ({len(before)} then, "
+                    f"{len(now)} now; {change}): it cannot be continued exactly; restore the files or start a new run"
+                )
+
     def _restore(self) -> dict[str, Any] | None:
         """This rank's part of a loaded state (once), checked against the current world size and workers."""
         if self._loaded is None:
             return None if not self._workers else {"workers": dict(self._workers), "next_worker": self._next_worker}
         state, self._loaded = self._loaded, None
+        if "files" in state:  # checkpoints from before it was recorded: not checked
+            self._check_same_files(state["files"])
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         workers = max(self.config.num_workers, 1)
