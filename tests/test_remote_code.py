@@ -240,3 +240,18 @@ def test_lm_eval_opens_a_saved_dsmoe_model_by_path(tmp_path):
     assert sum(dsmoe.activation_stats(suite_model).mean_active_per_layer) / 2 < 4  # routing was active
     for (logprob, greedy), (theirs, their_greedy) in zip(ours, remote, strict=True):
         assert logprob == pytest.approx(theirs, abs=1e-4) and greedy == their_greedy
+
+
+def test_remote_code_refuses_transformers_4_naming_the_version(monkeypatch):
+    """transformers 4 would read the config's RoPE settings (rope_parameters in 5) as absent: refused, not misread."""
+    import importlib.util
+
+    import transformers
+
+    import dsmoe.hf_remote
+
+    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    path = Path(dsmoe.hf_remote.__file__).parent / "configuration_dsmoe.py"
+    spec = importlib.util.spec_from_file_location("configuration_dsmoe_v4", path)
+    with pytest.raises(ImportError, match=r"needs transformers >= 5 \(found 4.46.3\).*rope_parameters"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))

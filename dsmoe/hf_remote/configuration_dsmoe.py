@@ -9,7 +9,16 @@ classes below. Each class is the base's config class with the method's model_typ
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config
+import transformers
+
+if int(transformers.__version__.split(".")[0]) < 5:  # before the names below are imported: say why, not which
+    raise ImportError(
+        f"this model's remote code needs transformers >= 5 (found {transformers.__version__}): its config.json keeps "
+        "RoPE's settings under rope_parameters, which transformers 4 would not read, giving a silently wrong model; "
+        "pip install 'transformers>=5.23,<6'"
+    )
+
+from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config  # noqa: E402
 
 # base model_type -> (class name part, config class)
 BASES: dict[str, tuple[str, type[PreTrainedConfig]]] = {
