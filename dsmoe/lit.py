@@ -173,6 +173,11 @@ class LitCausalLM(L.LightningModule):
         else:
             self.clip_gradients(optimizer, gradient_clip_val=self.clip_norm, gradient_clip_algorithm="norm")
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Before clipping: e.g. SparseGPT zeroes the pruned weights' gradients."""
+        if self.method.before_optimizer_step is not None:
+            self.method.before_optimizer_step(self.model)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.method.after_optimizer_step is not None:  # e.g. SparseGPT re-zeroes pruned weights

@@ -56,7 +56,8 @@ class Method:
     describe(model) -> Table 1's Configuration; match(dense, target, options) -> the options that activate
     ``target`` params (None: the method's activation is not set but learned, or fixed); structure(meta dense model,
     options) -> (params of the prepared model, its setting), for the disk plan, on the meta device;
-    on_train_start(model) once the Trainer has wrapped (possibly sharded) the model; after_optimizer_step(model);
+    on_train_start(model) once the Trainer has wrapped (possibly sharded) the model; before_optimizer_step(model)
+    once the gradients are accumulated, before they are clipped; after_optimizer_step(model);
     dynamic: how activation is measured when it depends on the input (None: fixed once applied);
     check_options(options, matched) -> None: a ValueError naming an unknown or invalid option, before any model is
     loaded (``matched``: match will set some options from match_activated, so they may still be missing)."""
@@ -72,6 +73,7 @@ class Method:
     match: Callable[[nn.Module, float, dict[str, Any]], Match] | None = None
     structure: Callable[[PreTrainedModel, dict[str, Any]], tuple[int, str]] | None = None
     after_optimizer_step: Callable[[nn.Module], None] | None = None
+    before_optimizer_step: Callable[[nn.Module], None] | None = None
     needs_calibration: bool = False
     on_train_start: Callable[[nn.Module], None] | None = None
     dynamic: DynamicActivation | None = None

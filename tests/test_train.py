@@ -815,3 +815,25 @@ def test_a_failing_rank_zero_stops_the_ranks_lightning_started(tmp_path, assets)
         time.sleep(0.5)
     os.kill(other, 9)
     raise AssertionError(f"rank 1 (pid {other}) outlived the failed run")
+
+
+def test_sparsegpts_pruned_weights_have_no_gradient_when_clipping(tmp_path, assets, monkeypatch):
+    """The pruned weights are not parameters of the pruned model: their gradients are zeroed before the global
+    norm is clipped (counted, they would shrink the kept weights' updates whenever clipping engages)."""
+    from dsmoe.baselines import sparsegpt as sg
+    from dsmoe.lit import LitCausalLM
+
+    seen = []
+    clip = LitCausalLM.configure_gradient_clipping
+
+    def looking(self, optimizer, *args, **kwargs):
+        pairs = self.model.__dict__[sg.TRAINING_MASKS]
+        seen.append(max(float(w.grad[pruned].abs().max()) for w, pruned in pairs if pruned.any()))
+        seen.append(max(float(w.grad[~pruned].abs().max()) for w, pruned in pairs))
+        return clip(self, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(LitCausalLM, "configure_gradient_clipping", looking)
+    cfg = make_cfg(assets, tmp_path, method="sparsegpt", **{"trainer.max_steps": 2})
+    cfg.method_options = {"sparsity": 0.5}
+    train(cfg)
+    assert len(seen) == 4 and seen[0] == seen[2] == 0 and seen[1] > 0 and seen[3] > 0  # pruned: none; kept: some

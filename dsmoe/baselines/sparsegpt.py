@@ -241,11 +241,25 @@ def take_training_masks(model: nn.Module) -> None:
     model.__dict__[TRAINING_MASKS] = pairs
 
 
+def _pruned_pairs(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, pruned) of every pruned Linear: the training masks once taken (shards under FSDP), else the masks."""
+    return model.__dict__.get(TRAINING_MASKS) or [(m.weight, getattr(m, MASK)) for m in masked_linears(model)]
+
+
+@torch.no_grad()
+def mask_gradients(model: nn.Module) -> None:
+    """Zero the pruned weights' gradients before they are clipped and stepped: the pruned model has no such
+    parameters, and their gradients would count in the clipped global norm, shrinking the kept weights' updates."""
+    for weight, pruned in _pruned_pairs(model):
+        if weight.grad is not None:
+            weight.grad.masked_fill_(pruned, 0)
+
+
 @torch.no_grad()
 def enforce_masks(model: nn.Module) -> None:
-    """Re-zero the pruned weights (after each optimizer step: AdamW's update and decay touch them)."""
-    pairs = model.__dict__.get(TRAINING_MASKS) or [(m.weight, getattr(m, MASK)) for m in masked_linears(model)]
-    for weight, pruned in pairs:
+    """Re-zero the pruned weights after each optimizer step: with their gradients zeroed AdamW leaves them at 0,
+    and this keeps them there whatever the optimizer's state (e.g. moments from a checkpoint of an older version)."""
+    for weight, pruned in _pruned_pairs(model):
         weight.masked_fill_(pruned, 0)
 
 
@@ -328,6 +342,7 @@ SPARSEGPT = Method(
     match=lambda model, target, options: match_sparsegpt(model, target, options.get("blocksize", 128)),
     structure=_structure,
     after_optimizer_step=enforce_masks,
+    before_optimizer_step=mask_gradients,
     needs_calibration=True,
     on_train_start=take_training_masks,
     check_options=options_check(SparseGPTConfig, "sparsegpt"),
