@@ -17,7 +17,7 @@ def sparsity_loss(model: nn.Module) -> torch.Tensor:
     """L_sparse = 1/(L·N) Σ_l Σ_n G(σ(x·Y_n)) averaged over tokens, for the last forward (eq. 19).
 
     For the "no_gate" variant in training the soft σ(x·Y_n) is used (the L1 norm of eq. 20's
-    weights). Differentiable with respect to the routers.
+    weights). Differentiable with respect to the routers and, through their inputs, every parameter below them.
     """
     layers = dsmoe_layers(model)
     if not layers:
