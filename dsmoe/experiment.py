@@ -360,6 +360,7 @@ def evaluation_settings(scale: str, source: str) -> dict[str, Any]:
         "val_windows": sc.eval.get("val_windows"),
         "evaluated_on": evaluation_precision(),
         "batched": "longest first",  # documents of unequal length: the batching moves the last digits
+        "activation_weights": "routed positions",  # each source's share of the mean activation (earlier: tokens)
     }
 
 
@@ -697,6 +698,7 @@ def benchmarks(scale: str, runs: list[tuple[str, int]], limit: int | None) -> di
             "batch_size": sc.eval.batch_size,
             "max_gen_toks": sc.eval.max_gen_toks,
             "evaluated_on": evaluation_precision(),
+            "log_probs": "float32",  # whatever the model's dtype (earlier: lm-eval's default, the model's)
         }
         jobs.append((folder / f"benchmarks_limit{limit}.json", settings, source))
     results = [stored_result(path, settings) for path, settings, _ in jobs]

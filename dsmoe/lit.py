@@ -38,7 +38,7 @@ class TokenPerplexity(Perplexity):
         flat = target.reshape(-1)
         ignore = -100 if self.ignore_index is None else self.ignore_index  # cross-entropy's default: no class is -100
         nll = nn.functional.cross_entropy(
-            preds.reshape(flat.numel(), -1).float(), flat, ignore_index=ignore, reduction="sum"
+            preds.reshape(-1, preds.shape[-1]).float(), flat, ignore_index=ignore, reduction="sum"
         )
         self.total_log_probs += nll
         self.count += (flat != ignore).sum()

@@ -45,6 +45,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -295,11 +296,10 @@ def check_values(cfg: DictConfig):
     if t.precision not in PRECISIONS:
         raise ValueError(f"trainer.precision {t.precision!r} is unknown; choose one of {list(PRECISIONS)}")
     if t.precision == "bf16-true":
-        warnings.warn(
+        rank_zero_warn(  # once, not by every rank
             "trainer.precision bf16-true holds the weights and AdamW's state in bf16, whose spacing near a weight w is "
             f"about |w|/128: AdamW's updates, about optim.lr = {o.lr:g}, are lost on weights with |w| > {256 * o.lr:.2g}, "
             "which then never change (a Llama's weights have std ~0.02). bf16-mixed trains with fp32 master weights.",
-            stacklevel=2,
         )
     if t.strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy {t.strategy!r} is unknown; choose one of {list(STRATEGIES)}")

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def host_gradients() -> tuple[str, str]:
         """LLM-Pruner's importances from gradients summed in host memory (the default on a GPU) against gradients
-        summed in p.grad: the same bits, and the peak GPU memory of each."""
+        summed in p.grad: the same bits (or within 1e-5 where the GPU's backward is not deterministic), and the
+        peak GPU memory of each."""
         from dsmoe.baselines import llm_pruner
         from dsmoe.models import load_model
 
@@ -255,8 +256,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if all(torch.equal(a, b) for a, b in pairs):
             return "identical", memory
         # the same sums of the same per-batch gradients; a GPU backward with atomic adds may differ in the last bits
+        if not all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in pairs):
+            raise AssertionError("importances are not finite")
         worst = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in pairs)
-        if worst > 1e-5:
+        if not worst <= 1e-5:
             raise AssertionError(f"importances from host-summed gradients differ from p.grad's: relative {worst:.1e}")
         return f"rel. diff {worst:.1e}", f"{memory}; not bitwise equal: the two backward passes were not deterministic"
 

@@ -365,10 +365,10 @@ def test_bf16_true_training_keeps_ropes_buffers_fp32(tmp_path, assets):
             seen["inv_freq"] = rotary[0].inv_freq.clone()
             seen["weight"] = pl_module.model.lm_head.weight.dtype
 
-        def on_validation_epoch_end(self, trainer, pl_module):  # after the module's hook: the sums were reset
-            seen["ppl sums"] = {m.total_log_probs.dtype for m in pl_module.val_ppl} | {
-                m.count.dtype for m in pl_module.val_ppl
-            }
+        def on_validation_epoch_end(self, trainer, pl_module):  # before the module's hook, which resets the sums
+            metrics = list(pl_module.val_ppl)
+            seen["ppl sums"] = {m.total_log_probs.dtype for m in metrics} | {m.count.dtype for m in metrics}
+            seen["ppl sums"] |= {m._defaults[k].dtype for m in metrics for k in ("total_log_probs", "count")}
 
     cfg = make_cfg(assets, tmp_path, **{"trainer.precision": "bf16-true", "trainer.max_steps": 1})
     with pytest.warns(UserWarning, match=r"bf16-true .* optim.lr = 0.003, are lost on weights with \|w\| > 0.77"):

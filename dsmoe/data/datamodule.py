@@ -70,15 +70,6 @@ def _gather(local: Any) -> list[Any] | None:
     return gathered
 
 
-def relative_names(files: list[str]) -> list[str]:
-    """Paths below the files' common folder: a data folder moved or mounted elsewhere as a whole keeps them."""
-    folders = [f.split("/")[:-1] for f in files]
-    common = 0
-    while folders and all(len(d) > common and d[common] == folders[0][common] for d in folders):
-        common += 1
-    return ["/".join(f.split("/")[common:]) for f in files]
-
-
 class PretrainDataModule(L.LightningDataModule):
     """Training: one endless mixed stream per rank. Validation: one DataLoader per source, in the order
     of ``val_source_names``, over the packed held-out documents (``val_windows``; the documents themselves
@@ -216,17 +207,18 @@ class PretrainDataModule(L.LightningDataModule):
         self._loaded = state
 
     def resolved_files(self) -> dict[str, list[str]]:
-        """Each source's files in stored order (hub files pinned to a commit): the positions index into them."""
+        """Each source's files in stored order (hub files as URLs with the commit they resolved at): the positions
+        index into them."""
         self._prepare()
         return {source.files.name: list(source.files.files) for source in self.sources}
 
     def _check_same_files(self, saved: dict[str, list[str]]) -> None:
         """Refuse a resume whose sources resolve to other files than the checkpoint's: a data_files glob that
-        matches a file added, removed or renamed since would continue another stream, and could redraw the
-        held-out documents from files that were trained on."""
+        matches a file added, removed or renamed since (or a hub dataset read at a newer commit) would continue
+        another stream, and could redraw the held-out documents from files that were trained on."""
         current = self.resolved_files()
         for name in sorted(saved.keys() | current.keys()):
-            before, now = relative_names(saved.get(name, [])), relative_names(current.get(name, []))
+            before, now = saved.get(name, []), current.get(name, [])
             if before != now:
                 added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))
                 change = (
