@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dsmoe.methods import get_method, method_of_saved
@@ -75,6 +76,15 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     return model
 
 
+def is_hub_model_id(name: str) -> bool:
+    """``org/name`` as the hub accepts it (huggingface_hub's validate_repo_id: not "/x", "./x", "~/x", "a/b/c")."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return "/" in name  # the Llama-family checkpoints all have an organisation
+
+
 def check_model_location(name_or_path: str) -> None:
     """Refuse a model that is none of: the embedded alias, an HF model directory here, a hub id ('org/name')."""
     if name_or_path in EMBEDDED_ALIASES:
@@ -84,9 +94,7 @@ def check_model_location(name_or_path: str) -> None:
         raise FileNotFoundError(
             f"model {name_or_path!r}: the directory holds no config.json (not an HF model directory)"
         )
-    if not local.exists() and (
-        local.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
-    ):
+    if not local.exists() and not is_hub_model_id(name_or_path):
         raise FileNotFoundError(
             f"model {name_or_path!r}: no such directory, and not a hub id ('org/name') or {EMBEDDED!r}"
         )

@@ -41,6 +41,10 @@ def test_training_refuses_a_missing_model_before_it_starts_and_takes_every_embed
         assert not (tmp_path / "run").exists()
     for alias in EMBEDDED_ALIASES:  # the training check refused 'smollm2-135m', which load_model takes
         check_model_location(alias)
+    check_model_location("meta-llama/Llama-3.2-1B")  # a hub id: looked up when loaded
+    for path in ("./missing-model", "~/missing-model", "data/models/missing", "missing-model"):  # none a hub id
+        with pytest.raises(FileNotFoundError, match="no such directory, and not a hub id"):
+            check_model_location(path)
 
 
 def test_damaged_config_and_weights_name_the_file(saved):
