@@ -37,7 +37,8 @@ import torch
 from omegaconf import OmegaConf
 
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import ROOT, eval_devices, evaluate_model, launch_training, load_for_eval, replicas
+from dsmoe.experiment import ROOT, eval_devices, evaluate_model, load_for_eval, replicas
+from dsmoe.launch import launch_training
 from dsmoe.packages import write_json
 from dsmoe.results import PROVENANCE, provenance, results_root, write_csv
 
