@@ -64,6 +64,29 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     )
 
 
+def test_table2_trains_its_runs_in_the_order_the_plan_prints(tiny_scale, monkeypatch):
+    """The plan lists DSMoE's seeds before the baselines that match them, seed by seed; Table 2 (which scores the
+    models in Table 1's order, DSMoE last) had interleaved them: dsmoe, sparsegpt, dsmoe_seed1, ..."""
+    import dsmoe.experiment
+    from dsmoe.plan import plan_target
+    from dsmoe.train import load_config, train
+
+    trained = []
+
+    def counting_launch(config_file):
+        cfg = load_config(config_file)
+        trained.append(cfg.run_name)
+        if len(trained) == 3:
+            raise KeyboardInterrupt  # enough to see the order
+        train(cfg)
+
+    monkeypatch.setattr(dsmoe.experiment, "launch_training", counting_launch)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("table2", "--seeds", "2", "--limit", "1")
+    planned = [r.run for r in plan_target("table2", "tiny", seeds=2).runs if r.method != "dense"]
+    assert trained == planned[:3] == ["dsmoe", "dsmoe_seed1", "sparsegpt"]
+
+
 def test_the_spread_of_one_seed_is_undefined_not_zero(tmp_path):
     from dsmoe.experiment import mean_sd, plus_minus
     from dsmoe.results import write_csv
