@@ -115,6 +115,16 @@ def run_config(scale: str, run: str, seed: int = 0) -> DictConfig:
     return cfg
 
 
+def defined_runs(scale: str, runs: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    """The (run, label) pairs of ``runs`` that the scale defines ("dense" always); the others are named on stderr,
+    as their rows are left out of the table."""
+    methods = scale_config(scale).methods
+    missing = [run for run, _ in runs if run != "dense" and run not in methods]
+    if missing:
+        print(f"[experiment] scale {scale!r} defines no run {missing}: left out of this table", file=sys.stderr)
+    return [(run, label) for run, label in runs if run not in missing]
+
+
 def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out_dir) / cfg.run_name
 

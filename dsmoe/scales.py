@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from dsmoe.config_checks import reject_unknown_keys
 from dsmoe.config_merge import merged
 from dsmoe.data import DataConfig
-from dsmoe.train import TrainConfig
+from dsmoe.targets import DENSE, TARGET_RUNS
+from dsmoe.train import TrainConfig, read_yaml
 
 PROTOCOLS = ("windows", "documents")  # EvalConfig.protocol
 
@@ -68,11 +69,16 @@ def check_eval(evaluation: EvalConfig, where: str) -> None:
         raise ValueError(f"{where} eval.protocol is {evaluation.protocol!r}; choose one of {list(PROTOCOLS)}")
 
 
+def known_runs() -> set[str]:
+    """The run names the targets read from a scale's ``methods`` (dsmoe.targets)."""
+    return {run for runs in TARGET_RUNS.values() for run, _ in runs} - {DENSE}
+
+
 def load_scale(path: str | Path) -> ScaleConfig:
     """The scale at ``path``, every key checked (see the module docstring); ``eval`` with its defaults filled in."""
     name = Path(path).stem
     where = f"scale {name!r}"
-    raw = OmegaConf.to_container(OmegaConf.load(path))
+    raw = OmegaConf.to_container(read_yaml(lambda: OmegaConf.load(path), f"{where} ({path})"))
     sections = {f.name for f in dataclasses.fields(ScaleConfig)}
     if not isinstance(raw, dict):
         raise ValueError(f"{where} ({path}) must be a mapping of {sorted(sections)}")
@@ -81,6 +87,8 @@ def load_scale(path: str | Path) -> ScaleConfig:
         if not isinstance(raw.get(section), dict):
             raise ValueError(f"{where}: {section} must be a mapping, got {raw.get(section)!r}")
 
+    # a run no target reads (a misspelled name) would be left out of the tables without a word
+    reject_unknown_keys(raw["methods"], known_runs(), "run(s)", f" in {where} methods")
     base = merged(TrainConfig, raw["base"], schema=TrainConfig, where=f"{where} base")
     check_data(base.data, f"{where} base")
     for run, overrides in raw["methods"].items():  # each run as it is configured: defaults <- base <- its block

@@ -8,21 +8,19 @@ data, steps and optimizer settings. Each trained row is the mean over the seeds,
 """
 
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import evaluate, parse_scale, plus_minus, results_dir, scale_config, table_row
+from dsmoe.experiment import defined_runs, evaluate, parse_scale, plus_minus, results_dir, table_row
 from dsmoe.results import PROVENANCE, write_csv
 from dsmoe.targets import DENSE, TABLE1_RUNS
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_scale(__doc__, argv)
-    sc = scale_config(args.scale)
     seeds = range(args.seeds)
     for seed in seeds:  # first: it sets the baselines' targets
         evaluate(args.scale, "dsmoe", seed=seed)
     rows = [
         table_row([evaluate(args.scale, run, seed=s) for s in (seeds if run != DENSE else [0])], label)
-        for run, label in TABLE1_RUNS
-        if run == DENSE or run in sc.methods
+        for run, label in defined_runs(args.scale, TABLE1_RUNS)
     ]
     columns = list(dict.fromkeys(k for row in rows for k in row if k not in PROVENANCE)) + PROVENANCE
     path = write_csv(results_dir(args.scale) / "table1_ppl.csv", rows, columns)

@@ -15,10 +15,10 @@ from dsmoe.experiment import (
     benchmark_scores,
     benchmark_stderr,
     benchmarks,
+    defined_runs,
     evaluate,
     parse_scale,
     results_dir,
-    scale_config,
     seeds_provenance,
     with_spread,
 )
@@ -28,9 +28,10 @@ from dsmoe.targets import DENSE, TABLE1_RUNS
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_scale(__doc__, argv)
-    limit, methods = args.limit, scale_config(args.scale).methods
-    runs = [(run, label, range(args.seeds) if run != DENSE else [0]) for run, label in TABLE1_RUNS]
-    runs = [(run, label, seeds) for run, label, seeds in runs if run == DENSE or run in methods]
+    limit = args.limit
+    runs = [
+        (run, label, range(args.seeds) if run != DENSE else [0]) for run, label in defined_runs(args.scale, TABLE1_RUNS)
+    ]
     for seed in range(args.seeds):  # first, as Table 1 and the plan do: DSMoE's seeds set the baselines' targets
         evaluate(args.scale, "dsmoe", seed=seed)
     scored = benchmarks(args.scale, [(run, s) for run, _, seeds in runs for s in seeds], limit)  # all at once

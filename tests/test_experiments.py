@@ -29,7 +29,7 @@ def run_script(name, *argv):
     module.main(["--scale", "tiny", *argv])
 
 
-def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeypatch):
+def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeypatch, capsys):
     import dsmoe.experiment
     from dsmoe.train import load_config, train
 
@@ -48,6 +48,7 @@ def test_table1_rerun_after_interruption_skips_finished_runs(tiny_scale, monkeyp
     assert trained == ["dsmoe", "sparsegpt"]
     run_script("table1")  # re-run: only the interrupted and the missing runs train
     assert trained[2:] == ["sparsegpt", "llama_moe"]
+    assert "scale 'tiny' defines no run ['llm_pruner_channel', 'llm_pruner_block']: left out" in capsys.readouterr().err
     rows = read_csv(tiny_scale / "results" / "tiny" / "table1_ppl.csv")
     assert [r["Model"] for r in rows] == ["dense (no training)", "SparseGPT", "LLaMA-MoE", "DSMoE"]
     for col in ["Configuration", "Params", "Activated Params", "PPL", "PPL a", "PPL b", *PROVENANCE]:

@@ -42,6 +42,10 @@ def edited(path: Path, edit) -> Path:
             lambda s: s["eval"].update(sedes=3),
             r"unknown key\(s\) \['sedes'\] in scale 'tiny' eval; allowed: \[.*'seeds'",
         ),
+        (  # a misspelled run would be left out of every table
+            lambda s: s["methods"].update(llm_prunr_block=s["methods"]["dsmoe"]),
+            r"unknown run\(s\) \['llm_prunr_block'\] in scale 'tiny' methods; allowed: \[.*'llm_pruner_block'",
+        ),
         (
             lambda s: s.update(evals={}),
             r"unknown key\(s\) \['evals'\] in scale 'tiny'; allowed: \['base', 'eval', 'methods'\]",
@@ -80,6 +84,13 @@ def test_a_bad_scale_is_an_error_naming_the_key(write_scale, edit, message):
     with pytest.raises(ValueError, match=message):
         load_scale(path)
     with pytest.raises(ValueError, match=message):
+        scale_config("tiny")
+
+
+def test_a_scale_that_is_not_valid_yaml_is_an_error_naming_the_file(write_scale):
+    path = write_scale(["dsmoe"]) / "scales" / "tiny.yaml"
+    path.write_text("base: [\n")
+    with pytest.raises(ValueError, match=r"scale 'tiny' \(.*tiny.yaml\) is not valid YAML: while parsing .* line 2"):
         scale_config("tiny")
 
 
