@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dsmoe.evaluate import perplexity
-from dsmoe.launch import TrainingFailed, launch_training
+from dsmoe.launch import TrainingFailed, launch_training, run_lock
 from dsmoe.methods import method_of_model
 from dsmoe.packages import write_json
 from dsmoe.results import REPO, hardware, provenance, results_root
@@ -135,7 +135,8 @@ def is_finished(cfg: DictConfig) -> bool:
 
 def ensure_run(scale: str, run: str, seed: int = 0) -> Path:
     """The run's final model directory, training it first (in its own processes) unless a finished run exists; a
-    run directory trained with other settings is refused (:func:`dsmoe.train.check_same_run`)."""
+    run directory trained with other settings is refused (:func:`dsmoe.train.check_same_run`). A driver that finds
+    another one training the run waits for it (:func:`dsmoe.launch.run_lock`)."""
     from dsmoe.train import check_same_run, holds_work, saved_config
 
     cfg = run_config(scale, run, seed)
@@ -143,22 +144,22 @@ def ensure_run(scale: str, run: str, seed: int = 0) -> Path:
     matched = cfg.method_options.get("match_activated") == "dsmoe"
     if matched:
         cfg.match_activated_from = "dsmoe"
-    check_same_run(run_dir(cfg), cfg)
     final = run_dir(cfg) / "final"
-    if is_finished(cfg):
-        print(f"[experiment] {scale}/{cfg.run_name}: finished run found, skipping training")
-        return final
-    if matched:  # baselines match the activated params DSMoE learned (paper §5.2), seed by seed
-        if holds_work(run_dir(cfg)):  # an interrupted run resumes with the fraction it was prepared for
-            fraction = saved_config(run_dir(cfg)).method_options.match_activated
-        else:
-            fraction = evaluate(scale, "dsmoe", seed=seed)["activated_fraction"]
-        cfg.method_options.match_activated = fraction
-    cfg.resume = "last"
-    config_file = run_dir(cfg) / "launch.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(OmegaConf.to_yaml(cfg))
-    launch_training(config_file)
+    with run_lock(run_dir(cfg)):
+        check_same_run(run_dir(cfg), cfg)
+        if is_finished(cfg):
+            print(f"[experiment] {scale}/{cfg.run_name}: finished run found, skipping training")
+            return final
+        if matched:  # baselines match the activated params DSMoE learned (paper §5.2), seed by seed
+            if holds_work(run_dir(cfg)):  # an interrupted run resumes with the fraction it was prepared for
+                fraction = saved_config(run_dir(cfg)).method_options.match_activated
+            else:
+                fraction = evaluate(scale, "dsmoe", seed=seed)["activated_fraction"]
+            cfg.method_options.match_activated = fraction
+        cfg.resume = "last"
+        config_file = run_dir(cfg) / "launch.yaml"
+        config_file.write_text(OmegaConf.to_yaml(cfg))
+        launch_training(config_file)
     if not is_finished(cfg):
         raise TrainingFailed(f"the training process exited without writing {final} and train_summary.json")
     return final

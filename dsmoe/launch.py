@@ -7,12 +7,17 @@ SIGTERM saves a checkpoint and stops (exit 143), Ctrl-C stops (exit 130), a fail
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -130,7 +135,10 @@ def launch_training(config_file: Path) -> None:
     try:
         # its own group: all of the run's processes, found again; no terminal input (in the terminal's background,
         # a read would stop it: srun forwards stdin to its tasks)
-        proc = subprocess.Popen(command, process_group=0, stdin=subprocess.DEVNULL)
+        parent = os.getpid()
+        proc = subprocess.Popen(
+            command, process_group=0, stdin=subprocess.DEVNULL, preexec_fn=lambda: term_when_parent_dies(parent)
+        )
         signal.signal(signal.SIGTTOU, previous.pop(signal.SIGTTOU))
         if received:  # a signal came before the run had started (the run's first process is all there is yet)
             proc.send_signal(signal.SIGTERM if received[-1] == signal.SIGTERM else signal.SIGINT)
@@ -163,3 +171,47 @@ def stop_process_group(group: int, signum: int) -> None:
         os.killpg(group, signum)
     except ProcessLookupError:  # all gone
         pass
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def term_when_parent_dies(parent: int) -> None:
+    """In the run's first process before it starts: a SIGTERM when the driver dies, even by SIGKILL (Linux), so
+    that the run saves a checkpoint and stops instead of training on as an orphan beside the next driver's run."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the run outlives a killed driver
+        return
+    if os.getppid() != parent:  # the driver died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+LOCK = ".driver.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir/.driver.lock`` while a driver trains the run there. A second driver of the same run (two targets
+    started at once that share it) waits for the first, saying so, and then finds the run finished; two trainings of
+    one directory would delete each other's checkpoints and prepared model. On a filesystem without flock (some
+    network filesystems) nothing is locked."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            say(f"[experiment] {run_dir} is being trained by {lock.read().strip() or 'another driver'}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # no flock here
+            yield
+            return
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"the driver with pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -20,7 +20,7 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     class FakePopen:
         pid = -12345
 
-        def __init__(self, command, process_group, stdin):
+        def __init__(self, command, process_group, stdin, preexec_fn):
             assert process_group == 0 and stdin == subprocess.DEVNULL  # a group of its own, no terminal input
             seen.append(command)
 
@@ -238,3 +238,61 @@ def test_srun_without_kill_on_bad_exit_is_warned_about(command, warned, tmp_path
     monkeypatch.setenv("SLURM_KILL_BAD_EXIT", "1")  # srun's own default, set for the job
     launch.warn_srun_without_kill_on_bad_exit(shlex.split(command))
     assert capsys.readouterr().err == ""
+
+
+RUN_UNTIL_TERM = """
+import os, signal, sys, time
+from pathlib import Path
+out = Path(os.environ["OUT"])
+signal.signal(signal.SIGTERM, lambda *a: (out.with_suffix(".term").write_text("term"), sys.exit(143)))
+out.write_text(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+def test_a_run_gets_sigterm_when_its_driver_is_killed(tmp_path):
+    """kill -9 of the driver: its run saves and stops (SIGTERM) instead of training on as an orphan, which the next
+    driver would race for the same run directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "launch.yaml").write_text(f"out_dir: {tmp_path}\nrun_name: run\n")
+    (tmp_path / "run.py").write_text(RUN_UNTIL_TERM)
+    out = tmp_path / "run.pid"
+    env = {**os.environ, "DSMOE_LAUNCHER": f"{sys.executable} {tmp_path / 'run.py'}", "OUT": str(out)}
+    code = f"from pathlib import Path; from dsmoe.launch import launch_training; launch_training(Path('{tmp_path}/launch.yaml'))"
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 10
+    while not out.with_suffix(".term").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not out.with_suffix(".term").exists():
+        os.kill(int(out.read_text()), signal.SIGKILL)
+        raise AssertionError("the run outlived its killed driver without a SIGTERM")
+
+
+def test_a_second_driver_of_a_run_waits_for_the_first(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from dsmoe.launch import run_lock
+
+    code = f"from pathlib import Path; from dsmoe.launch import run_lock\nwith run_lock(Path('{tmp_path}/run')): print('in')"
+    with run_lock(tmp_path / "run"):
+        second = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        waiting = second.stderr.readline()
+        assert (
+            f"run is being trained by the driver with pid {os.getpid()} on " in waiting and "waiting for it" in waiting
+        )
+        time.sleep(0.5)
+        assert second.poll() is None  # still waiting
+    assert second.communicate(timeout=30)[0] == "in\n" and second.returncode == 0
