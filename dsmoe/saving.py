@@ -32,12 +32,15 @@ def save_hf(
     """save_pretrained the model (and tokenizer) into directory without leaving half-written files there.
 
     With ``remote_model_type`` (a method's model_type, see :data:`METHODS`) the directory becomes an HF
-    remote-code model of that type (:func:`write_remote_code`). Everything is written to a temporary sibling directory first, then moved in file by file, config.json
-    last (its presence marks a complete save); weight files of an earlier save that the new one does not
-    overwrite (other shard counts) are removed. Other files in directory are left alone.
+    remote-code model of that type (:func:`write_remote_code`). Everything is written to a temporary sibling
+    directory first (one a killed save left is removed), then moved in file by file, config.json last (its presence
+    marks a complete save); weight files of an earlier save that the new one does not overwrite (other shard counts)
+    are removed. Other files in directory are left alone.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for left in directory.parent.glob(f".{directory.name}.saving.*"):  # a killed save's (a full copy of the weights)
+        shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving."))
     try:
         model.save_pretrained(tmp)

@@ -76,6 +76,9 @@ def test_save_replaces_only_model_files_and_a_failed_save_leaves_the_last_one(tm
     model = dsmoe.convert(tiny_model("llama"), dsmoe.DSMoEConfig(num_experts=4)).eval()
     out = tmp_path / "m"
     out.mkdir()
+    (tmp_path / ".m.saving.k90slwiy").mkdir()  # what a save killed by SIGKILL leaves: removed by the next one
+    (tmp_path / ".m.saving.k90slwiy" / "model.safetensors").write_text("weights")
+    (tmp_path / ".mine.saving.keep").mkdir()  # another directory's
     (out / "notes.txt").write_text("mine")
     (out / "model-00001-of-00002.safetensors").write_text("stale shard")
     (out / "model.safetensors.index.json").write_text("{}")
@@ -92,7 +95,7 @@ def test_save_replaces_only_model_files_and_a_failed_save_leaves_the_last_one(tm
     with pytest.raises(OSError, match="disk full"):
         dsmoe.save(model, out)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.saving.keep", "m"]  # no temporary directory left
     torch.testing.assert_close(dsmoe.load(out)(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
