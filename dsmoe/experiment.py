@@ -609,7 +609,20 @@ def parse_scale(description: str, argv: list[str] | None = None) -> argparse.Nam
     parser.add_argument(
         "--seeds", type=int, default=None, help="repetitions of every trained run (default: the scale's)"
     )
-    return scale_arguments(parser.parse_args(argv))
+    args = scale_arguments(parser.parse_args(argv))
+    for folder in (runs_root(args.scale), results_dir(args.scale)):  # not found out after hours of training
+        check_writable(folder)
+    return args
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if missing; a ValueError naming it where it cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create {folder}: {error.strerror} (DSMOE_RUNS and DSMOE_RESULTS move it)") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write to {folder} (DSMOE_RUNS and DSMOE_RESULTS move it)")
 
 
 def scale_arguments(args: argparse.Namespace) -> argparse.Namespace:

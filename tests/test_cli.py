@@ -64,3 +64,37 @@ def test_say_survives_a_closed_terminal(monkeypatch):
 
     monkeypatch.setattr(sys, "stderr", ClosedTerminal())
     say("saved")
+
+
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file(capsys):
+    import errno
+
+    import pytest
+
+    from dsmoe.cli import run as run_cli
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints/.step=6.ckpt.tmp")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(full, [])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == "error: No space left on device: /runs/x/checkpoints/.step=6.ckpt.tmp\n"
+
+    def broken(argv):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError):  # anything else stays a traceback
+        run_cli(broken, [])
+
+
+def test_a_target_refuses_a_results_folder_it_cannot_create_before_training(tmp_path):
+    import os
+
+    (tmp_path / "afile").write_text("")
+    env = {**os.environ, "DSMOE_RESULTS": str(tmp_path / "afile" / "results"), "DSMOE_RUNS": str(tmp_path / "runs")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "table1.py")], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: cannot create {tmp_path / 'afile' / 'results' / 'demo'}: Not a directory" in proc.stderr
