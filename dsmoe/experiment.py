@@ -35,7 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from dsmoe.evaluate import perplexity
 from dsmoe.launch import TrainingFailed, launch_training, run_lock
 from dsmoe.methods import method_of_model
-from dsmoe.packages import write_json
+from dsmoe.packages import read_json, write_json
 from dsmoe.results import REPO, hardware, provenance, results_root
 from dsmoe.stats import count_params
 
@@ -187,7 +187,14 @@ def stored_result(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None
     settings = json.loads(json.dumps(settings))  # the form it takes in the file (tuples as lists)
     if not path.exists():
         return None
-    stored = json.loads(path.read_text())
+    try:
+        stored = read_json(path)
+    except ValueError as error:  # a cache: computed again
+        print(f"[experiment] {error}: computing it again", file=sys.stderr)
+        return None
+    if not isinstance(stored, dict):
+        print(f"[experiment] {path} holds no result: computing it again", file=sys.stderr)
+        return None
     before = stored.pop(SETTINGS_KEY, None)
     if before == settings:
         return stored
@@ -241,7 +248,7 @@ def pinned_sources(scale: str, sources: Any) -> list[Any]:
     from dsmoe.data.sources import SourceConfig, hub_commit
 
     lock = runs_root(scale) / "data_revisions.json"
-    pinned = json.loads(lock.read_text()) if lock.exists() else {}
+    pinned = read_json(lock) if lock.exists() else {}
     out = []
     for given in OmegaConf.to_container(sources) if isinstance(sources, ListConfig) else list(sources):
         source = SourceConfig.from_obj(given)
@@ -471,7 +478,7 @@ def evaluate(
         source, cfg = str(final), run_config(scale, run, seed)
         cfg_model, method, trained_seed = cfg.model, cfg.method, cfg.trainer.seed
         summary_file = run_dir(cfg) / "train_summary.json"
-        summary = json.loads(summary_file.read_text()) if model_dir is None or summary_file.exists() else {}
+        summary = read_json(summary_file) if model_dir is None or summary_file.exists() else {}
         if model_dir is not None:  # an export of the run: its own tokens and steps, but trained where the run was
             summary = {"hardware": summary.get("hardware", "unknown")} if summary else {}
     name = f"eval{tag}" + (f"_tau{tau:g}" if tau is not None else "") + ("" if rescale else "_norescale") + ".json"
@@ -487,7 +494,7 @@ def evaluate(
             "seed": trained_seed,
             "protocol": f"PPL: {eval_protocol(scale)}",
         }
-        dense = None if run == "dense" else json.loads(info.read_text())["dense_params"]
+        dense = None if run == "dense" else read_json(info)["dense_params"]
         packed = {name: packed_sequences(w) for name, w in windows.items()}
         spec = (source, run, packed, sc.eval.batch_size, tau, rescale, dense, fields, summary.get("hardware"))
         return on_the_gpus(measure, *spec)

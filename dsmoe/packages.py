@@ -48,6 +48,15 @@ def write_json(path: str | Path, value: Any) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
 
 
+def read_json(path: str | Path) -> Any:
+    """The JSON value in ``path``; a damaged file is a ValueError naming it (ours are written atomically: damage
+    comes from elsewhere, e.g. a disk fault or a hand edit)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); delete it to have it written again") from None
+
+
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -7,8 +7,6 @@ token points at the llama1b / llama7b scales); each export, and the final model,
 Rows are means over the seeds, with their sd.
 """
 
-import json
-
 from dsmoe.cli import run as run_cli
 from dsmoe.experiment import (
     ensure_run,
@@ -21,6 +19,7 @@ from dsmoe.experiment import (
     seeds_provenance,
     with_spread,
 )
+from dsmoe.packages import read_json
 from dsmoe.plots import token_curve
 from dsmoe.results import PROVENANCE, write_csv
 
@@ -32,10 +31,10 @@ def evaluations(scale: str, seed: int) -> dict[int, tuple[int, dict]]:
     points = {}
     for info_file in (rd / "exports").glob("tokens_*/export_info.json"):
         if (info_file.parent / "config.json").exists():  # complete exports only
-            info = json.loads(info_file.read_text())
+            info = read_json(info_file)
             r = evaluate(scale, "dsmoe", model_dir=info_file.parent, tag=f"_step{info['step']}", seed=seed)
             points[info["tokens"]] = (info["step"], r)
-    summary = json.loads((rd / "train_summary.json").read_text())
+    summary = read_json(rd / "train_summary.json")
     points[summary["tokens"]] = (summary["global_step"], evaluate(scale, "dsmoe", seed=seed))
     return points
 

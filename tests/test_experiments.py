@@ -355,6 +355,19 @@ def test_a_matched_baseline_resumes_with_the_fraction_it_was_prepared_for(write_
         de.ensure_run("tiny", "sparsegpt")
 
 
+def test_a_damaged_cached_result_is_computed_again_and_other_damaged_json_is_named(tmp_path, capsys):
+    from dsmoe.experiment import stored_result
+    from dsmoe.packages import read_json
+
+    for damaged in ('{"ppl": 1', "[1, 2]"):  # truncated; not a result
+        (tmp_path / "eval.json").write_text(damaged)
+        assert stored_result(tmp_path / "eval.json", {"limit": 1}) is None
+        assert f"[experiment] {tmp_path / 'eval.json'} " in capsys.readouterr().err
+    (tmp_path / "train_summary.json").write_text('{"tokens": 5')
+    with pytest.raises(ValueError, match=r"train_summary.json is not valid JSON \(.*\); delete it"):
+        read_json(tmp_path / "train_summary.json")
+
+
 def test_model_fingerprint_changes_when_a_model_is_written_again(tmp_path):
     from dsmoe.experiment import model_fingerprint
 
