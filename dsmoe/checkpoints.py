@@ -97,14 +97,15 @@ class AtomicFSDPStrategy(FSDPStrategy):
 
 
 def is_intact(path: Path) -> bool:
-    """Whether a checkpoint is complete: a zip whose central directory reads (torch.save's format), or a sharded
+    """Whether a checkpoint is complete: a zip (torch.save's format) whose every record matches its CRC-32 (a
+    damaged tensor would otherwise be loaded and trained on without a word; this reads the file once), or a sharded
     directory with its metadata."""
     path = Path(path)
     if path.is_dir():
         return (path / ".metadata").is_file() and (path / SHARDED_METADATA).is_file()
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("data.pkl") for name in archive.namelist())
+            return any(name.endswith("data.pkl") for name in archive.namelist()) and archive.testzip() is None
     except (OSError, zipfile.BadZipFile):
         return False
 
@@ -151,7 +152,10 @@ def resume_checkpoint(resume: str | None, directory: Path) -> str | None:
                 print(f"[dsmoe.train] skipping damaged checkpoint(s) {skipped}; resuming from {path}", file=sys.stderr)
             return str(path)
     if found:
-        raise ValueError(f"no intact checkpoint in {directory}: {', '.join(p.name for p in found)} are all damaged")
+        raise ValueError(
+            f"no intact checkpoint in {directory}: {', '.join(p.name for p in found)} are all damaged; delete "
+            f"{directory} to train again from the prepared model"
+        )
     return None
 
 

@@ -5,9 +5,11 @@ import json
 import math
 import os
 import re
+import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import lightning as L
 import pytest
@@ -567,7 +569,15 @@ def test_resume_skips_damaged_or_missing_checkpoints_and_never_restarts_silently
     newest, older = ckpts / "epoch=0-step=6.ckpt", ckpts / "epoch=0-step=4.ckpt"
     with pytest.raises(ValueError, match="already holds checkpoints .*step=6.*resume=last"):
         resume_checkpoint(None, ckpts)
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a full disk mid-write
+    whole = newest.read_bytes()
+    with zipfile.ZipFile(newest) as archive:  # bytes changed inside the largest tensor: a disk fault
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+        name_len, extra_len = struct.unpack("<HH", whole[record.header_offset + 26 : record.header_offset + 30])
+        start = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    newest.write_bytes(whole[:start] + bytes(b ^ 0xFF for b in whole[start : start + 64]) + whole[start + 64 :])
+    assert resume_checkpoint("last", ckpts) == str(older)
+    assert "skipping damaged checkpoint(s) epoch=0-step=6.ckpt" in capsys.readouterr().err
+    newest.write_bytes(whole[: len(whole) // 2])  # a full disk mid-write
     assert resume_checkpoint("last", ckpts) == str(older)
     assert "skipping damaged checkpoint(s) epoch=0-step=6.ckpt" in capsys.readouterr().err
     with pytest.raises(ValueError, match="incomplete or damaged"):
@@ -576,7 +586,7 @@ def test_resume_skips_damaged_or_missing_checkpoints_and_never_restarts_silently
     assert resume_checkpoint("last", ckpts) == str(older)
     assert "points to a missing checkpoint" in capsys.readouterr().err
     older.write_bytes(b"")
-    with pytest.raises(ValueError, match="no intact checkpoint"):
+    with pytest.raises(ValueError, match="no intact checkpoint .* all damaged; delete .*checkpoints to train again"):
         resume_checkpoint("last", ckpts)
 
 
