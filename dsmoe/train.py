@@ -383,12 +383,35 @@ def saved_config(run_dir: Path) -> DictConfig | None:
 
 def holds_work(run_dir: Path) -> bool:
     """Whether run_dir holds a prepared model, a checkpoint or a result (not only a failed preparation's config)."""
+    return (run_dir / "init_model" / "dense_params.json").exists() or has_trained(run_dir)
+
+
+def has_trained(run_dir: Path) -> bool:
+    """Whether run_dir holds a checkpoint or a result (more than the prepared model)."""
     checkpoints = run_dir / "checkpoints"
-    return (
-        (run_dir / "init_model" / "dense_params.json").exists()
-        or (checkpoints.is_dir() and any(checkpoints.iterdir()))
-        or (run_dir / "final").exists()
-    )
+    return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (run_dir / "final").exists()
+
+
+# what init_model/ depends on besides the method's options (run_settings holds "data" only where it calibrates on it)
+PREPARED_KEYS = (
+    "model",
+    "method",
+    "calibration_sequences",
+    "match_activated_from",
+    "trainer.seed",
+    "trainer.precision",
+)
+
+
+def prepared_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Of :func:`run_settings`, those that decide the prepared model (init_model/): model, method and options,
+    seed (router init, calibration sample), precision (its dtype) and, for a method that calibrates, its data."""
+    calibrates = "calibration_sequences" in settings
+    return {
+        k: v
+        for k, v in settings.items()
+        if k in PREPARED_KEYS or k.startswith("method_options.") or (k == "data" and calibrates)
+    }
 
 
 def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
@@ -398,6 +421,8 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
     if saved is None or not holds_work(run_dir):
         return
     before, now = run_settings(saved), run_settings(cfg)
+    if not has_trained(run_dir):  # only the prepared model: e.g. a data file corrected after preparation is taken
+        before, now = prepared_settings(before), prepared_settings(now)
     differ = [
         f"{k}: {before.get(k)!r} (run) vs {now.get(k)!r} (now)" for k in now | before if before.get(k) != now.get(k)
     ]

@@ -590,6 +590,25 @@ def test_resume_skips_damaged_or_missing_checkpoints_and_never_restarts_silently
         resume_checkpoint("last", ckpts)
 
 
+def test_a_data_mistake_found_after_preparation_is_corrected_without_preparing_again(tmp_path, assets):
+    """More held-out documents than a source has is found by the data module, after init_model/ is written; the
+    corrected data is taken (the prepared model does not depend on it), unless the method calibrates on the data."""
+    from dsmoe.train import prepared_settings, run_settings
+
+    with pytest.raises(ValueError, match="val_docs_per_source"):
+        train(make_cfg(assets, tmp_path, **{"data.val_docs_per_source": 1000}))
+    prepared = tmp_path / "run" / "init_model" / "dense_params.json"
+    stamp = prepared.stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"holds a run with other settings — method_options.tau: 0.5 \(run\) vs"):
+        train(make_cfg(assets, tmp_path, **{"method_options.tau": 0.25}, resume="last"))  # the prepared model's own
+    assert train(make_cfg(assets, tmp_path, **{"trainer.max_steps": 1}, resume="last")) == tmp_path / "run" / "final"
+    assert prepared.stat().st_mtime_ns == stamp  # not prepared again
+    calibrating = make_cfg(assets, tmp_path, method="sparsegpt")
+    calibrating.method_options = {"sparsity": 0.5}
+    assert "data" in prepared_settings(run_settings(calibrating))  # SparseGPT's Hessians come from the data
+    assert "data" not in prepared_settings(run_settings(make_cfg(assets, tmp_path)))
+
+
 def test_bad_config_fails_before_anything_is_written_and_a_changed_config_is_refused(tmp_path, assets):
     with pytest.raises(ValueError, match="optim.lr must be a positive number, got -0.001"):
         train(make_cfg(assets, tmp_path, **{"optim.lr": -1e-3}))
