@@ -181,6 +181,7 @@ def test_the_readmes_method_example_runs(tmp_path, monkeypatch):
     calls its text names (dsmoe.set_rescale)."""
     import re
     from pathlib import Path
+    from types import SimpleNamespace
 
     import transformers
 
@@ -192,9 +193,14 @@ def test_the_readmes_method_example_runs(tmp_path, monkeypatch):
     def from_pretrained(name, *args, **kwargs):
         return tiny_model("llama") if str(name).startswith("meta-llama/") else real(name, *args, **kwargs)
 
+    def tokenizer(name, *args, **kwargs):  # the tiny Llama's vocabulary
+        assert str(name).startswith("meta-llama/")
+        return lambda text, return_tensors: SimpleNamespace(input_ids=torch.randint(0, 100, (1, 9)))
+
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
     monkeypatch.chdir(tmp_path)
-    scope = {"input_ids": torch.randint(0, 100, (2, 9))}
+    scope = {}
     exec(compile(snippet, "README.md", "exec"), scope)
     assert scope["model"].model.layers[0].mlp.tau == pytest.approx(0.6)
     assert re.search(r"`dsmoe\.set_rescale\(model, False\)`", section)
