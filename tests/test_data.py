@@ -676,3 +676,18 @@ def test_a_row_without_text_is_unusable_not_a_crash_beside_held_out_texts(tmp_pa
     (source,), (held,) = prepare_sources(cfg)
     reader = SourceReader(source.files, 0, 1, source.held_out, 0, 8, 0.01, held_out_texts=source.held_out_texts)
     assert sorted(one_epoch(reader)) == sorted(set(docs) - set(held))
+
+
+def test_document_sequences_start_with_bos_and_hold_at_most_seq_len_plus_one_tokens():
+    """The documents protocol: each held-out document its own sequence, BOS first (as a Llama tokenizer adds it),
+    cut to seq_len + 1 tokens; one with fewer than 2 tokens predicts nothing and is dropped."""
+    from dsmoe.data.tokens import document_eval_sequences
+
+    class CharTokenizer:
+        bos_token_id = 1
+
+        def __call__(self, texts, add_special_tokens, verbose):
+            return {"input_ids": [[10 + i for i in range(len(t))] for t in texts]}
+
+    sequences = document_eval_sequences(CharTokenizer(), ["abcdef", "", "a"], seq_len=4)
+    assert [s.tolist() for s in sequences] == [[1, 10, 11, 12, 13], [1, 10]]

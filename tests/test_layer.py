@@ -224,3 +224,57 @@ def test_zero_active_token_gates_learn_with_slope_n():
     o0 = (F.silu(W[s] @ x[0]) * (U[s] @ x[0])) @ V[:, s].T
     slope_n = N * (c[0] @ o0) * g[0] * (1 - g[0]) * x[0]
     torch.testing.assert_close(layer.router.weight.grad[0], slope_n.detach())
+
+
+def test_sparsity_loss_averages_over_layers_eq19():
+    """Eq. 19's 1/L: two layers at different gate levels (with one layer a sum and a mean agree)."""
+    first = dsmoe_layer(D_MODEL, D_FF, DSMoEConfig(N, 0.5), 0, 1.0).double()
+    second = dsmoe_layer(D_MODEL, D_FF, DSMoEConfig(N, 0.5), 1, 3.0).double()
+    x = torch.randn(10, D_MODEL, dtype=torch.float64)
+    h = first(x)
+    second(h)
+    g1, g2 = torch.sigmoid(x @ first.router.weight.T), torch.sigmoid(h.detach() @ second.router.weight.T)
+    expected = ((g1 * (g1 > 0.5)).sum() + (g2 * (g2 > 0.5)).sum()) / (2 * N * x.shape[0])
+    torch.testing.assert_close(sparsity_loss(nn.Sequential(first, second)), expected)
+
+
+def test_sparsity_loss_of_no_gate_in_eval_is_thresholded():
+    layer = dsmoe_layer(D_MODEL, D_FF, DSMoEConfig(N, 0.5, "no_gate"), 0, 1.0).double().eval()
+    x = torch.randn(10, D_MODEL, dtype=torch.float64)
+    layer(x)
+    g = torch.sigmoid(x @ layer.router.weight.T)
+    torch.testing.assert_close(sparsity_loss(nn.Sequential(layer)), (g * (g > 0.5)).mean())
+
+
+def test_a_gate_exactly_at_tau_is_inactive_in_every_path():
+    """Eq. 7 is strict: σ(0) = 0.5 = τ (a zero input's gate, at the default τ) switches the expert off in training,
+    masked, sparse and decode (batch 1) evaluation alike."""
+    layer = dsmoe_layer(D_MODEL, D_FF, DSMoEConfig(N, 0.5), 0, 1.0)
+    x = torch.zeros(1, D_MODEL)
+    x[0, 0] = 1.0  # the experts' outputs are not 0
+    with torch.no_grad():
+        layer.router.weight[:, 0] = 0.0  # x·Y_i = 0 exactly
+    assert torch.all(layer.gates(x) == 0.5) and layer.masked_forward(x, torch.ones(1, N)).abs().sum() > 0
+    for training, impl in ((True, "auto"), (False, "masked"), (False, "sparse")):
+        layer.train(training)
+        layer.inference_impl = impl
+        for batch in (x, torch.cat([x, x])):
+            out = layer(batch)
+            assert not layer.last_active.any(), (training, impl)
+            assert torch.all(out == 0)
+
+
+def test_the_gates_of_a_bf16_layer_are_an_fp32_sigmoid():
+    """Thresholds near τ decide in fp32 whatever the weights' dtype."""
+    layer = dsmoe_layer(D_MODEL, D_FF, DSMoEConfig(N, 0.5), 0, 1.0).to(torch.bfloat16)
+    x = torch.randn(5, D_MODEL, dtype=torch.bfloat16)
+    gates = layer.gates(x)
+    assert gates.dtype == torch.float32
+    torch.testing.assert_close(gates, torch.sigmoid(layer.router(x).float()), rtol=0, atol=0)
+
+
+def test_mean_active_experts_is_the_mean_over_layers():
+    from dsmoe.stats import ActivationStats
+
+    stats = ActivationStats(8, [1.0, 3.0], [1.0, 3.0], [[0.0] * 8] * 2, 10, 100, 50.0)
+    assert stats.mean_active == 2.0

@@ -255,3 +255,14 @@ def test_remote_code_refuses_transformers_4_naming_the_version(monkeypatch):
     spec = importlib.util.spec_from_file_location("configuration_dsmoe_v4", path)
     with pytest.raises(ImportError, match=r"needs transformers >= 5 \(found 4.46.3\).*rope_parameters"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_remote_code_builds_the_saved_variant_and_tau():
+    """Eval forwards agree across variants: what tells them apart in a reopened model is the layers' settings (a
+    model fine-tuned after opening it with trust_remote_code trains as its variant)."""
+    from dsmoe.hf_remote.modeling_dsmoe import to_dsmoe
+
+    model = tiny_model("llama")
+    to_dsmoe(model, {"num_experts": 4, "tau": 0.4, "variant": "no_gate"})
+    ffns = [m for m in model.modules() if type(m).__name__ == "ThresholdGatedSwiGLU"]
+    assert ffns and all(f.variant == "no_gate" and f.tau == 0.4 for f in ffns)
