@@ -139,6 +139,9 @@ def test_data_config_shape_mistakes_are_named():
         DataConfig.from_dict({"sources": None})
     with pytest.raises(ValueError, match="unknown source shorthand 7; use 'embedded:"):
         DataConfig.from_dict({"sources": [{"preset": 7}]})
+    for values in ({}, {"seq_len": 128}):  # a config or scale without data: (or data.sources)
+        with pytest.raises(ValueError, match=r"data.sources is missing: .*'embedded:general' or a mapping"):
+            DataConfig.from_dict(values)
     for key in ("seq_len", "val_docs_per_source", "shuffle_buffer", "micro_batch_size", "seed"):
         with pytest.raises(ValueError, match=f"data.{key} must be an integer.*, got 'abc'"):
             DataConfig.from_dict({"sources": ["embedded:math"], key: "abc"})
