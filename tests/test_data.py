@@ -394,6 +394,9 @@ def test_file_errors_name_the_file_and_source(tmp_path):
         check("m", data_files=str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataFileError, match=r"source 'g': no file matches '.*nothing-\*\.parquet'"):
         check("g", data_files=str(tmp_path / "nothing-*.parquet"))
+    for twice in ([str(latin), str(latin)], [str(latin), str(tmp_path / "lat*.jsonl")]):
+        with pytest.raises(DataFileError, match=r"source 'd': data_files .* list '.*latin\.jsonl' more than once"):
+            resolve_files(SourceConfig("d", data_files=twice))
     body = write_jsonl(tmp_path / "body.jsonl", ["a"], field="body")
     with pytest.raises(DataFileError, match=r"file '.*body\.jsonl': line 1 has no text field 'text'; its keys are"):
         check("q", data_files=body)
