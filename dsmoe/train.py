@@ -90,7 +90,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 100  # resume checkpoints (weights + optimizer state)
     keep_last_checkpoints: int = 2  # resume checkpoints are rotated: only the newest N are kept
     keep_checkpoints: bool = False  # True: keep checkpoints/ once final/ is written (False saves disk)
-    export_tokens: list = field(default_factory=list)  # tokens seen at which weights-only HF exports are written
+    # tokens seen at which weights-only HF exports are written (Any: a scalar reaches check_values, which names it)
+    export_tokens: Any = field(default_factory=list)
     export_dtype: str = "auto"  # final/ and exports: auto = bfloat16/float16 under bf16/16 precision, else float32
     seed: int = 1234
     deterministic: bool = False
@@ -252,6 +253,15 @@ def check_values(cfg: DictConfig):
     """The configuration's values on their own: no file is read and nothing is asked of this machine (the disk plan
     checks every run of a scale with it). Returns the run's :class:`~dsmoe.data.DataConfig`."""
     t, o = cfg.trainer, cfg.optim
+    name = None if OmegaConf.is_missing(cfg, "run_name") else cfg.run_name
+    if name is not None and (not name or Path(name).name != name or "\\" in name or ".." in name):
+        raise ValueError(
+            f"run_name {name!r} is not a plain name (no path separators or '..'): it names the run's folder in out_dir"
+        )
+    if not isinstance(t.export_tokens, (list, ListConfig)):
+        raise ValueError(
+            f"trainer.export_tokens must be a list of token counts (e.g. [1e9, 2e9]), got {t.export_tokens!r}"
+        )
 
     def positive(name: str, value: Any, integer: bool = True) -> None:
         kind = int if integer else (int, float)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from tiny_models import tiny_model
 
 import dsmoe
-from dsmoe.train import check_same_run, export, load_config, schedule, train, world_size
+from dsmoe.train import check_same_run, check_values, export, load_config, schedule, train, world_size
 
 
 def make_cfg(assets, out_dir, **overrides):
@@ -123,6 +123,16 @@ def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="unknown method 'moe'"):
         train(make_cfg(assets, tmp_path, method="moe"))
+
+
+def test_run_name_must_be_a_plain_name_and_export_tokens_a_list(tmp_path, assets):
+    for name in ("a/../../x", "../x", "..", "a\\b"):  # the run's folder would be outside out_dir
+        with pytest.raises(ValueError, match=re.escape(f"run_name {name!r} is not a plain name (no path separators")):
+            check_values(make_cfg(assets, tmp_path, run_name=name))
+    check_values(make_cfg(assets, tmp_path, run_name="dsmoe_seed1"))  # the experiment drivers' run names
+    cfg = load_config(None, ["run_name=x", "trainer.export_tokens=5"])
+    with pytest.raises(ValueError, match=r"trainer.export_tokens must be a list of token counts .*, got 5"):
+        check_values(OmegaConf.merge(cfg, {"data": make_cfg(assets, tmp_path).data}))
 
 
 def test_bad_match_activated_is_named_before_the_model_is_loaded(tmp_path, assets, monkeypatch):
