@@ -67,6 +67,7 @@ from dsmoe.stats import count_params
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")  # not 16-true: AdamW cannot train in fp16
 STRATEGIES = ("auto", "ddp", "fsdp")
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NO_WARMUP_SCHEDULES = ("constant", "reduce_lr_on_plateau", "greedy")  # transformers.get_scheduler drops their warmup
 PREEMPTED = 143  # exit status after SIGTERM (128 + 15), once the checkpoint is written
 PREEMPTED_MARKER = "preempted"  # written in the run directory by rank 0 when it stops so
 
@@ -173,6 +174,12 @@ def schedule(cfg: DictConfig) -> tuple[int, int]:
         max_steps = t.max_steps
     else:
         raise ValueError("set trainer.max_tokens (preferred) or trainer.max_steps to a positive number")
+    warmup = cfg.optim.warmup_steps
+    if warmup > 0 and warmup >= max_steps:
+        raise ValueError(
+            f"optim.warmup_steps={warmup} is not below the run's {max_steps} optimizer steps: the learning rate would "
+            f"never reach optim.lr; give fewer warmup steps or a longer run"
+        )
     return max_steps, t.global_batch_size // per_step
 
 
@@ -298,6 +305,11 @@ def check_values(cfg: DictConfig):
     schedules = [s.value for s in SchedulerType]
     if o.schedule not in schedules:
         raise ValueError(f"optim.schedule {o.schedule!r} is unknown; choose one of {schedules}")
+    if o.warmup_steps > 0 and o.schedule in NO_WARMUP_SCHEDULES:
+        raise ValueError(
+            f"optim.warmup_steps={o.warmup_steps} would be ignored: optim.schedule={o.schedule!r} has no warmup; use "
+            "constant_with_warmup (or cosine, linear, ...), or optim.warmup_steps=0"
+        )
     if t.precision == "16-true":
         raise ValueError(
             "trainer.precision '16-true' cannot train with AdamW: its moments in fp16 underflow (eps=1e-8 rounds to 0) "

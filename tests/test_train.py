@@ -673,6 +673,14 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
         ({"calibration_sequences": 0}, "calibration_sequences must be a positive integer, got 0"),  # hung before
         ({"optim.weight_decay": -1}, "optim.weight_decay must be >= 0"),
         ({"method": "llama_moe"}, r"unknown option\(s\) \['tau'\] for method 'llama_moe'; allowed: .*'top_k'"),
+        (
+            {"optim.warmup_steps": 2},  # make_cfg's schedule is constant
+            r"optim.warmup_steps=2 would be ignored: optim.schedule='constant' has no warmup; use constant_with_warmup",
+        ),
+        (
+            {"optim.warmup_steps": 6, "optim.schedule": "cosine"},
+            "optim.warmup_steps=6 is not below the run's 6 optimizer steps",
+        ),
         ({"method_options.tau": 2}, r"tau must lie in \[0, 1\)"),
         ({"method_options.tau": "abc"}, r"tau must lie in \[0, 1\) since gates are sigmoids, got 'abc'"),
         ({"method_options.sparsity_weight": "abc"}, "sparsity_weight must be a number >= 0, got 'abc'"),
