@@ -362,6 +362,23 @@ def check_config(cfg: DictConfig) -> None:
     if check_files is not None:
         check_files()
     check_model_location(cfg.model)
+    check_seq_len(data.seq_len, cfg.model)
+
+
+def check_seq_len(seq_len: int, model: str) -> None:
+    """The model reads windows of seq_len + 1 tokens: they must fit its max_position_embeddings (RoPE models would
+    train past it silently). Checked where the model's config can be read offline (dsmoe.plan.model_config)."""
+    from dsmoe.plan import model_config
+
+    try:
+        limit = getattr(model_config(model), "max_position_embeddings", None)
+    except (OSError, ValueError):  # e.g. a hub model not in the local cache: not checked
+        return
+    if isinstance(limit, int) and seq_len + 1 > limit:
+        raise ValueError(
+            f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={limit}: the model reads windows of "
+            f"seq_len + 1 = {seq_len + 1} tokens; give data.seq_len <= {limit - 1}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- preparation

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from tiny_models import tiny_model
 
 import dsmoe
-from dsmoe.train import check_same_run, check_values, export, load_config, schedule, train, world_size
+from dsmoe.train import check_same_run, check_seq_len, check_values, export, load_config, schedule, train, world_size
 
 
 def make_cfg(assets, out_dir, **overrides):
@@ -681,6 +681,11 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
             {"optim.warmup_steps": 6, "optim.schedule": "cosine"},
             "optim.warmup_steps=6 is not below the run's 6 optimizer steps",
         ),
+        (
+            {"data.seq_len": 300},  # the tiny model's max_position_embeddings is 256
+            r"data.seq_len=300 exceeds the model's max_position_embeddings=256: .* 301 tokens; .* <= 255",
+        ),
+        ({"data.seq_len": 256}, r"data.seq_len=256 exceeds the model's max_position_embeddings=256"),
         ({"method_options.tau": 2}, r"tau must lie in \[0, 1\)"),
         ({"method_options.tau": "abc"}, r"tau must lie in \[0, 1\) since gates are sigmoids, got 'abc'"),
         ({"method_options.sparsity_weight": "abc"}, "sparsity_weight must be a number >= 0, got 'abc'"),
@@ -693,6 +698,14 @@ def test_bad_trainer_and_method_options_are_named_before_the_model_is_prepared(t
     with pytest.raises(ValueError, match=message):
         train(make_cfg(assets, tmp_path, **overrides))
     assert not (tmp_path / "run").exists()
+
+
+def test_seq_len_is_checked_against_the_models_positions_where_its_config_is_read_offline(assets):
+    check_seq_len(255, str(assets / "model"))  # windows of 256 tokens: the tiny model's max_position_embeddings
+    check_seq_len(4095, "meta-llama/Llama-2-7b-hf")  # the shipped config: no download
+    with pytest.raises(ValueError, match="data.seq_len=4096 exceeds the model's max_position_embeddings=4096"):
+        check_seq_len(4096, "meta-llama/Llama-2-7b-hf")
+    check_seq_len(10**6, "dsmoe-tests/not-in-the-cache")  # no config offline: not checked
 
 
 def test_a_whole_method_options_override_replaces_the_yamls_and_bad_yaml_is_named(tmp_path):
