@@ -31,11 +31,15 @@ class DSMoEConfig(StoredConfig):
     def __post_init__(self) -> None:
         if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}")
-        if not 0.0 <= float(self.tau) < 1.0:
-            raise ValueError(f"tau must lie in [0, 1) since gates are sigmoids, got {self.tau!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if float(self.sparsity_weight) < 0:
-            raise ValueError(f"sparsity_weight must be >= 0, got {self.sparsity_weight!r}")
-        if self.router_init_std is not None and float(self.router_init_std) <= 0:
-            raise ValueError(f"router_init_std must be > 0 or None, got {self.router_init_std!r}")
+        for key, allowed, ok in (
+            ("tau", "lie in [0, 1) since gates are sigmoids", lambda v: 0 <= v < 1),
+            ("sparsity_weight", "be a number >= 0", lambda v: v >= 0),
+            ("router_init_std", "be a number > 0 or None (the model's initializer_range)", lambda v: v > 0),
+        ):
+            value = getattr(self, key)
+            if value is None and key == "router_init_std":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"{key} must {allowed}, got {value!r}")

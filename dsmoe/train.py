@@ -67,6 +67,7 @@ from dsmoe.stats import count_params
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")  # not 16-true: AdamW cannot train in fp16
 STRATEGIES = ("auto", "ddp", "fsdp")
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NO_WARMUP_SCHEDULES = ("constant", "reduce_lr_on_plateau", "greedy")  # transformers.get_scheduler drops their warmup
 PREEMPTED = 143  # exit status after SIGTERM (128 + 15), once the checkpoint is written
 PREEMPTED_MARKER = "preempted"  # written in the run directory by rank 0 when it stops so
 
@@ -90,7 +91,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 100  # resume checkpoints (weights + optimizer state)
     keep_last_checkpoints: int = 2  # resume checkpoints are rotated: only the newest N are kept
     keep_checkpoints: bool = False  # True: keep checkpoints/ once final/ is written (False saves disk)
-    export_tokens: list = field(default_factory=list)  # tokens seen at which weights-only HF exports are written
+    # tokens seen at which weights-only HF exports are written (Any: a scalar reaches check_values, which names it)
+    export_tokens: Any = field(default_factory=list)
     export_dtype: str = "auto"  # final/ and exports: auto = bfloat16/float16 under bf16/16 precision, else float32
     seed: int = 1234
     deterministic: bool = False
@@ -172,6 +174,12 @@ def schedule(cfg: DictConfig) -> tuple[int, int]:
         max_steps = t.max_steps
     else:
         raise ValueError("set trainer.max_tokens (preferred) or trainer.max_steps to a positive number")
+    warmup = cfg.optim.warmup_steps
+    if warmup > 0 and warmup >= max_steps:
+        raise ValueError(
+            f"optim.warmup_steps={warmup} is not below the run's {max_steps} optimizer steps: the learning rate would "
+            f"never reach optim.lr; give fewer warmup steps or a longer run"
+        )
     return max_steps, t.global_batch_size // per_step
 
 
@@ -252,6 +260,15 @@ def check_values(cfg: DictConfig):
     """The configuration's values on their own: no file is read and nothing is asked of this machine (the disk plan
     checks every run of a scale with it). Returns the run's :class:`~dsmoe.data.DataConfig`."""
     t, o = cfg.trainer, cfg.optim
+    name = None if OmegaConf.is_missing(cfg, "run_name") else cfg.run_name
+    if name is not None and (not name or Path(name).name != name or "\\" in name or ".." in name):
+        raise ValueError(
+            f"run_name {name!r} is not a plain name (no path separators or '..'): it names the run's folder in out_dir"
+        )
+    if not isinstance(t.export_tokens, (list, ListConfig)):
+        raise ValueError(
+            f"trainer.export_tokens must be a list of token counts (e.g. [1e9, 2e9]), got {t.export_tokens!r}"
+        )
 
     def positive(name: str, value: Any, integer: bool = True) -> None:
         kind = int if integer else (int, float)
@@ -288,6 +305,11 @@ def check_values(cfg: DictConfig):
     schedules = [s.value for s in SchedulerType]
     if o.schedule not in schedules:
         raise ValueError(f"optim.schedule {o.schedule!r} is unknown; choose one of {schedules}")
+    if o.warmup_steps > 0 and o.schedule in NO_WARMUP_SCHEDULES:
+        raise ValueError(
+            f"optim.warmup_steps={o.warmup_steps} would be ignored: optim.schedule={o.schedule!r} has no warmup; use "
+            "constant_with_warmup (or cosine, linear, ...), or optim.warmup_steps=0"
+        )
     if t.precision == "16-true":
         raise ValueError(
             "trainer.precision '16-true' cannot train with AdamW: its moments in fp16 underflow (eps=1e-8 rounds to 0) "
@@ -340,6 +362,23 @@ def check_config(cfg: DictConfig) -> None:
     if check_files is not None:
         check_files()
     check_model_location(cfg.model)
+    check_seq_len(data.seq_len, cfg.model)
+
+
+def check_seq_len(seq_len: int, model: str) -> None:
+    """The model reads windows of seq_len + 1 tokens: they must fit its max_position_embeddings (RoPE models would
+    train past it silently). Checked where the model's config can be read offline (dsmoe.plan.model_config)."""
+    from dsmoe.plan import model_config
+
+    try:
+        limit = getattr(model_config(model), "max_position_embeddings", None)
+    except (OSError, ValueError):  # e.g. a hub model not in the local cache: not checked
+        return
+    if isinstance(limit, int) and seq_len + 1 > limit:
+        raise ValueError(
+            f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={limit}: the model reads windows of "
+            f"seq_len + 1 = {seq_len + 1} tokens; give data.seq_len <= {limit - 1}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- preparation

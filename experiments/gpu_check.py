@@ -108,7 +108,8 @@ def train_config(name: str, model: str, corpus: Path, args, method: dict | None 
             "seq_len": seq_len,
             "val_docs_per_source": 8,
         },
-        "optim": {"lr": 1e-4, "warmup_steps": 10, "schedule": "cosine"},
+        # a warmup shorter than the run (dsmoe.train refuses one that never ends)
+        "optim": {"lr": 1e-4, "warmup_steps": min(10, trainer["max_steps"] - 1), "schedule": "cosine"},
         "trainer": {
             "accelerator": "cpu" if args.cpu_smoke else "gpu",
             "devices": 1,

@@ -139,6 +139,9 @@ def test_data_config_shape_mistakes_are_named():
         DataConfig.from_dict({"sources": None})
     with pytest.raises(ValueError, match="unknown source shorthand 7; use 'embedded:"):
         DataConfig.from_dict({"sources": [{"preset": 7}]})
+    for values in ({}, {"seq_len": 128}):  # a config or scale without data: (or data.sources)
+        with pytest.raises(ValueError, match=r"data.sources is missing: .*'embedded:general' or a mapping"):
+            DataConfig.from_dict(values)
     for key in ("seq_len", "val_docs_per_source", "shuffle_buffer", "micro_batch_size", "seed"):
         with pytest.raises(ValueError, match=f"data.{key} must be an integer.*, got 'abc'"):
             DataConfig.from_dict({"sources": ["embedded:math"], key: "abc"})
@@ -387,10 +390,19 @@ def test_file_errors_name_the_file_and_source(tmp_path):
         check("b", data_files=str(binary))
     with pytest.raises(DataFileError, match=r"source 'b', file '.*binary\.parquet': cannot read it as parquet"):
         SourceReader(resolve_files(SourceConfig("b", data_files=str(binary))), 0, 1, frozenset(), 0, 4, 0.01)
+    no_rows = tmp_path / "no_rows.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), no_rows)
+    with pytest.raises(DataFileError, match=r"source 'n', file '.*no_rows\.parquet': the file is empty \(no rows\)"):
+        check("n", data_files=str(no_rows))
+    with pytest.raises(DataFileError, match=r"source 'n', file '.*no_rows\.parquet': the file is empty \(no rows\)"):
+        SourceReader(resolve_files(SourceConfig("n", data_files=str(no_rows))), 0, 1, frozenset(), 0, 4, 0.01)
     with pytest.raises(DataFileError, match=r"source 'm', file '.*missing\.jsonl': no such file"):
         check("m", data_files=str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataFileError, match=r"source 'g': no file matches '.*nothing-\*\.parquet'"):
         check("g", data_files=str(tmp_path / "nothing-*.parquet"))
+    for twice in ([str(latin), str(latin)], [str(latin), str(tmp_path / "lat*.jsonl")]):
+        with pytest.raises(DataFileError, match=r"source 'd': data_files .* list '.*latin\.jsonl' more than once"):
+            resolve_files(SourceConfig("d", data_files=twice))
     body = write_jsonl(tmp_path / "body.jsonl", ["a"], field="body")
     with pytest.raises(DataFileError, match=r"file '.*body\.jsonl': line 1 has no text field 'text'; its keys are"):
         check("q", data_files=body)

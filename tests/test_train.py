@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tiny_models import tiny_model
 
 import dsmoe
-from dsmoe.train import check_same_run, export, load_config, schedule, train, world_size
+from dsmoe.train import check_same_run, check_seq_len, check_values, export, load_config, schedule, train, world_size
 
 
 def make_cfg(assets, out_dir, **overrides):
@@ -125,6 +125,16 @@ def test_unknown_and_bad_config_values_are_named(tmp_path, assets):
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="unknown method 'moe'"):
         train(make_cfg(assets, tmp_path, method="moe"))
+
+
+def test_run_name_must_be_a_plain_name_and_export_tokens_a_list(tmp_path, assets):
+    for name in ("a/../../x", "../x", "..", "a\\b"):  # the run's folder would be outside out_dir
+        with pytest.raises(ValueError, match=re.escape(f"run_name {name!r} is not a plain name (no path separators")):
+            check_values(make_cfg(assets, tmp_path, run_name=name))
+    check_values(make_cfg(assets, tmp_path, run_name="dsmoe_seed1"))  # the experiment drivers' run names
+    cfg = load_config(None, ["run_name=x", "trainer.export_tokens=5"])
+    with pytest.raises(ValueError, match=r"trainer.export_tokens must be a list of token counts .*, got 5"):
+        check_values(OmegaConf.merge(cfg, {"data": make_cfg(assets, tmp_path).data}))
 
 
 def test_bad_match_activated_is_named_before_the_model_is_loaded(tmp_path, assets, monkeypatch):
@@ -692,7 +702,23 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
         ({"calibration_sequences": 0}, "calibration_sequences must be a positive integer, got 0"),  # hung before
         ({"optim.weight_decay": -1}, "optim.weight_decay must be >= 0"),
         ({"method": "llama_moe"}, r"unknown option\(s\) \['tau'\] for method 'llama_moe'; allowed: .*'top_k'"),
+        (
+            {"optim.warmup_steps": 2},  # make_cfg's schedule is constant
+            r"optim.warmup_steps=2 would be ignored: optim.schedule='constant' has no warmup; use constant_with_warmup",
+        ),
+        (
+            {"optim.warmup_steps": 6, "optim.schedule": "cosine"},
+            "optim.warmup_steps=6 is not below the run's 6 optimizer steps",
+        ),
+        (
+            {"data.seq_len": 300},  # the tiny model's max_position_embeddings is 256
+            r"data.seq_len=300 exceeds the model's max_position_embeddings=256: .* 301 tokens; .* <= 255",
+        ),
+        ({"data.seq_len": 256}, r"data.seq_len=256 exceeds the model's max_position_embeddings=256"),
         ({"method_options.tau": 2}, r"tau must lie in \[0, 1\)"),
+        ({"method_options.tau": "abc"}, r"tau must lie in \[0, 1\) since gates are sigmoids, got 'abc'"),
+        ({"method_options.sparsity_weight": "abc"}, "sparsity_weight must be a number >= 0, got 'abc'"),
+        ({"method_options.router_init_std": "abc"}, r"router_init_std must be a number > 0 or None .*, got 'abc'"),
         ({"method_options.match_activated": 0.6}, "method 'dsmoe' takes no method_options.match_activated"),
         ({"method": "dense"}, r"method 'dense' takes no options, got \['num_experts', 'tau'\]"),
     ],
@@ -701,6 +727,14 @@ def test_bad_trainer_and_method_options_are_named_before_the_model_is_prepared(t
     with pytest.raises(ValueError, match=message):
         train(make_cfg(assets, tmp_path, **overrides))
     assert not (tmp_path / "run").exists()
+
+
+def test_seq_len_is_checked_against_the_models_positions_where_its_config_is_read_offline(assets):
+    check_seq_len(255, str(assets / "model"))  # windows of 256 tokens: the tiny model's max_position_embeddings
+    check_seq_len(4095, "meta-llama/Llama-2-7b-hf")  # the shipped config: no download
+    with pytest.raises(ValueError, match="data.seq_len=4096 exceeds the model's max_position_embeddings=4096"):
+        check_seq_len(4096, "meta-llama/Llama-2-7b-hf")
+    check_seq_len(10**6, "dsmoe-tests/not-in-the-cache")  # no config offline: not checked
 
 
 def test_a_whole_method_options_override_replaces_the_yamls_and_bad_yaml_is_named(tmp_path):

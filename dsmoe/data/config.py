@@ -83,6 +83,11 @@ class DataConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
         reject_unknown_keys(values, {f.name for f in dataclasses.fields(cls)}, "data config key(s)")
+        if "sources" not in values:
+            raise ValueError(
+                "data.sources is missing: give a list of sources, each a shorthand such as 'embedded:general' or a "
+                "mapping such as {name: web, data_files: 'web/*.parquet'}"
+            )
         return cls(**values)
 
     def check_files(self) -> dict[str, list[str]]:

@@ -91,6 +91,8 @@ def read_batches(files: SourceFiles, index: int) -> Iterator[pa.Table]:
     except StopIteration as err:  # the json builder's schema inference on a file without rows
         raise DataFileError(f"{files.describe(index)}: the file is empty (no rows)") from err
     except Exception as err:  # noqa: BLE001 - decoding errors of every kind: name the file, keep the cause
+        if files.format == "parquet" and "BatchSize must be greater than 0" in str(err):  # a parquet without rows
+            raise DataFileError(f"{files.describe(index)}: the file is empty (no rows)") from err
         raise DataFileError(
             f"{files.describe(index)}: cannot read it as {files.format}: {type(err).__name__}: {err}"
         ) from err
@@ -157,9 +159,12 @@ def check_local_file(files: SourceFiles, index: int) -> None:
         import pyarrow.parquet as pq
 
         try:
-            schema = pq.read_schema(path)
+            metadata = pq.read_metadata(path)
+            schema = metadata.schema.to_arrow_schema()
         except Exception as err:  # noqa: BLE001
             raise DataFileError(f"{where}: not a readable parquet file: {type(err).__name__}: {err}") from err
+        if metadata.num_rows == 0:
+            raise DataFileError(f"{where}: the file is empty (no rows)")
         if files.text_field not in schema.names:
             raise DataFileError(
                 f"{where} has no text field {files.text_field!r}; its columns are {sorted(schema.names)}"

@@ -137,6 +137,19 @@ def _expand(pattern: str, source: str) -> list[str]:
     return [os.path.expanduser(pattern)]
 
 
+def _no_duplicates(files: list[str], source: SourceConfig) -> None:
+    """Refuse a file that data_files lists twice (also through overlapping globs): its documents would train twice."""
+    seen = set()
+    for f in files:
+        path = os.path.abspath(f)
+        if path in seen:
+            raise DataFileError(
+                f"source {source.name!r}: data_files {source.file_patterns} list {f!r} more than once (its documents "
+                "would be read twice); list each file once"
+            )
+        seen.add(path)
+
+
 def _one_format(files: list[str], source: str) -> str:
     formats = {file_format(f, source) for f in files}
     if len(formats) > 1:
@@ -234,6 +247,7 @@ def resolve_files(source: SourceConfig) -> SourceFiles:
         fmt, files = "json", [str(build_corpus([source.embedded_domain])[source.embedded_domain])]
     elif source.data_files is not None:
         files = [f for pattern in source.file_patterns for f in _expand(pattern, source.name)]
+        _no_duplicates(files, source)
         fmt = _one_format(files, source.name)
     elif not source.is_hub and not os.path.isdir(os.path.expanduser(source.path)):
         raise DataFileError(
