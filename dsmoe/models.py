@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from dsmoe.methods import get_method, method_of_saved
 from dsmoe.packages import cache_dir, sha256
@@ -22,6 +29,33 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SHA256_PREFIX = "b179c952"
 EMBEDDED_ALIASES = (EMBEDDED, "embedded", "smollm2-135m")
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-q4_1"  # its HF-format copy in the suite's cache
+
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"  # the paper's models' config.json, shipped
+SHIPPED_CONFIGS = {"meta-llama/Llama-3.2-1B": "llama-3.2-1b.json", "meta-llama/Llama-2-7b-hf": "llama-2-7b-hf.json"}
+
+
+def model_config(name: str) -> PretrainedConfig:
+    """The dense model's config, never downloaded: shipped for the paper's models, the embedded model's cached copy
+    (or its shipped config before the copy is built), a local directory's config.json, else the local HF cache."""
+    if name in SHIPPED_CONFIGS:
+        return AutoConfig.from_pretrained(CONFIGS_DIR / SHIPPED_CONFIGS[name])
+    if name in EMBEDDED_ALIASES:
+        built = cache_dir("models") / EMBEDDED_CACHE_NAME / "config.json"
+        return AutoConfig.from_pretrained(built if built.exists() else CONFIGS_DIR / f"{EMBEDDED_CACHE_NAME}.json")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model {name!r}: the directory holds no config.json (not an HF model directory)")
+        return base_config(path)  # a saved DSMoE / baseline directory too
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except OSError as err:
+        raise ValueError(
+            f"the plan needs the config.json of model {name!r} offline and it is not in the local HF cache: fetch it "
+            f"once (hf download {name} config.json) or use a local directory; shipped configs: "
+            f"{sorted(SHIPPED_CONFIGS)} and {EMBEDDED!r}"
+        ) from err
 
 
 def embedded_gguf_path() -> Path:

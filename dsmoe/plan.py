@@ -31,50 +31,23 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from dsmoe.cli import run as run_cli
 from dsmoe.experiment import ROOT, run_config, runs_root, scale_arguments, scale_config
 from dsmoe.matching import parse_target
 from dsmoe.methods import get_method, match_options
-from dsmoe.models import EMBEDDED, EMBEDDED_ALIASES, EMBEDDED_CACHE_NAME
-from dsmoe.packages import cache_dir
-from dsmoe.saving import base_config
+from dsmoe.models import EMBEDDED_ALIASES, SHIPPED_CONFIGS, model_config
 from dsmoe.stats import count_params
 from dsmoe.targets import DENSE, TARGETS, runs_in_order, target_labels
 from dsmoe.train import export_dtype, resolved_precision, weights_dtype
 
 GB = 1e9
-CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
-SHIPPED_CONFIGS = {"meta-llama/Llama-3.2-1B": "llama-3.2-1b.json", "meta-llama/Llama-2-7b-hf": "llama-2-7b-hf.json"}
 # Table 1: activated params of DSMoE / total, the baselines' target until this scale's DSMoE has been evaluated
 PAPER_ACTIVATED = {"meta-llama/Llama-3.2-1B": (735e6, 1.24e9), "meta-llama/Llama-2-7b-hf": (3.93e9, 6.74e9)}
 
 
 # ---------------------------------------------------------------------------------------------- model structure
-
-
-def model_config(name: str) -> PretrainedConfig:
-    """The dense model's config, never downloaded: shipped for the paper's models, the embedded model's cached copy
-    (or its shipped config before the copy is built), a local directory's config.json, else the local HF cache."""
-    if name in SHIPPED_CONFIGS:
-        return AutoConfig.from_pretrained(CONFIGS_DIR / SHIPPED_CONFIGS[name])
-    if name in EMBEDDED_ALIASES:
-        built = cache_dir("models") / EMBEDDED_CACHE_NAME / "config.json"
-        return AutoConfig.from_pretrained(built if built.exists() else CONFIGS_DIR / f"{EMBEDDED_CACHE_NAME}.json")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model {name!r}: the directory holds no config.json (not an HF model directory)")
-        return base_config(path)  # a saved DSMoE / baseline directory too
-    try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except OSError as err:
-        raise ValueError(
-            f"the plan needs the config.json of model {name!r} offline and it is not in the local HF cache: fetch it "
-            f"once (hf download {name} config.json) or use a local directory; shipped configs: "
-            f"{sorted(SHIPPED_CONFIGS)} and {EMBEDDED!r}"
-        ) from err
 
 
 def meta_model(config: PretrainedConfig) -> torch.nn.Module:

@@ -367,8 +367,8 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_seq_len(seq_len: int, model: str) -> None:
     """The model reads windows of seq_len + 1 tokens: they must fit its max_position_embeddings (RoPE models would
-    train past it silently). Checked where the model's config can be read offline (dsmoe.plan.model_config)."""
-    from dsmoe.plan import model_config
+    train past it silently). Checked where the model's config can be read offline (dsmoe.models.model_config)."""
+    from dsmoe.models import model_config
 
     try:
         limit = getattr(model_config(model), "max_position_embeddings", None)
