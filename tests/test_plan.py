@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from dsmoe import plan as dp
+from dsmoe.models import CONFIGS_DIR
 from dsmoe.stats import count_params
 from dsmoe.targets import runs_in_order, target_labels
 
@@ -108,7 +109,7 @@ def test_a_local_copy_of_a_paper_model_plans_with_that_models_table_1_fraction(o
     and matches the baselines to 7B's Table 1 fraction (3.93B of 6.74B), not to the 1B fallback."""
     local = offline / "Llama-2-7b-hf"
     local.mkdir()
-    (local / "config.json").write_text((dp.CONFIGS_DIR / "llama-2-7b-hf.json").read_text())
+    (local / "config.json").write_text((CONFIGS_DIR / "llama-2-7b-hf.json").read_text())
     scale = (ROOT / "experiments/configs/scales/llama7b.yaml").read_text()
     assert "model: meta-llama/Llama-2-7b-hf\n" in scale
     (offline / "scales").mkdir()
