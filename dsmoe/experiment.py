@@ -145,10 +145,17 @@ def ensure_run(scale: str, run: str, seed: int = 0) -> Path:
     if matched:
         cfg.match_activated_from = "dsmoe"
     final = run_dir(cfg) / "final"
-    with run_lock(run_dir(cfg)):
+
+    def finished() -> bool:
         check_same_run(run_dir(cfg), cfg)
         if is_finished(cfg):
             print(f"[experiment] {scale}/{cfg.run_name}: finished run found, skipping training")
+        return is_finished(cfg)
+
+    if finished():  # without the lock: a runs folder that is only read
+        return final
+    with run_lock(run_dir(cfg)):
+        if finished():  # trained meanwhile, by the driver this one waited for
             return final
         if matched:  # baselines match the activated params DSMoE learned (paper §5.2), seed by seed
             if holds_work(run_dir(cfg)):  # an interrupted run resumes with the fraction it was prepared for
@@ -192,10 +199,10 @@ def stored_result(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None
     except ValueError as error:  # a cache: computed again
         print(f"[experiment] {error}: computing it again", file=sys.stderr)
         return None
-    if not isinstance(stored, dict):
+    before = stored.pop(SETTINGS_KEY, None) if isinstance(stored, dict) else None
+    if not stored or not isinstance(before, (dict, type(None))):
         print(f"[experiment] {path} holds no result: computing it again", file=sys.stderr)
         return None
-    before = stored.pop(SETTINGS_KEY, None)
     if before == settings:
         return stored
     changed = sorted(settings) if before is None else sorted(k for k in settings if before.get(k) != settings[k])

@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -135,9 +135,14 @@ def launch_training(config_file: Path) -> None:
     try:
         # its own group: all of the run's processes, found again; no terminal input (in the terminal's background,
         # a read would stop it: srun forwards stdin to its tasks)
-        parent = os.getpid()
+        # the run holds the innermost run lock too: a killed driver's run keeps it until it has saved and stopped
+        parent, prctl = os.getpid(), linux_prctl()
         proc = subprocess.Popen(
-            command, process_group=0, stdin=subprocess.DEVNULL, preexec_fn=lambda: term_when_parent_dies(parent)
+            command,
+            process_group=0,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: term_when_parent_dies(parent, prctl),
+            pass_fds=tuple(HELD_LOCKS[-1:]),
         )
         signal.signal(signal.SIGTTOU, previous.pop(signal.SIGTTOU))
         if received:  # a signal came before the run had started (the run's first process is all there is yet)
@@ -176,26 +181,37 @@ def stop_process_group(group: int, signum: int) -> None:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def term_when_parent_dies(parent: int) -> None:
+def linux_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the driver (not between fork and exec, where the loader's lock may be held by
+    another thread's copy); None where there is none (not Linux)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def term_when_parent_dies(parent: int, prctl: Callable[..., int] | None) -> None:
     """In the run's first process before it starts: a SIGTERM when the driver dies, even by SIGKILL (Linux), so
     that the run saves a checkpoint and stops instead of training on as an orphan beside the next driver's run."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the run outlives a killed driver
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the driver's handler, copied by fork, would swallow it until exec
+    if prctl is None:  # the run outlives a killed driver
         return
-    if os.getppid() != parent:  # the driver died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the driver died before the request was made: the run does not start
+        os._exit(143)
 
 
 LOCK = ".driver.lock"
+HELD_LOCKS: list[int] = []  # descriptors of the run locks this driver holds, innermost last
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir/.driver.lock`` while a driver trains the run there. A second driver of the same run (two targets
     started at once that share it) waits for the first, saying so, and then finds the run finished; two trainings of
-    one directory would delete each other's checkpoints and prepared model. On a filesystem without flock (some
-    network filesystems) nothing is locked."""
+    one directory would delete each other's checkpoints and prepared model. The run's first process holds the lock
+    too (:func:`launch_training`), so a killed driver's run, saving on its SIGTERM, still holds it. On a filesystem
+    without flock (some network filesystems) nothing is locked."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOCK, "a+") as lock:
         try:
@@ -211,7 +227,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         lock.truncate()
         lock.write(f"the driver with pid {os.getpid()} on {socket.gethostname()}\n")
         lock.flush()
+        HELD_LOCKS.append(lock.fileno())
         try:
             yield
         finally:
+            HELD_LOCKS.remove(lock.fileno())
             fcntl.flock(lock, fcntl.LOCK_UN)

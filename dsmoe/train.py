@@ -426,9 +426,13 @@ def holds_work(run_dir: Path) -> bool:
 
 
 def has_trained(run_dir: Path) -> bool:
-    """Whether run_dir holds a checkpoint or a result (more than the prepared model)."""
+    """Whether run_dir holds a checkpoint, an export or a result (more than the prepared model)."""
     checkpoints = run_dir / "checkpoints"
-    return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (run_dir / "final").exists()
+    return (
+        (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        or any((run_dir / "exports").glob("tokens_*"))
+        or (run_dir / "final").exists()
+    )
 
 
 # what init_model/ depends on besides the method's options (run_settings holds "data" only where it calibrates on it)

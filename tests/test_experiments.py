@@ -359,7 +359,8 @@ def test_a_damaged_cached_result_is_computed_again_and_other_damaged_json_is_nam
     from dsmoe.experiment import stored_result
     from dsmoe.packages import read_json
 
-    for damaged in ('{"ppl": 1', "[1, 2]"):  # truncated; not a result
+    # truncated; not a result; settings that are not a mapping; settings only
+    for damaged in ('{"ppl": 1', "[1, 2]", '{"ppl": 1, "evaluated_with": 5}', '{"evaluated_with": {"limit": 1}}'):
         (tmp_path / "eval.json").write_text(damaged)
         assert stored_result(tmp_path / "eval.json", {"limit": 1}) is None
         assert f"[experiment] {tmp_path / 'eval.json'} " in capsys.readouterr().err

@@ -20,7 +20,7 @@ def test_launcher_prefix_exit_status_and_preemption(monkeypatch, tmp_path):
     class FakePopen:
         pid = -12345
 
-        def __init__(self, command, process_group, stdin, preexec_fn):
+        def __init__(self, command, process_group, stdin, preexec_fn, pass_fds):
             assert process_group == 0 and stdin == subprocess.DEVNULL  # a group of its own, no terminal input
             seen.append(command)
 
@@ -244,25 +244,37 @@ RUN_UNTIL_TERM = """
 import os, signal, sys, time
 from pathlib import Path
 out = Path(os.environ["OUT"])
-signal.signal(signal.SIGTERM, lambda *a: (out.with_suffix(".term").write_text("term"), sys.exit(143)))
+
+def save_and_stop(*args):
+    out.with_suffix(".saving").write_text("")
+    time.sleep(1.5)  # writing its checkpoint
+    out.with_suffix(".term").write_text("term")
+    sys.exit(143)
+
+signal.signal(signal.SIGTERM, save_and_stop)
 out.write_text(str(os.getpid()))
 time.sleep(60)
 """
 
 
-def test_a_run_gets_sigterm_when_its_driver_is_killed(tmp_path):
-    """kill -9 of the driver: its run saves and stops (SIGTERM) instead of training on as an orphan, which the next
-    driver would race for the same run directory."""
+def test_a_run_gets_sigterm_when_its_driver_is_killed_and_holds_the_run_lock_while_it_saves(tmp_path):
+    """kill -9 of the driver: its run saves and stops (SIGTERM) instead of training on as an orphan, and no second
+    driver takes the run directory while it is still saving."""
+    import fcntl
     import signal
     import subprocess
     import sys
     import time
 
+    run = tmp_path / "run"
     (tmp_path / "launch.yaml").write_text(f"out_dir: {tmp_path}\nrun_name: run\n")
     (tmp_path / "run.py").write_text(RUN_UNTIL_TERM)
     out = tmp_path / "run.pid"
     env = {**os.environ, "DSMOE_LAUNCHER": f"{sys.executable} {tmp_path / 'run.py'}", "OUT": str(out)}
-    code = f"from pathlib import Path; from dsmoe.launch import launch_training; launch_training(Path('{tmp_path}/launch.yaml'))"
+    code = (
+        "from pathlib import Path; from dsmoe.launch import launch_training, run_lock\n"
+        f"with run_lock(Path('{run}')): launch_training(Path('{tmp_path}/launch.yaml'))"
+    )
     driver = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not out.exists() and time.monotonic() < deadline:
@@ -270,11 +282,40 @@ def test_a_run_gets_sigterm_when_its_driver_is_killed(tmp_path):
     driver.kill()
     driver.wait()
     deadline = time.monotonic() + 10
-    while not out.with_suffix(".term").exists() and time.monotonic() < deadline:
+    while not out.with_suffix(".saving").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    if not out.with_suffix(".term").exists():
+    if not out.with_suffix(".saving").exists():
         os.kill(int(out.read_text()), signal.SIGKILL)
         raise AssertionError("the run outlived its killed driver without a SIGTERM")
+    with open(run / ".driver.lock") as lock:
+        with pytest.raises(BlockingIOError):  # the saving run holds it
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        deadline = time.monotonic() + 10
+        while not out.with_suffix(".term").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the run has stopped
+
+
+def test_a_run_whose_driver_died_before_it_started_does_not_start():
+    """Between fork and exec the run's first process has the driver's SIGTERM handler: a parent found dead there ends
+    it (status 143), not a SIGTERM the copied handler would swallow."""
+    import signal
+    import subprocess
+    import sys
+
+    from dsmoe.launch import linux_prctl, term_when_parent_dies
+
+    prctl = linux_prctl()
+    previous = signal.signal(signal.SIGTERM, lambda *args: None)  # as launch_training installs its own
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(30)"],
+            preexec_fn=lambda: term_when_parent_dies(-1, prctl),  # -1: never the parent: it has died
+        )
+        assert child.wait(timeout=20) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_second_driver_of_a_run_waits_for_the_first(tmp_path):

@@ -598,6 +598,12 @@ def test_resume_skips_damaged_or_missing_checkpoints_and_never_restarts_silently
     older.write_bytes(b"")
     with pytest.raises(ValueError, match="no intact checkpoint .* all damaged; delete .*checkpoints to train again"):
         resume_checkpoint("last", ckpts)
+    torch.serialization.set_crc32_options(False)  # records saved without a CRC (0) are not damaged
+    try:
+        torch.save({"w": torch.ones(3)}, older)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert resume_checkpoint("last", ckpts) == str(older)
 
 
 def test_a_data_mistake_found_after_preparation_is_corrected_without_preparing_again(tmp_path, assets):
@@ -611,6 +617,11 @@ def test_a_data_mistake_found_after_preparation_is_corrected_without_preparing_a
     stamp = prepared.stat().st_mtime_ns
     with pytest.raises(ValueError, match=r"holds a run with other settings — method_options.tau: 0.5 \(run\) vs"):
         train(make_cfg(assets, tmp_path, **{"method_options.tau": 0.25}, resume="last"))  # the prepared model's own
+    export = tmp_path / "run" / "exports" / "tokens_1"
+    export.mkdir(parents=True)  # trained with the settings it was started with (Tables 5/6 read it): all compared
+    with pytest.raises(ValueError, match=r"holds a run with other settings — data: "):
+        train(make_cfg(assets, tmp_path, resume="last"))
+    export.rmdir()
     assert train(make_cfg(assets, tmp_path, **{"trainer.max_steps": 1}, resume="last")) == tmp_path / "run" / "final"
     assert prepared.stat().st_mtime_ns == stamp  # not prepared again
     calibrating = make_cfg(assets, tmp_path, method="sparsegpt")
