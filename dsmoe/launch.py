@@ -166,7 +166,7 @@ def launch_training(config_file: Path) -> None:
     if code:
         raise TrainingFailed(
             f"training failed (exit status {code}; its output is above): {shlex.join(command)}. Fix the cause and run "
-            "the target again: finished runs are skipped and this one resumes from its last checkpoint"
+            "the target again: finished runs are skipped and this one resumes from its newest intact checkpoint, if any"
         )
 
 
