@@ -1,8 +1,8 @@
 """Command-line entry points report the user's mistakes in one line.
 
 A bad config value, a missing file or a bad argument ends with ``error: <what and why>`` and exit status 2; a full
-or read-only disk with ``error: <reason>: <file>`` and exit status 1; a full traceback only with ``--debug`` (or DSMOE_DEBUG=1, which the training processes a driver starts inherit),
-and for anything else, which would be a bug.
+or read-only disk with ``error: <reason>: <file>`` and exit status 1; a full traceback only with ``--debug`` (or
+DSMOE_DEBUG=1, which the training processes a driver starts inherit), and for anything else, which would be a bug.
 """
 
 from __future__ import annotations

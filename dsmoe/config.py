@@ -33,13 +33,15 @@ class DSMoEConfig(StoredConfig):
             raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        for key, allowed, ok in (
-            ("tau", "lie in [0, 1) since gates are sigmoids", lambda v: 0 <= v < 1),
-            ("sparsity_weight", "be a number >= 0", lambda v: v >= 0),
-            ("router_init_std", "be a number > 0 or None (the model's initializer_range)", lambda v: v > 0),
-        ):
-            value = getattr(self, key)
-            if value is None and key == "router_init_std":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise ValueError(f"{key} must {allowed}, got {value!r}")
+        if not (_is_number(self.tau) and 0 <= self.tau < 1):
+            raise ValueError(f"tau must lie in [0, 1) since gates are sigmoids, got {self.tau!r}")
+        if not (_is_number(self.sparsity_weight) and self.sparsity_weight >= 0):
+            raise ValueError(f"sparsity_weight must be a number >= 0, got {self.sparsity_weight!r}")
+        if self.router_init_std is not None and not (_is_number(self.router_init_std) and self.router_init_std > 0):
+            raise ValueError(
+                f"router_init_std must be a number > 0 or None (the model's initializer_range), got {self.router_init_std!r}"
+            )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -8,6 +8,7 @@ import dataclasses
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Self
 
 
@@ -18,6 +19,11 @@ def reject_unknown_keys(given: Iterable[str], allowed: Iterable[str], what: str,
     unknown = sorted(set(given) - allowed)
     if unknown:
         raise ValueError(f"unknown {what} {unknown}{where}; allowed: {sorted(allowed)}")
+
+
+def is_plain_name(name: str) -> bool:
+    """A name that is one path component: no separator, no '..', not empty (it names a file or folder)."""
+    return bool(name) and Path(name).name == name and "\\" not in name and ".." not in name
 
 
 class StoredConfig:

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dsmoe.config_checks import is_plain_name
 from dsmoe.evaluate import perplexity
 from dsmoe.launch import TrainingFailed, launch_training, run_lock
 from dsmoe.methods import method_of_model
@@ -59,7 +60,7 @@ def known_scales() -> list[str]:
 
 def checked_scale_name(scale: str) -> str:
     """``scale`` if it is a plain name (no path separator, no '..'): it names a file and the runs/results folders."""
-    if not scale or Path(scale).name != scale or "\\" in scale or ".." in scale:
+    if not is_plain_name(scale):
         raise ValueError(
             f"scale {scale!r} is not a plain name (no path separators or '..'); choose one of {known_scales()}"
         )
@@ -148,9 +149,10 @@ def ensure_run(scale: str, run: str, seed: int = 0) -> Path:
 
     def finished() -> bool:
         check_same_run(run_dir(cfg), cfg)
-        if is_finished(cfg):
+        done = is_finished(cfg)
+        if done:
             print(f"[experiment] {scale}/{cfg.run_name}: finished run found, skipping training")
-        return is_finished(cfg)
+        return done
 
     if finished():  # without the lock: a runs folder that is only read
         return final
@@ -199,8 +201,8 @@ def stored_result(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None
     except ValueError as error:  # a cache: computed again
         print(f"[experiment] {error}: computing it again", file=sys.stderr)
         return None
-    before = stored.pop(SETTINGS_KEY, None) if isinstance(stored, dict) else None
-    if not stored or not isinstance(before, (dict, type(None))):
+    before = stored.pop(SETTINGS_KEY, None) if isinstance(stored, dict) else "not a mapping"
+    if not stored or not isinstance(before, (dict, type(None))):  # not a result, or its settings are not one
         print(f"[experiment] {path} holds no result: computing it again", file=sys.stderr)
         return None
     if before == settings:

@@ -53,6 +53,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
 from dsmoe.cli import say
+from dsmoe.config_checks import is_plain_name
 from dsmoe.config_merge import merged, set_leaves
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
@@ -261,7 +262,7 @@ def check_values(cfg: DictConfig):
     checks every run of a scale with it). Returns the run's :class:`~dsmoe.data.DataConfig`."""
     t, o = cfg.trainer, cfg.optim
     name = None if OmegaConf.is_missing(cfg, "run_name") else cfg.run_name
-    if name is not None and (not name or Path(name).name != name or "\\" in name or ".." in name):
+    if name is not None and not is_plain_name(name):
         raise ValueError(
             f"run_name {name!r} is not a plain name (no path separators or '..'): it names the run's folder in out_dir"
         )

@@ -394,8 +394,6 @@ def test_file_errors_name_the_file_and_source(tmp_path):
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), no_rows)
     with pytest.raises(DataFileError, match=r"source 'n', file '.*no_rows\.parquet': the file is empty \(no rows\)"):
         check("n", data_files=str(no_rows))
-    with pytest.raises(DataFileError, match=r"source 'n', file '.*no_rows\.parquet': the file is empty \(no rows\)"):
-        SourceReader(resolve_files(SourceConfig("n", data_files=str(no_rows))), 0, 1, frozenset(), 0, 4, 0.01)
     with pytest.raises(DataFileError, match=r"source 'm', file '.*missing\.jsonl': no such file"):
         check("m", data_files=str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataFileError, match=r"source 'g': no file matches '.*nothing-\*\.parquet'"):

@@ -91,8 +91,6 @@ def read_batches(files: SourceFiles, index: int) -> Iterator[pa.Table]:
     except StopIteration as err:  # the json builder's schema inference on a file without rows
         raise DataFileError(f"{files.describe(index)}: the file is empty (no rows)") from err
     except Exception as err:  # noqa: BLE001 - decoding errors of every kind: name the file, keep the cause
-        if files.format == "parquet" and "BatchSize must be greater than 0" in str(err):  # a parquet without rows
-            raise DataFileError(f"{files.describe(index)}: the file is empty (no rows)") from err
         raise DataFileError(
             f"{files.describe(index)}: cannot read it as {files.format}: {type(err).__name__}: {err}"
         ) from err
