@@ -394,3 +394,24 @@ def test_untie_lm_head_prunes_like_the_original_and_counts_both_matrices():
     assert same.config.llm_pruner["hidden_size"] == d
     assert count_params(pruned) == replace(TINY_LLAMA, tied=False).params(d)  # V·d' twice
     assert count_params(same) == replace(TINY_LLAMA, tied=True).params(d)
+
+
+def test_untie_lm_head_keeps_the_width_matched_on_the_tied_count():
+    """Table 1's channel row at 1B, d' = 1215 and 889M: the width whose count with the embedding counted once is
+    DSMoE's 735M (733.2M), reported untied (889M). Matching the untied count instead would give d' = 1001. Planned,
+    pruned and counted the same way: the plan's structure, the pruned model and Table 1's count agree."""
+    options = {"target_params": 735e6, "untie_lm_head": True}
+    params, setting = lp.LLM_PRUNER_CHANNEL.planned_structure(LLAMA_1B.meta_model(), options)
+    assert setting == "d=1218" and params == replace(LLAMA_1B, tied=False).params(1218)
+    assert round(params / 1e6) == 891  # the paper's d' = 1215 gives 889M
+    target = 0.5 * count_params(tiny_model("llama", tie_word_embeddings=True))
+    options = {"target_params": target, "untie_lm_head": True}
+    tied = lp.LLM_PRUNER_CHANNEL.apply(
+        tiny_model("llama", tie_word_embeddings=True), {"target_params": target}, calib()
+    )
+    untied = lp.LLM_PRUNER_CHANNEL.apply(tiny_model("llama", tie_word_embeddings=True), options, calib())
+    d = tied.config.llm_pruner["hidden_size"]
+    assert untied.config.llm_pruner["hidden_size"] == d and abs(count_params(tied) - target) / target < 0.05
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    planned, _ = lp.LLM_PRUNER_CHANNEL.planned_structure(tiny_model("llama", tie_word_embeddings=True), options)
+    assert count_params(untied) == planned == replace(TINY_LLAMA, tied=False).params(d)

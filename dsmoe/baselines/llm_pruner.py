@@ -509,7 +509,10 @@ def _check_options(mode: str, options: dict[str, Any]) -> None:
 
 def untie_lm_head(model: PreTrainedModel) -> PreTrainedModel:
     """Give lm_head its own copy of a tied embedding, as the original LLM-Pruner does before channel pruning (its
-    889M for Llama-3.2-1B, Table 1, counts both: 1215 × (603,425 + 128,256)); a no-op for untied models."""
+    889M for Llama-3.2-1B, Table 1, counts both: 1215 × (603,425 + 128,256)); a no-op for untied models.
+
+    The width is chosen before untying (:func:`options_plan`): Table 1's d' = 1215 is the width whose count, the
+    embedding counted once, is DSMoE's 735M (733.2M); matched on the untied count, d' would be 1001."""
     embedding = model.get_input_embeddings().weight
     if model.lm_head.weight is embedding:
         model.lm_head.weight = nn.Parameter(embedding.detach().clone())
@@ -520,7 +523,7 @@ def untie_lm_head(model: PreTrainedModel) -> PreTrainedModel:
 def options_plan(model: PreTrainedModel, mode: str, options: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     """The target (as :func:`plan` takes it) and the planned shapes for the options of method llm_pruner_<mode>
     (one of target_fraction, target_params, pruning_ratio, plus the mode's plan options); no data, works on meta.
-    ``untie_lm_head`` (channel): plan for the untied model (call :func:`untie_lm_head` first)."""
+    Planned on ``model`` as given: with ``untie_lm_head`` (channel), on the tied model, before untying it."""
     _check_options(mode, options)
     target = _target(model, options)
     rest = {k: v for k, v in options.items() if k not in _COMMON and k != "untie_lm_head"}
@@ -549,9 +552,9 @@ def _apply_for(
         _check_options(mode, options)
         if calib is None:
             raise ValueError(f"llm_pruner_{mode} needs calibration batches (input_ids) for its Taylor importance")
+        target, shapes = options_plan(model, mode, options)
         if options.get("untie_lm_head"):
             untie_lm_head(model)
-        target, shapes = options_plan(model, mode, options)
         calib = calibration_sample(calib, options.get("calibration_samples"), options.get("calibration_seq_len"))
         prune_with_plan(model, shapes, calib, options.get("num_calib_batches"))
         model.config.llm_pruner.update(target)
@@ -584,15 +587,16 @@ def describe(model: nn.Module) -> str:
 
 def _method(mode: str) -> Method:
     def structure(dense: PreTrainedModel, options: dict[str, Any]) -> tuple[int, str]:
-        if options.get("untie_lm_head"):
-            untie_lm_head(dense)
         _, shapes = options_plan(dense, mode, options)
+        params = shapes["params"]
+        if options.get("untie_lm_head"):
+            params = channel_param_count(untie_lm_head(dense), shapes["hidden_size"])
         setting = (
             f"d={shapes['hidden_size']}"
             if mode == "channel"
             else f"r={shapes['ratio']:.3f} in layers {shapes['pruned_layers'][0]}..{shapes['pruned_layers'][1] - 1}"
         )
-        return shapes["params"], setting
+        return params, setting
 
     def match(model: nn.Module, target: float, options: dict[str, Any]) -> Match:
         return match_llm_pruner(model, target, mode, **{k: v for k, v in options.items() if k in _PLAN_KEYS})
