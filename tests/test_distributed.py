@@ -182,6 +182,7 @@ def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch
     monkeypatch.setenv("RANK", "0")
     run_once(done, failed, "prepare", lambda: done.write_text("ok"))
     assert done.exists() and os.path.exists(failed) is False
+    run_once(done, failed, "prepare", lambda: pytest.fail("done already: a resumed run does not prepare again"))
 
 
 def test_launch_ids_differ_between_launches(monkeypatch):
