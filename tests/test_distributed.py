@@ -180,6 +180,8 @@ def test_collectives_run_in_every_process_group_of_several_ranks(monkeypatch):
         distributed.barrier()
         assert distributed.all_reduce_sum(torch.zeros(1)).item() == (world_size > 1)
         assert calls == (["barrier", "all_reduce"] if world_size > 1 else []), world_size
+    calls.clear()  # another rank's weights are not finite: no rank saves
+    assert not distributed.all_finite(torch.nn.Linear(2, 2)) and calls == ["all_reduce"]
 
 
 def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch):

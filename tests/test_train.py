@@ -707,6 +707,19 @@ def test_a_sigterm_that_reached_another_rank_saves_and_stops_this_one_too(tmp_pa
     assert saved == [3] and asked == [(False, False)]
 
 
+def test_a_resumed_run_does_not_export_again_the_token_points_it_had_passed():
+    from types import SimpleNamespace
+
+    from dsmoe.train import ExportAtTokens
+
+    exported = []
+    callback = ExportAtTokens([600, 100], 128, lambda point, step: exported.append((point, step)))
+    callback.on_train_start(SimpleNamespace(global_step=3), None)  # resumed at step 3: 384 tokens seen
+    for step in (3, 4, 4, 5):  # the batch ends of steps 4 and 5 (two micro batches for step 4)
+        callback.on_train_batch_end(SimpleNamespace(global_step=step), None, None, None, 0)
+    assert exported == [(600, 5)]  # not (100, 4): tokens_100 holds the weights of step 1
+
+
 def test_a_data_mistake_found_after_preparation_is_corrected_without_preparing_again(tmp_path, assets):
     """More held-out documents than a source has is found by the data module, after init_model/ is written; the
     corrected data is taken (the prepared model does not depend on it), unless the method calibrates on the data."""
