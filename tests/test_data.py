@@ -2,6 +2,7 @@
 reading by ranks x workers, errors that name their cause, mixture, packing, the DataModule, the embedded corpus."""
 
 import ast
+import gzip
 import json
 import os
 from collections import Counter
@@ -302,6 +303,27 @@ def _file_texts(path):
     return table.column("content" if "content" in table.column_names else "text").to_pylist()
 
 
+def test_readers_of_a_file_longer_than_a_read_batch_share_it_exactly(tmp_path):
+    """A file of more rows than one Arrow batch (READ_BATCH), dealt among 3 readers (3 does not divide the batch
+    size): row j of batch b is row b * READ_BATCH + j of the file, for the deal and for the held-out positions."""
+    from dsmoe.data.files import READ_BATCH
+
+    docs = numbered_docs("d", READ_BATCH + 200, length=1)
+    source = SourceConfig(name="long", data_files=write_jsonl(tmp_path / "long.jsonl", docs))
+    cfg = DataConfig(sources=[source], val_docs_per_source=40, val_pool_docs=100, shuffle_buffer=64)
+    (prepared,), (held,) = prepare_sources(cfg)
+    assert min(row for _, row in prepared.held_out) < 200  # rows READ_BATCH + row of the next batch are trained on
+    seen = []
+    for r in range(3):
+        reader = SourceReader(prepared.files, r, 3, prepared.held_out, 0, 64, 0.01)  # no text filter: positions
+        assert reader.deals
+        docs_of_r = one_epoch(reader)
+        assert {int(text[1:]) % 3 for text in docs_of_r} == {r}  # reader r keeps row j when j % 3 == r
+        seen += docs_of_r
+    assert len(seen) == len(set(seen)), "readers overlap"
+    assert set(seen) == set(docs) - set(held)
+
+
 def test_too_few_files_deal_documents_round_robin_with_a_warning(tmp_path):
     docs = numbered_docs("d", 50)
     source = SourceConfig(name="one-file", data_files=write_jsonl(tmp_path / "s.jsonl", docs))
@@ -333,6 +355,46 @@ def test_each_epoch_has_a_new_seeded_order(tmp_path):
     assert [text for _, text in again.next_documents(120)] == first + second
     other = SourceReader(files, 0, 1, frozenset(), seed=1, block_size=8, max_unusable_fraction=0.0)
     assert [text for _, text in other.next_documents(60)] != first
+
+
+def test_every_epoch_reorders_the_files_and_a_block_that_holds_the_whole_source(tmp_path):
+    """The file order and each block's permutation are seeded by the epoch too: a source of one block (fewer
+    documents than shuffle_buffer) or of one-document blocks is not read in the same order every epoch."""
+    for f in range(6):
+        write_jsonl(tmp_path / f"f{f}.jsonl", [f"f{f}"])
+    files = resolve_files(SourceConfig(name="s", data_files=str(tmp_path / "f*.jsonl")))
+    reader = SourceReader(files, 0, 1, frozenset(), seed=0, block_size=1, max_unusable_fraction=0.0)
+    epochs = [[text for _, text in reader.next_documents(6)] for _ in range(4)]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs) and len({tuple(e) for e in epochs}) > 1, epochs
+    docs = numbered_docs("d", 10)
+    small = resolve_files(SourceConfig(name="small", data_files=write_jsonl(tmp_path / "small.jsonl", docs)))
+    reader = SourceReader(small, 0, 1, frozenset(), seed=0, block_size=100, max_unusable_fraction=0.0)
+    epochs = [[text for _, text in reader.next_documents(10)] for _ in range(4)]
+    assert all(sorted(e) == sorted(docs) for e in epochs) and len({tuple(e) for e in epochs}) > 1, epochs
+
+
+def test_format_is_read_through_a_compression_suffix_and_a_long_files_check_cuts_no_character(tmp_path):
+    from dsmoe.data.files import CHECK_BYTES, file_format
+
+    assert [file_format(f"a.{ext}", "s") for ext in ("jsonl.gz", "parquet.zst", "txt.bz2", "csv.xz")] == [
+        "json",
+        "parquet",
+        "text",
+        "csv",
+    ]
+    docs = numbered_docs("d", 10)
+    gz = tmp_path / "g.jsonl.gz"
+    gz.write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in docs).encode()))
+    source = SourceConfig(name="gz", data_files=str(gz))
+    assert sorted(one_epoch(SourceReader(resolve_files(source), 0, 1, frozenset(), 0, 4, 0.0))) == sorted(docs)
+    # a file longer than the sample the check decodes, whose sample ends inside a two-byte character
+    filler = (json.dumps({"text": "x " * 500}) + "\n").encode()
+    head = filler * (CHECK_BYTES // len(filler) - 1)
+    head += b'{"text": "' + b"y" * (CHECK_BYTES - 1 - len(head) - len(b'{"text": "'))
+    long = tmp_path / "long.jsonl"
+    long.write_bytes(head + '\u00e9 caf\u00e9"}\n'.encode() + filler * 3)
+    assert open(long, "rb").read(CHECK_BYTES)[-1] == 0xC3  # the first byte of "é"
+    DataConfig(sources=[SourceConfig(name="long", data_files=str(long))], val_docs_per_source=1).check_files()
 
 
 # ---------------------------------------------------------------- validation hold-out
@@ -408,6 +470,17 @@ def test_file_errors_name_the_file_and_source(tmp_path):
         DataFileError, match=r"file '.*body\.jsonl' has no text field 'text'; its columns are \['body'\]"
     ):
         prepare_sources(DataConfig(sources=[SourceConfig("q", data_files=body)], val_docs_per_source=1))
+
+
+def test_a_file_listed_twice_under_another_spelling_or_files_of_two_formats_are_refused(tmp_path, monkeypatch):
+    a = write_jsonl(tmp_path / "a.jsonl", ["x"])
+    pq.write_table(pa.table({"text": ["y"]}), tmp_path / "b.parquet")
+    monkeypatch.chdir(tmp_path)
+    for twice in (["a.jsonl", a], ["./a.jsonl", "a.jsonl"]):
+        with pytest.raises(DataFileError, match=r"list '.*a\.jsonl' more than once"):
+            resolve_files(SourceConfig("d", data_files=twice))
+    with pytest.raises(DataFileError, match=r"source 'm' mixes file formats \['json', 'parquet'\]"):
+        resolve_files(SourceConfig("m", data_files=[a, str(tmp_path / "b.parquet")]))
 
 
 def test_non_string_text_names_the_source_file_and_type(tmp_path):

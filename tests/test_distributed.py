@@ -154,12 +154,34 @@ def test_launch_rank_reads_the_launchers_variables(monkeypatch):
     for var in ("RANK", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     assert launch_rank() == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning's launcher started on the second node of two GPUs
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launch_rank() == 3
+    for var in ("LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var)
     monkeypatch.setenv("SLURM_PROCID", "3")
     assert launch_rank() == 0  # a single-task allocation
     monkeypatch.setenv("SLURM_NTASKS", "8")
     assert launch_rank() == 3
     monkeypatch.setenv("RANK", "5")
     assert launch_rank() == 5
+
+
+def test_collectives_run_in_every_process_group_of_several_ranks(monkeypatch):
+    import dsmoe.distributed as distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op: calls.append("all_reduce") or t.add_(1))
+    for world_size in (1, 2, 3):
+        monkeypatch.setattr(distributed, "world", lambda n=world_size: (0, n))
+        calls.clear()
+        distributed.barrier()
+        assert distributed.all_reduce_sum(torch.zeros(1)).item() == (world_size > 1)
+        assert calls == (["barrier", "all_reduce"] if world_size > 1 else []), world_size
+    calls.clear()  # another rank's weights are not finite: no rank saves
+    assert not distributed.all_finite(torch.nn.Linear(2, 2)) and calls == ["all_reduce"]
 
 
 def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch):
@@ -182,6 +204,7 @@ def test_run_once_rank0_works_others_wait_and_see_failures(tmp_path, monkeypatch
     monkeypatch.setenv("RANK", "0")
     run_once(done, failed, "prepare", lambda: done.write_text("ok"))
     assert done.exists() and os.path.exists(failed) is False
+    run_once(done, failed, "prepare", lambda: pytest.fail("done already: a resumed run does not prepare again"))
 
 
 def test_launch_ids_differ_between_launches(monkeypatch):

@@ -35,6 +35,10 @@ def test_resolve_target():
     model = tiny_model("llama")
     total = count_params(model)
     assert resolve_target(model, 0.5) == 0.5 * total
+    assert resolve_target(model, 1.0) == resolve_target(model, 1) == total  # 100%, not 1 parameter
+    assert resolve_target(model, 1000) == 1000
+    with pytest.raises(ValueError, match=r"=999.0 is below 1000"):
+        resolve_target(model, 999.0)
     assert resolve_target(model, 50_000) == 50_000
     with pytest.raises(ValueError, match="exceeds"):
         resolve_target(model, total + 1)

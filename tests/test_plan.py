@@ -118,6 +118,7 @@ def test_a_local_copy_of_a_paper_model_plans_with_that_models_table_1_fraction(o
     monkeypatch.setenv("DSMOE_SCALES_DIR", str(offline / "scales"))
     plan = dp.plan_target("table1", "llama7b")
     assert plan.config_source == f"local directory {local} (already on disk, not counted)"
+    assert plan.dense_bytes == 0  # the user's own copy is on disk already
     assert f"(3.93B of 6.74B for meta-llama/Llama-2-7b-hf, whose structure {local} has)" in plan.fraction_source
     assert abs(plan.run("llm_pruner_block").params / 3.93e9 - 1) < 0.005
     other = json.loads((local / "config.json").read_text()) | {"num_hidden_layers": 30}
@@ -155,6 +156,10 @@ def test_disk_events_rotate_and_clean_up():
     assert sum(delta for _, delta in dp.disk_events(run)) == 1000 + 200 + 20
     ends = [line.split(",")[-1] for line in dp.describe_run(run, 0)[2:4]]
     assert ends == [" weights kept at the end", " kept at the end"]
+    few = dp.RunPlan("f", ["F"], "dsmoe", steps=4, checkpoint_every=2, checkpoints_kept=3)  # 2 written, 3 kept
+    few.init_model_bytes, few.checkpoint_bytes, few.export_bytes = 1000, 100, 10
+    assert [delta for _, delta in dp.disk_events(few)] == [1000, 100, 100, 10, -1200]
+    assert few.kept_bytes == 10  # only final/ is left: the cleanup deletes the checkpoints that were written
 
 
 def test_runs_in_order_trains_dsmoe_before_the_baselines_that_match_it():
@@ -191,6 +196,10 @@ def test_bad_input_is_named(offline, tmp_path, monkeypatch):
         ValueError, match=r"'bad': trainer.export_tokens 20000000000.0 is not a token count in \(0, 10000007168\]"
     ):
         dp.plan_target("table5", "bad")
+    scale["methods"]["dsmoe"]["trainer"]["export_tokens"] = [10000007168]  # the run's last step: allowed
+    (scales / "bad.yaml").write_text(yaml.safe_dump(scale))
+    run = dp.plan_target("table5", "bad").run("dsmoe")
+    assert run.exports == [(10000007168, run.steps)]
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,10 @@ def edited(path: Path, edit) -> Path:
             lambda s: s["base"]["data"].update(seqlen=8),
             r"scale 'tiny' base.data: unknown data config key\(s\) \['seqlen'\]; allowed: \[.*'seq_len'",
         ),
+        (  # a run's own data block is checked as the base's is
+            lambda s: s["methods"]["dsmoe"].update(data={"seqlen": 8}),
+            r"scale 'tiny' methods.dsmoe.data: unknown data config key\(s\) \['seqlen'\]",
+        ),
         (lambda s: s["base"]["trainer"].update(max_steps="many"), r"scale 'tiny' base: .*'many'.*trainer.max_steps"),
         (lambda s: s["eval"].pop("batch_size"), r"scale 'tiny' eval has no \['batch_size'\]"),
         (lambda s: s.pop("methods"), r"scale 'tiny': methods must be a mapping, got None"),

@@ -49,7 +49,7 @@ def data_module(cfg, tok, rank, world_size=2):
     return dm
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, 2, 3])  # 3: physical worker p continues logical p + next
 def test_resume_continues_the_batches_exactly(tmp_path, num_workers):
     """Per rank: train 7 batches (one more prefetched by the loader), checkpoint the DataModule, resume in a new
     one: the next batches equal those of the uninterrupted loader."""
@@ -127,6 +127,28 @@ def test_state_after_every_window_resumes_exactly(tmp_path):
             resumed = WindowStream(prepared, tok, cfg, reader, 3, state=out[k][1])
             assert [w for w, _ in islice(resumed, 10)] == [w for w, _ in out[k + 1 : k + 11]], (reader, k)
         assert carried > 5 and out[-1][1]["positions"][1][0] >= 2, "cuts must include carries and later epochs"
+
+
+def test_a_state_at_the_end_of_a_block_resumes(tmp_path, monkeypatch):
+    """Windows of exactly one document and blocks that divide the tokenizer batch: after a whole tokenizer batch the
+    queue is empty and the reader stands at its block's end (offset = block size), which a resume must accept."""
+    from dsmoe.data import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "TOKENIZE_BATCH", 8)
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": f"w{k} w{k}"}) + "\n" for k in range(40)))
+    tok = word_tokenizer([f"w{k}" for k in range(40)])
+    cfg = DataConfig(
+        sources=[SourceConfig("s", data_files=str(tmp_path / "s.jsonl"))],
+        seq_len=2,
+        val_docs_per_source=0,
+        shuffle_buffer=4,
+    )
+    prepared, _ = prepare_sources(cfg)
+    out = list(islice(WindowStream(prepared, tok, cfg, 0, 1), 30))
+    _, state = out[7]  # after 8 windows = 8 documents = 2 whole blocks
+    assert state["carry"] is None and state["positions"][0][3:] == [1, 4], state
+    resumed = WindowStream(prepared, tok, cfg, 0, 1, state=state)
+    assert [w for w, _ in islice(resumed, 10)] == [w for w, _ in out[8:18]]
 
 
 def _gather_worker(rank, path, cfg, tok):

@@ -606,6 +606,120 @@ def test_resume_skips_damaged_or_missing_checkpoints_and_never_restarts_silently
     assert resume_checkpoint("last", ckpts) == str(older)
 
 
+def test_a_failed_checkpoint_write_leaves_the_old_file_and_no_partial_one_and_steps_sort_as_numbers(
+    tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    from lightning.fabric.plugins.io import torch_io
+
+    from dsmoe.checkpoints import AtomicCheckpointIO, is_intact, resume_checkpoint, step_checkpoints
+
+    io = AtomicCheckpointIO()
+    saved = tmp_path / "epoch=0-step=9.ckpt"
+    io.save_checkpoint({"w": torch.ones(3)}, saved)
+    before = saved.read_bytes()
+
+    def disk_full(checkpoint, filepath):  # a write that stops part way
+        Path(filepath).write_bytes(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", disk_full)
+    for path in (saved, tmp_path / "epoch=0-step=10.ckpt"):
+        with pytest.raises(OSError, match="No space left"):
+            io.save_checkpoint({"w": torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == [saved.name] and saved.read_bytes() == before and is_intact(saved)
+    monkeypatch.undo()
+
+    with zipfile.ZipFile(tmp_path / "epoch=0-step=11.ckpt", "w") as archive:  # a zip, but no torch.save
+        archive.writestr("notes.txt", "not a checkpoint")
+    assert not is_intact(tmp_path / "epoch=0-step=11.ckpt")
+    (tmp_path / "epoch=0-step=11.ckpt").unlink()
+    for step in (10, 100):
+        io.save_checkpoint({"w": torch.ones(3)}, tmp_path / f"epoch=0-step={step}.ckpt")
+    assert [p.name for p in step_checkpoints(tmp_path)] == [f"epoch=0-step={n}.ckpt" for n in (100, 10, 9)]
+    assert resume_checkpoint("last", tmp_path) == str(tmp_path / "epoch=0-step=100.ckpt")
+
+
+def test_a_sharded_checkpoint_is_renamed_into_place_after_every_rank_wrote_and_replaces_an_older_one(
+    tmp_path, monkeypatch
+):
+    """AtomicFSDPStrategy's protocol, on one process: every rank writes into the temporary directory, a barrier,
+    then rank 0 renames it over the target (one already there, e.g. written before a crash, is replaced)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from dsmoe.checkpoints import AtomicFSDPStrategy
+
+    log = []
+
+    def write_shards(self, checkpoint, path, storage_options=None):
+        path.mkdir()
+        (path / "shard.distcp").write_text(checkpoint["step"])
+        log.append(("write", path.name))
+
+    monkeypatch.setattr(FSDPStrategy, "save_checkpoint", write_shards)
+    monkeypatch.setattr(AtomicFSDPStrategy, "barrier", lambda self, name=None: log.append(("barrier", name)))
+    strategy = AtomicFSDPStrategy(state_dict_type="sharded")
+    target = tmp_path / "epoch=0-step=2.ckpt"
+    target.mkdir()
+    (target / "shard.distcp").write_text("old")
+    (target / "stale.distcp").write_text("old")
+    strategy.save_checkpoint({"step": "new"}, target)
+    assert (
+        sorted(p.name for p in target.iterdir()) == ["shard.distcp"] and (target / "shard.distcp").read_text() == "new"
+    )
+    assert os.listdir(tmp_path) == [target.name]
+    write = log.index(("write", f".{target.name}.tmp"))
+    assert ("barrier", "dsmoe-checkpoint-written") in log[write + 1 : -1], log  # the rename waits for every rank
+
+
+def test_rotation_never_deletes_a_checkpoint_outside_the_runs_checkpoint_directory(tmp_path):
+    from dsmoe.checkpoints import ResumeCheckpoints
+
+    callback = ResumeCheckpoints(tmp_path / "run" / "checkpoints", every_n_steps=2, keep=2)
+    inside, current = (str(tmp_path / "run" / "checkpoints" / f"epoch=0-step={n}.ckpt") for n in (2, 4))
+    assert callback._should_remove_checkpoint(None, inside, current)
+    assert not callback._should_remove_checkpoint(None, current, current)
+    assert not callback._should_remove_checkpoint(None, str(tmp_path / "saved" / "epoch=0-step=2.ckpt"), current)
+
+
+def test_a_sigterm_that_reached_another_rank_saves_and_stops_this_one_too(tmp_path):
+    """The decision to save on SIGTERM is every rank's (a sharded save is a collective): a rank that did not get the
+    signal itself saves and stops when another rank did."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from dsmoe.checkpoints import ResumeCheckpoints
+
+    callback = ResumeCheckpoints(tmp_path, every_n_steps=100, keep=1)
+    saved, asked = [], []
+
+    def any_rank(decision, all=True):
+        asked.append((decision, all))
+        return True  # another rank got SIGTERM
+
+    trainer = SimpleNamespace(global_step=3, strategy=SimpleNamespace(reduce_boolean_decision=any_rank))
+    callback.save_now = lambda trainer: saved.append(trainer.global_step)
+    assert not callback.sigterm
+    with pytest.raises(SIGTERMException):
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert saved == [3] and asked == [(False, False)]
+
+
+def test_a_resumed_run_does_not_export_again_the_token_points_it_had_passed():
+    from types import SimpleNamespace
+
+    from dsmoe.train import ExportAtTokens
+
+    exported = []
+    callback = ExportAtTokens([600, 100], 128, lambda point, step: exported.append((point, step)))
+    callback.on_train_start(SimpleNamespace(global_step=3), None)  # resumed at step 3: 384 tokens seen
+    for step in (3, 4, 4, 5):  # the batch ends of steps 4 and 5 (two micro batches for step 4)
+        callback.on_train_batch_end(SimpleNamespace(global_step=step), None, None, None, 0)
+    assert exported == [(600, 5)]  # not (100, 4): tokens_100 holds the weights of step 1
+
+
 def test_a_data_mistake_found_after_preparation_is_corrected_without_preparing_again(tmp_path, assets):
     """More held-out documents than a source has is found by the data module, after init_model/ is written; the
     corrected data is taken (the prepared model does not depend on it), unless the method calibrates on the data."""
