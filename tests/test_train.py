@@ -277,10 +277,14 @@ def test_resume_after_sigkill_continues_with_the_same_losses(tmp_path, assets):
     ],
 )
 def test_every_method_trains_through_the_entry_point_and_exports(tmp_path, assets, method, options):
+    """final/ and a kept checkpoint's export hold the same weights, in trainer.export_dtype (bf16 here: fp32 training
+    weights are cast for both)."""
+    from safetensors import safe_open
+
     from dsmoe.models import load_model
 
     overrides = {"trainer.max_steps": 2, "trainer.val_check_interval": 2, "trainer.keep_checkpoints": True}
-    cfg = make_cfg(assets, tmp_path, method=method, **overrides)
+    cfg = make_cfg(assets, tmp_path, method=method, **overrides, **{"trainer.export_dtype": "bfloat16"})
     cfg.method_options = options
     final = train(cfg)
     model, _ = load_model(str(final))
@@ -288,6 +292,10 @@ def test_every_method_trains_through_the_entry_point_and_exports(tmp_path, asset
     with torch.no_grad():
         logits = model(ids).logits
     exported = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "run", tmp_path / "exported")
+    for folder in (final, exported):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            floats = {f.get_slice(k).get_dtype() for k in f.keys()} - {"BOOL", "I64", "I32", "U8"}
+        assert floats == {"BF16"}, (folder, floats)
     again, _ = load_model(str(exported))
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, logits)
@@ -1025,3 +1033,26 @@ def test_sparsegpts_pruned_weights_have_no_gradient_when_clipping(tmp_path, asse
     cfg.method_options = {"sparsity": 0.5}
     train(cfg)
     assert len(seen) == 4 and seen[0] == seen[2] == 0 and seen[1] > 0 and seen[3] > 0  # pruned: none; kept: some
+
+
+def test_weight_decay_groups_read_through_the_wrappers_names():
+    """Norm weights and 1-D parameters get no weight decay, also where FSDP / activation checkpointing have wrapped
+    the layers (their names then hold `_checkpoint_wrapped_module.` / `_fsdp_wrapped_module.`)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from dsmoe.lit import LitCausalLM, OptimConfig
+    from dsmoe.methods import get_method
+
+    model = tiny_model("llama")
+    lit = LitCausalLM(model, get_method("dense"), OptimConfig(weight_decay=0.1), dense_params=1)
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "LlamaDecoderLayer")
+    assert any("_checkpoint_wrapped_module." in name for name, _ in model.named_parameters())
+    lit.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    groups = lit.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 0.1
+    assert no_decay == {name for name, p in model.named_parameters() if "norm" in name or p.ndim < 2}
+    assert any("_checkpoint_wrapped_module." in name for name in no_decay)
