@@ -52,7 +52,7 @@ def model_config(name: str) -> PretrainedConfig:
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except OSError as err:
         raise ValueError(
-            f"the plan needs the config.json of model {name!r} offline and it is not in the local HF cache: fetch it "
+            f"the config.json of model {name!r} is needed offline and is not in the local HF cache: fetch it "
             f"once (hf download {name} config.json) or use a local directory; shipped configs: "
             f"{sorted(SHIPPED_CONFIGS)} and {EMBEDDED!r}"
         ) from err

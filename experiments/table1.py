@@ -8,7 +8,15 @@ data, steps and optimizer settings. Each trained row is the mean over the seeds,
 """
 
 from dsmoe.cli import run as run_cli
-from dsmoe.experiment import defined_runs, evaluate, parse_scale, plus_minus, results_dir, table_row
+from dsmoe.experiment import (
+    defined_runs,
+    evaluate,
+    evaluate_dsmoe_first,
+    parse_scale,
+    plus_minus,
+    results_dir,
+    table_row,
+)
 from dsmoe.results import PROVENANCE, write_csv
 from dsmoe.targets import DENSE, TABLE1_RUNS
 
@@ -16,8 +24,7 @@ from dsmoe.targets import DENSE, TABLE1_RUNS
 def main(argv: list[str] | None = None) -> None:
     args = parse_scale(__doc__, argv)
     seeds = range(args.seeds)
-    for seed in seeds:  # first: it sets the baselines' targets
-        evaluate(args.scale, "dsmoe", seed=seed)
+    evaluate_dsmoe_first(args.scale, args.seeds)
     rows = [
         table_row([evaluate(args.scale, run, seed=s) for s in (seeds if run != DENSE else [0])], label)
         for run, label in defined_runs(args.scale, TABLE1_RUNS)

@@ -17,6 +17,7 @@ from dsmoe.experiment import (
     benchmarks,
     defined_runs,
     evaluate,
+    evaluate_dsmoe_first,
     parse_scale,
     results_dir,
     seeds_provenance,
@@ -32,8 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = [
         (run, label, range(args.seeds) if run != DENSE else [0]) for run, label in defined_runs(args.scale, TABLE1_RUNS)
     ]
-    for seed in range(args.seeds):  # first, as Table 1 and the plan do: DSMoE's seeds set the baselines' targets
-        evaluate(args.scale, "dsmoe", seed=seed)
+    evaluate_dsmoe_first(args.scale, args.seeds)
     scored = benchmarks(args.scale, [(run, s) for run, _, seeds in runs for s in seeds], limit)  # all at once
     rows = []
     for run, label, seeds in runs:

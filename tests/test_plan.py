@@ -179,7 +179,7 @@ def test_runs_in_order_trains_dsmoe_before_the_baselines_that_match_it():
 
 
 def test_bad_input_is_named(offline, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="needs the config.json of model 'org/not-cached' offline"):
+    with pytest.raises(ValueError, match="config.json of model 'org/not-cached' is needed offline"):
         dp.model_config("org/not-cached")
     scales = tmp_path / "scales"
     scales.mkdir()
