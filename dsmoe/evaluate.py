@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,13 @@ class PerplexityResult:
     @property
     def ppl(self) -> float:
         return math.exp(self.nll_sum / max(self.tokens, 1))
+
+
+def on_device_of(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Make the model's GPU the current device of the calling thread (a new thread starts on cuda:0): whatever
+    allocates on "cuda" without an index, or syncs the current device, then uses the replica's GPU."""
+    device = next(model.parameters()).device
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _batch_nll(model: nn.Module, chunk: list[torch.Tensor], count_only: CountOnly | None) -> tuple[float, int]:
@@ -74,7 +82,7 @@ def perplexity(
     progress = tqdm(total=len(chunks), desc=desc, leave=False, disable=len(chunks) <= 1)
 
     def work(r: int) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), on_device_of(models[r]):
             for b in range(r, len(chunks), len(models)):
                 sums[b] = _batch_nll(models[r], chunks[b], count_only)
                 progress.update()

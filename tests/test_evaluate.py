@@ -98,6 +98,34 @@ def test_data_parallel_replicas_give_the_single_model_result(tokenizer):
     assert 0 < one["mean_active"] < 4
 
 
+def test_each_replica_thread_makes_its_gpu_the_current_device(tokenizer, monkeypatch):
+    """A thread starts on cuda:0: each replica's thread enters its own device (what allocates on "cuda" without an
+    index or syncs the current device then uses the replica's GPU), and a GPU model maps to torch.cuda.device."""
+    import threading
+
+    import dsmoe.evaluate as evaluate
+
+    entered = []
+    real = evaluate.on_device_of
+
+    def recording(model):
+        entered.append((id(model), threading.get_ident()))
+        return real(model)
+
+    monkeypatch.setattr(evaluate, "on_device_of", recording)
+    models = [tiny_model("llama", vocab_size=len(tokenizer)) for _ in range(2)]
+    windows = torch.tensor(tokenizer(TEXT).input_ids)[:48].view(4, 12)
+    perplexity(models, windows, batch_size=1)
+    assert sorted(m for m, _ in entered) == sorted(id(m) for m in models)
+    assert threading.get_ident() not in {t for _, t in entered}  # entered in the workers, not the caller
+
+    fake = torch.nn.Linear(1, 1)
+    monkeypatch.setattr(fake, "parameters", lambda: iter([type("P", (), {"device": torch.device("cuda", 3)})()]))
+    context = real(fake)
+    assert isinstance(context, torch.cuda.device) and context.idx == 3
+    assert not isinstance(real(models[0]), torch.cuda.device)
+
+
 @pytest.mark.parametrize("impl", ["sparse", "masked"])
 def test_activation_statistics_count_real_tokens_not_padding(tokenizer, impl):
     """Documents of unequal length are padded to the batch's longest: the activation counts are those of each
