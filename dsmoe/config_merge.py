@@ -8,7 +8,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dsmoe.config_checks import reject_unknown_sections
@@ -62,3 +62,41 @@ def refused_value(base: Any, configs: tuple[Any, ...]) -> str:
         if refused:
             return f"{refused[0][0]}={refused[0][1]!r}: "
     return ""
+
+
+def through_a_list(config: DictConfig, key: str) -> bool:
+    """Whether the dotted ``key`` reaches into a list of ``config`` (``data.sources.0.weight``): a merge cannot."""
+    parts = key.split(".")
+    try:
+        return any(isinstance(OmegaConf.select(config, ".".join(parts[:i])), ListConfig) for i in range(1, len(parts)))
+    except OmegaConfBaseException:  # a list indexed by a name (data.sources.x.weight)
+        return True
+
+
+def set_in_list(config: DictConfig, override: str, where: str) -> None:
+    """Apply ``key=value`` where ``key`` reaches into a list (``data.sources.0.weight=0.5``), in place; an index
+    out of range, or an item that is not a mapping (a shorthand such as 'embedded:math'), is a ValueError."""
+    key = override.partition("=")[0].strip()
+    value = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+    parent = key.rpartition(".")[0]
+    try:
+        item = OmegaConf.select(config, parent)
+    except OmegaConfBaseException as error:
+        raise ValueError(
+            f"{where}: {override}: {str(error).splitlines()[0]} (a list's items are numbered from 0)"
+        ) from None
+    if not OmegaConf.is_config(item):
+        outer = parent.rpartition(".")[0]
+        items = OmegaConf.select(config, outer)
+        found = f"{parent} is {item!r}" if item is not None else f"there is no {parent}"
+        if isinstance(items, ListConfig):
+            found += f" ({outer} has {len(items)} item(s), from index 0)"
+        raise ValueError(
+            f"{where}: {override}: {found}, no mapping to set {key.rpartition('.')[2]!r} in; give the whole list "
+            f"instead, e.g. {outer or parent}=[...]"
+        )
+    try:
+        OmegaConf.update(config, key, value, merge=True)
+    except (OmegaConfBaseException, TypeError) as error:
+        message = " ".join(line.strip() for line in str(error).splitlines())
+        raise ValueError(f"{where}: {override}: {message}") from error

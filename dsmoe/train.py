@@ -54,7 +54,7 @@ from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeChec
 from dsmoe.cli import run as run_cli
 from dsmoe.cli import say
 from dsmoe.config_checks import is_plain_name
-from dsmoe.config_merge import merged, set_leaves
+from dsmoe.config_merge import merged, set_in_list, set_leaves, through_a_list
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
 from dsmoe.lit import LitCausalLM, NonFiniteLossError, OptimConfig
 from dsmoe.matching import parse_target
@@ -117,7 +117,8 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Structured defaults ← YAML ← dot-list overrides; unknown keys raise an error that names them. A whole
-    ``method_options={...}`` override replaces the YAML's options (e.g. with another method's)."""
+    ``method_options={...}`` override replaces the YAML's options (e.g. with another method's); a key through a
+    list (``data.sources.0.weight=0.5``) sets that item's field."""
     cfg = OmegaConf.structured(TrainConfig)
     if path is not None:
         if not Path(path).is_file():
@@ -126,8 +127,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if overrides:
         if any(o.partition("=")[0].strip() == "method_options" for o in overrides):
             cfg.method_options = {}  # method_options={...} replaces the YAML's options (method_options.k=v sets one)
-        given = read_yaml(lambda: OmegaConf.from_dotlist(list(overrides)), "the command line")
+        for override in overrides:
+            if "=" not in override:
+                raise ValueError(f"the command line: {override!r} is not an override of the form key=value")
+        into_lists = [o for o in overrides if through_a_list(cfg, o.partition("=")[0].strip())]
+        rest = [o for o in overrides if o not in into_lists]
+        given = read_yaml(lambda: OmegaConf.from_dotlist(rest), "the command line")
         cfg = merged(cfg, given, schema=TrainConfig, where="the command line")
+        for override in into_lists:  # data.sources.0.weight=0.5: one field of a list's item
+            set_in_list(cfg, override, "the command line")
     return cfg
 
 

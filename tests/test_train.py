@@ -884,6 +884,28 @@ def test_a_whole_method_options_override_replaces_the_yamls_and_bad_yaml_is_name
         load_config(None, ["trainer.export_tokens=[100,"])
 
 
+def test_an_override_through_a_list_sets_that_items_field(tmp_path):
+    """``data.sources.0.weight=0.5`` sets one source's weight (a merge of the dot-list cannot reach into a list: it
+    raised OmegaConf's TypeError); a shorthand item, a missing index and a bare word are named."""
+    (tmp_path / "s.yaml").write_text(
+        "data:\n  sources:\n    - {name: a, preset: 'embedded:web'}\n    - embedded:math\n"
+    )
+    cfg = load_config(tmp_path / "s.yaml", ["data.sources.0.weight=0.5", "trainer.max_steps=3"])
+    assert cfg.data.sources[0] == {"name": "a", "preset": "embedded:web", "weight": 0.5} and cfg.trainer.max_steps == 3
+    assert cfg.data.sources[1] == "embedded:math"
+    assert load_config(tmp_path / "s.yaml", ["data.sources.1=embedded:code"]).data.sources[1] == "embedded:code"
+    replaced = load_config(tmp_path / "s.yaml", ["data.sources=[{name: b}]", "data.sources.0.weight=2"])
+    assert OmegaConf.to_container(replaced.data.sources) == [{"name": "b", "weight": 2}]
+    with pytest.raises(ValueError, match=r"data.sources.1 is 'embedded:math' \(data.sources has 2 item\(s\).*"):
+        load_config(tmp_path / "s.yaml", ["data.sources.1.weight=0.5"])
+    with pytest.raises(ValueError, match=r"there is no data.sources.5 \(data.sources has 2 item"):
+        load_config(tmp_path / "s.yaml", ["data.sources.5.weight=0.5"])
+    with pytest.raises(ValueError, match=r"data.sources.x.weight=0.5: Index 'x'.*numbered from 0"):
+        load_config(tmp_path / "s.yaml", ["data.sources.x.weight=0.5"])
+    with pytest.raises(ValueError, match=r"'badsyntax' is not an override of the form key=value"):
+        load_config(None, ["badsyntax"])
+
+
 def test_weights_that_turn_non_finite_are_never_checkpointed(tmp_path, assets):
     from dsmoe.checkpoints import NonFiniteError
 
