@@ -108,6 +108,9 @@ case "$target" in
     exec "$RUN_PY" experiments/gpu_check.py "$@" ;;
   table1|table2|table3|table4|table5|table6|fig2|fig3)
     setup
+    if [[ "$target" == table6 && " $* " != *" --scale"* ]]; then
+      echo "[reproduce] table6 is the token curve (token_curve.py, Table 5's script); the paper's Table 6 is its llama7b scale (--scale llama7b): running the default scale, demo" >&2
+    fi
     exec "$RUN_PY" "experiments/${SCRIPTS[$target]}" "$@" ;;
   all)  # one process: a SIGTERM to it reaches the target running then
     setup

@@ -46,11 +46,13 @@ def convert(model: PreTrainedModel, config: DSMoEConfig) -> PreTrainedModel:
 
 
 def set_tau(model: nn.Module, tau: float) -> None:
-    """Change the threshold τ of every DSMoE layer (Table 4, Fig. 2)."""
+    """Change the threshold τ of every DSMoE layer (Table 4, Fig. 2); a model without one is a ValueError."""
     DSMoEConfig(tau=tau)  # validates
-    for m in model.modules():
-        if isinstance(m, DSMoEMLP):
-            m.tau = float(tau)
+    layers = [m for m in model.modules() if isinstance(m, DSMoEMLP)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no DSMoE layer to set τ in: convert it first (dsmoe.convert)")
+    for m in layers:
+        m.tau = float(tau)
     if hasattr(model, "config") and hasattr(model.config, "dsmoe"):
         model.config.dsmoe = {**model.config.dsmoe, "tau": float(tau)}
 

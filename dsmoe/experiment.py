@@ -624,7 +624,7 @@ def benchmark_stderr(results: list[dict[str, dict]], task: str) -> float:
 
 
 def parse_scale(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default="demo", help=f"one of {SCALES} (demo: embedded model on CPU, the default)")
     parser.add_argument(
         "--limit", type=int, default=None, help="benchmark items per task (default: the scale's eval.benchmark_limit)"

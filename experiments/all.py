@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from dsmoe.cli import run as run_cli
+from dsmoe.experiment import parse_scale
 from dsmoe.targets import ALL, TARGET_SCRIPTS
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +49,7 @@ def run_target(command: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    parse_scale(__doc__, argv)  # --help, and a bad --scale, --limit or --seeds named once, before any target runs
     for target in ALL:
         print(f"[all] {target}: experiments/{TARGET_SCRIPTS[target]}", file=sys.stderr, flush=True)
         code = run_target([sys.executable, str(HERE / TARGET_SCRIPTS[target]), *(argv or [])])

@@ -123,6 +123,8 @@ def test_activated_params_table1_accounting(ids):
     model(ids)
     assert dsmoe.activation_stats(model).activated_params < stats.activated_params
     assert model.config.dsmoe["tau"] == 0.9
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no DSMoE layer to set τ in: convert it first"):
+        dsmoe.set_tau(tiny_model(), 0.5)  # a dense model: nothing silently left at its old τ
 
 
 def test_activation_stats_accumulate_every_layer_and_last_uses_the_last_forward():

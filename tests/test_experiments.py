@@ -585,8 +585,13 @@ def test_all_runs_every_target_and_passes_sigterm_on(tmp_path, monkeypatch):
     log = tmp_path / "log"
     log.write_text("")
     monkeypatch.setenv("FAKE_LOG", str(log))
-    everything.main(["--scale", "tiny"])
-    assert log.read_text().splitlines() == [f"{TARGET_SCRIPTS[t]} --scale tiny" for t in ALL]
+    monkeypatch.setenv("DSMOE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("DSMOE_RESULTS", str(tmp_path / "results"))
+    everything.main(["--scale", "smollm2", "--seeds", "2"])
+    assert log.read_text().splitlines() == [f"{TARGET_SCRIPTS[t]} --scale smollm2 --seeds 2" for t in ALL]
+    with pytest.raises(ValueError, match="unknown scale 'tiny'"):  # named once, before any target runs
+        everything.main(["--scale", "tiny"])
+    assert len(log.read_text().splitlines()) == len(ALL)
     log.write_text("")
     monkeypatch.setenv("FAKE_FAILS", "table2.py")
     with pytest.raises(SystemExit) as stopped:

