@@ -144,7 +144,7 @@ def resume_checkpoint(resume: str | None, directory: Path) -> str | None:
     if resume != "last":
         path = Path(resume)
         if not path.exists():
-            raise FileNotFoundError(f"resume={resume!r}: no such checkpoint")
+            raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (give 'last' or a checkpoint's path)")
         if not is_intact(path):
             raise ValueError(f"resume={resume!r}: the checkpoint is incomplete or damaged (not a readable checkpoint)")
         return str(path)

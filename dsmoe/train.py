@@ -187,7 +187,8 @@ def schedule(cfg: DictConfig) -> tuple[int, int]:
     if warmup > 0 and warmup >= max_steps:
         raise ValueError(
             f"optim.warmup_steps={warmup} is not below the run's {max_steps} optimizer steps: the learning rate would "
-            f"never reach optim.lr; give fewer warmup steps or a longer run"
+            f"never reach optim.lr; give fewer warmup steps or a longer run (steps = trainer.max_tokens / "
+            f"(global_batch_size × data.seq_len) when max_tokens is set)"
         )
     return max_steps, t.global_batch_size // per_step
 
@@ -360,6 +361,8 @@ def check_config(cfg: DictConfig) -> None:
     parse_target(cfg.method_options.get("match_activated"))  # the run itself must be given a number
     t = cfg.trainer
     check_devices(t)
+    check_model_location(cfg.model)
+    check_seq_len(data.seq_len, cfg.model)  # before the schedule: a seq_len too long also makes the run too short
     max_steps, _ = schedule(cfg)
     total = max_steps * t.global_batch_size * data.seq_len
     for point in t.export_tokens:
@@ -370,8 +373,6 @@ def check_config(cfg: DictConfig) -> None:
     check_files = getattr(data, "check_files", None)
     if check_files is not None:
         check_files()
-    check_model_location(cfg.model)
-    check_seq_len(data.seq_len, cfg.model)
 
 
 def check_seq_len(seq_len: int, model: str) -> None:

@@ -262,8 +262,12 @@ def test_local_copies_of_the_paper_sets_are_used_through_their_presets_without_t
         resolve_files(other)
     missing = SourceConfig.from_obj({"preset": "paper:cosmopedia", "path": str(tmp_path / "elsewhere")})
     assert not missing.is_hub  # a path, not a hub id: not looked up on the hub
-    with pytest.raises(DataFileError, match=r"no folder '.*elsewhere' on this machine \(a run on several nodes"):
+    with pytest.raises(DataFileError, match=r"no folder '.*elsewhere' on this machine \(path names a folder; files go"):
         resolve_files(missing)
+    (tmp_path / "one.jsonl").write_text('{"text": "a"}\n')
+    a_file = SourceConfig.from_obj({"name": "x", "path": str(tmp_path / "one.jsonl")})
+    with pytest.raises(DataFileError, match=r"'x': path '.*one.jsonl' is a file; .* files go in data_files: \['"):
+        resolve_files(a_file)
     (tmp_path / "fineweb-edu" / "README.md").unlink()
     with pytest.raises(DataFileError, match=r"fineweb-edu' has no README.md, which names a hub dataset's configs"):
         resolve_files(sources[0])

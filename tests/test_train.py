@@ -848,6 +848,10 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
             r"data.seq_len=300 exceeds the model's max_position_embeddings=256: .* 301 tokens; .* <= 255",
         ),
         ({"data.seq_len": 256}, r"data.seq_len=256 exceeds the model's max_position_embeddings=256"),
+        (  # a seq_len too long also makes the run too short for its warmup: the cause is named, not the symptom
+            {"data.seq_len": 10**5, "trainer.max_tokens": 4096, "optim.warmup_steps": 2, "optim.schedule": "cosine"},
+            r"data.seq_len=100000 exceeds the model's max_position_embeddings=256",
+        ),
         ({"method_options.tau": 2}, r"tau must lie in \[0, 1\)"),
         ({"method_options.tau": "abc"}, r"tau must lie in \[0, 1\) since gates are sigmoids, got 'abc'"),
         ({"method_options.sparsity_weight": "abc"}, "sparsity_weight must be a number >= 0, got 'abc'"),

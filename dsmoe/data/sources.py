@@ -250,9 +250,14 @@ def resolve_files(source: SourceConfig) -> SourceFiles:
         _no_duplicates(files, source)
         fmt = _one_format(files, source.name)
     elif not source.is_hub and not os.path.isdir(os.path.expanduser(source.path)):
+        if os.path.isfile(os.path.expanduser(source.path)):
+            raise DataFileError(
+                f"source {source.name!r}: path {source.path!r} is a file; path names a folder (or a hub id), "
+                f"files go in data_files: [{source.path!r}]"
+            )
         raise DataFileError(
-            f"source {source.name!r}: no folder {source.path!r} on this machine (a run on several nodes needs it on "
-            "a filesystem every node sees)"
+            f"source {source.name!r}: no folder {source.path!r} on this machine (path names a folder; files go in "
+            "data_files; a run on several nodes needs them on a filesystem every node sees)"
         )
     elif source.config_name is not None and not source.is_hub:
         files = _local_config_files(source)
