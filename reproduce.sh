@@ -32,10 +32,12 @@ if [[ -n "${DSMOE_PYTHON:-}" ]]; then
     echo "DSMOE_PYTHON=$DSMOE_PYTHON is not an executable Python interpreter" >&2
     exit 2
   fi
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # dsmoe from this checkout, not installed
 else
   RUN_PY=$VENV/bin/python
 fi
+# dsmoe from this checkout: not installed (DSMOE_PYTHON), or installed editable from another copy of it (a .venv
+# copied or linked along with a checkout points at the checkout it was made in)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # the interpreter's scripts (torchrun, for DSMOE_LAUNCHER) before anything else on PATH
 bin_dir=$(dirname "$RUN_PY")
 [[ "$bin_dir" == /* ]] || bin_dir=$PWD/$bin_dir
