@@ -32,7 +32,10 @@ def convert(model: PreTrainedModel, config: DSMoEConfig) -> PreTrainedModel:
     initializer_range. Records the DSMoE config on ``model.config.dsmoe`` for save/load.
     """
     if any(isinstance(m, DSMoEMLP) for m in model.modules()):
-        raise ValueError("model is already converted to DSMoE")
+        raise ValueError(
+            "model is already converted to DSMoE: convert a dense model (a DSMoE run continues from its checkpoints "
+            "with resume=last; dsmoe.load opens a saved one)"
+        )
     std = config.router_init_std or getattr(model.config, "initializer_range", 0.02)
 
     def layer(mlp: nn.Module) -> DSMoEMLP:

@@ -363,6 +363,8 @@ def check_config(cfg: DictConfig) -> None:
     check_devices(t)
     check_model_location(cfg.model)
     check_seq_len(data.seq_len, cfg.model)  # before the schedule: a seq_len too long also makes the run too short
+    check_architecture(cfg.model, cfg.method_options.get("num_experts"))
+    check_vocabulary(cfg.model)
     max_steps, _ = schedule(cfg)
     total = max_steps * t.global_batch_size * data.seq_len
     for point in t.export_tokens:
@@ -388,6 +390,57 @@ def check_seq_len(seq_len: int, model: str) -> None:
         raise ValueError(
             f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={limit}: the model reads windows of "
             f"seq_len + 1 = {seq_len + 1} tokens; give data.seq_len <= {limit - 1}"
+        )
+
+
+def check_architecture(model: str, num_experts: Any) -> None:
+    """For a method that cuts the FFN into ``num_experts`` (DSMoE, LLaMA-MoE): the model, from its config where it
+    can be read offline, is a dense Llama-family model (an intermediate_size; not a mixture of experts already)
+    whose intermediate size n divides (eq. 6). Otherwise found only once the model is loaded and the run written."""
+    from dsmoe.hf_remote.partitioned_swiglu import already_moe, expert_size
+    from dsmoe.models import model_config
+
+    if num_experts is None:
+        return
+    try:
+        config = model_config(model)
+    except (OSError, ValueError):  # e.g. a hub model not in the local cache: found when it is loaded
+        return
+    kind = getattr(config, "model_type", "?")
+    moe = already_moe(config)
+    if moe is not None:
+        raise ValueError(
+            f"model {model!r} ({kind}) is a mixture of experts already (config.{moe}): DSMoE and "
+            "LLaMA-MoE cut the dense SwiGLU FFN of Llama-family models (Llama, Qwen2, Mistral, ...)"
+        )
+    width = getattr(config, "intermediate_size", None)
+    if not isinstance(width, int):
+        raise ValueError(
+            f"model {model!r} ({kind}) has no intermediate_size in its config: not a Llama-family "
+            "model with a SwiGLU FFN (Llama, Qwen2, Mistral, ...)"
+        )
+    if isinstance(num_experts, int) and num_experts > 0:
+        expert_size(width, num_experts)
+
+
+def check_vocabulary(model: str) -> None:
+    """Every id the tokenizer gives must index the embedding: len(tokenizer) <= config.vocab_size (a smaller
+    embedding fails deep in the first forward: an IndexError on the CPU, a device-side assert on a GPU). Checked
+    for a local directory (one put together by hand); hub models and the embedded one ship their own tokenizer."""
+    from dsmoe.models import model_config
+
+    if not Path(model).expanduser().is_dir():
+        return
+    try:
+        vocab = getattr(model_config(model), "vocab_size", None)
+    except (OSError, ValueError):
+        return
+    tokens = len(load_tokenizer(model))
+    if isinstance(vocab, int) and tokens > vocab:
+        raise ValueError(
+            f"model {model!r}: its tokenizer has {tokens} tokens but config.vocab_size={vocab}: ids >= {vocab} would "
+            f"index past the embedding; give the model its own tokenizer, or grow its embedding first "
+            f"(model.resize_token_embeddings({tokens}), then save_pretrained)"
         )
 
 
@@ -707,7 +760,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> Path:
         gradient_clip_val=None,  # LitCausalLM clips (FSDP needs its own clip, which Lightning's FSDP plugin refuses)
         val_check_interval=t.val_check_interval * accumulate,
         check_val_every_n_epoch=None,
-        limit_val_batches=1.0,  # the data module takes trainer.limit_val_batches, the same windows on any ranks
+        limit_val_batches=None,  # all the data module gives: it takes trainer.limit_val_batches (same on any ranks)
         log_every_n_steps=t.log_every_n_steps,
         logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
         callbacks=callbacks,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import tiny_model, word_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dsmoe
@@ -127,6 +127,28 @@ def test_activated_params_table1_accounting(ids):
         dsmoe.set_tau(tiny_model(), 0.5)  # a dense model: nothing silently left at its old τ
 
 
+def test_a_model_that_is_a_mixture_of_experts_already_is_refused():
+    """Qwen2-MoE's shared expert is a SwiGLU FFN: without the check only it was converted, the routed experts left
+    as they were, and the failure came only at save time."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=r"'qwen2_moe' model is a mixture of experts already \(config.num_experts=4\)"):
+        dsmoe.convert(model, dsmoe.DSMoEConfig(num_experts=4))
+
+
 def test_activation_stats_accumulate_every_layer_and_last_uses_the_last_forward():
     model = dsmoe.convert(tiny_model(num_hidden_layers=3), dsmoe.DSMoEConfig(num_experts=4)).eval()
     counts = {i: [] for i in range(3)}
@@ -183,7 +205,6 @@ def test_the_readmes_method_example_runs(tmp_path, monkeypatch):
     calls its text names (dsmoe.set_rescale)."""
     import re
     from pathlib import Path
-    from types import SimpleNamespace
 
     import transformers
 
@@ -193,11 +214,16 @@ def test_the_readmes_method_example_runs(tmp_path, monkeypatch):
     real = transformers.AutoModelForCausalLM.from_pretrained
 
     def from_pretrained(name, *args, **kwargs):
-        return tiny_model("llama") if str(name).startswith("meta-llama/") else real(name, *args, **kwargs)
+        model = tiny_model("llama").eval()  # as from_pretrained returns it
+        return model if str(name).startswith("meta-llama/") else real(name, *args, **kwargs)
 
-    def tokenizer(name, *args, **kwargs):  # the tiny Llama's vocabulary
-        assert str(name).startswith("meta-llama/")
-        return lambda text, return_tensors: SimpleNamespace(input_ids=torch.randint(0, 100, (1, 9)))
+    def tokenizer(name, *args, **kwargs):  # words within the tiny Llama's vocabulary
+        return word_tokenizer(["Hello", "world"]) if str(name).startswith("meta-llama/") else real_tok(name, **kwargs)
+
+    real_tok = transformers.AutoTokenizer.from_pretrained
+    trained_in = []
+    real_loss = dsmoe.sparsity_loss
+    monkeypatch.setattr(dsmoe, "sparsity_loss", lambda m: trained_in.append(m.training) or real_loss(m))
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
@@ -205,5 +231,7 @@ def test_the_readmes_method_example_runs(tmp_path, monkeypatch):
     scope = {}
     exec(compile(snippet, "README.md", "exec"), scope)
     assert scope["model"].model.layers[0].mlp.tau == pytest.approx(0.6)
+    assert trained_in == [True]  # the loss of a training step, in train mode (S(x)), not eval mode's G(x)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").tokenize("Hello world") == ["Hello", "world"]
     assert re.search(r"`dsmoe\.set_rescale\(model, False\)`", section)
     dsmoe.set_rescale(scope["model"], False)

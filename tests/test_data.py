@@ -111,6 +111,10 @@ def test_source_config_validation_names_the_bad_value(tmp_path):
         SourceConfig(name="a", path="embedded:poetry")
     with pytest.raises(ValueError, match=r"cannot tell the format of 'x\.docx'"):
         SourceConfig(name="a", data_files=["x.docx"])
+    with pytest.raises(
+        ValueError, match=r"data_files '.*' is a folder: give it as path, or .* glob \(e.g. '.*/\*.jsonl'\)"
+    ):
+        SourceConfig(name="a", data_files=[str(tmp_path)])
     with pytest.raises(ValueError, match=r"unknown source key\(s\) \['wieght'\]"):
         SourceConfig.from_obj({"name": "a", "wieght": 1.0, "data_files": "x.jsonl"})
     with pytest.raises(ValueError, match="unknown source shorthand 'paper:c4'"):

@@ -852,6 +852,7 @@ def test_a_run_directory_written_before_a_key_existed_compares_it_at_its_default
             {"data.seq_len": 10**5, "trainer.max_tokens": 4096, "optim.warmup_steps": 2, "optim.schedule": "cosine"},
             r"data.seq_len=100000 exceeds the model's max_position_embeddings=256",
         ),
+        ({"method_options.num_experts": 3}, r"intermediate size D=128 is not divisible by num_experts=3"),
         ({"method_options.tau": 2}, r"tau must lie in \[0, 1\)"),
         ({"method_options.tau": "abc"}, r"tau must lie in \[0, 1\) since gates are sigmoids, got 'abc'"),
         ({"method_options.sparsity_weight": "abc"}, "sparsity_weight must be a number >= 0, got 'abc'"),
@@ -864,6 +865,38 @@ def test_bad_trainer_and_method_options_are_named_before_the_model_is_prepared(t
     with pytest.raises(ValueError, match=message):
         train(make_cfg(assets, tmp_path, **overrides))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_the_method_cannot_cut_or_whose_tokenizer_outgrows_it_is_named_before_anything_is_written(
+    tmp_path, assets
+):
+    """An MoE already (only its shared expert would be cut), a model without a SwiGLU FFN's intermediate_size, and a
+    tokenizer with more tokens than the embedding (an IndexError deep in the first forward) are named from the
+    config, before the run directory is made."""
+    from transformers import AutoTokenizer, GPT2Config, LlamaConfig, Qwen2MoeConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    cases = {
+        "moe": (
+            Qwen2MoeConfig(num_experts=4),
+            r"\(qwen2_moe\) is a mixture of experts already \(config.num_experts=4\)",
+        ),
+        "gpt2": (GPT2Config(), r"\(gpt2\) has no intermediate_size in its config: not a Llama-family model"),
+        "small": (
+            LlamaConfig(vocab_size=100, intermediate_size=128),
+            rf"its tokenizer has {len(tokenizer)} tokens but config.vocab_size=100: .*resize_token_embeddings",
+        ),
+    }
+    for name, (config, message) in cases.items():
+        config.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        with pytest.raises(ValueError, match=message):
+            train(make_cfg(assets, tmp_path / "out", model=str(tmp_path / name)))
+        assert not (tmp_path / "out").exists()
+    llama_moe = make_cfg(assets, tmp_path / "out", model=str(tmp_path / "moe"), method="llama_moe")
+    llama_moe.method_options = {"num_experts": 4, "top_k": 2}
+    with pytest.raises(ValueError, match=r"\(qwen2_moe\) is a mixture of experts already"):  # LLaMA-MoE too
+        train(llama_moe)
 
 
 def test_seq_len_is_checked_against_the_models_positions_where_its_config_is_read_offline(assets):

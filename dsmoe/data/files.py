@@ -7,6 +7,7 @@ Every error about a file names the file and its source (``DataFileError``, a ``V
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,11 @@ def file_format(pattern: str, source_name: str) -> str:
     for ext, fmt in FILE_FORMATS.items():
         if name.endswith(ext):
             return fmt
+    if os.path.isdir(os.path.expanduser(str(pattern))):
+        raise ValueError(
+            f"source {source_name!r}: data_files {pattern!r} is a folder: give it as path, or its files as a glob "
+            f"(e.g. '{str(pattern).rstrip('/')}/*.jsonl')"
+        )
     raise ValueError(
         f"source {source_name!r}: cannot tell the format of {pattern!r}; use one of {sorted(FILE_FORMATS)}"
     )

@@ -10,7 +10,7 @@ dsmoe.baselines.llama_moe.LlamaMoEMLP) subclass these and add fast inference pat
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,30 @@ def is_swiglu(module: nn.Module) -> bool:
     )
 
 
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def already_moe(config: Any) -> str | None:
+    """``"key=value"`` where a model's config says it is a mixture of experts already (Mixtral, Qwen2-MoE,
+    DeepSeek-MoE, ...), else None: its routed experts are not one dense FFN to cut."""
+    for key in MOE_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return f"{key}={value}"
+    return None
+
+
 def replace_swiglu(model: nn.Module, factory: Callable[[nn.Module], nn.Module]) -> int:
-    """Replace every SwiGLU FFN of ``model`` by ``factory(ffn)`` (in the FFN's train/eval mode); returns the count."""
+    """Replace every SwiGLU FFN of ``model`` by ``factory(ffn)`` (in the FFN's train/eval mode); returns the count.
+    A model that is a mixture of experts already is refused (only its shared expert would be replaced)."""
+    config = getattr(model, "config", None)
+    moe = already_moe(config)
+    if moe is not None:
+        raise ValueError(
+            f"a {getattr(config, 'model_type', type(model).__name__)!r} model is a mixture of experts already "
+            f"(config.{moe}); DSMoE and LLaMA-MoE cut the dense SwiGLU FFN of Llama-family models (Llama, Qwen2, "
+            "Mistral, ...)"
+        )
     targets = [(name, m) for name, m in model.named_modules() if is_swiglu(m)]
     if not targets:
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
