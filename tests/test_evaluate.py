@@ -181,3 +181,36 @@ def test_overflowing_logits_are_an_error_not_a_nan_ppl():
     with pytest.raises(ValueError, match=r"ppl: .* not finite .* torch.float16 \(float16 overflows .*bfloat16"):
         perplexity(model, windows)
     assert math.isfinite(perplexity(tiny_model("llama"), windows).ppl)
+
+
+def test_the_command_line_scores_local_files_as_perplexity_does(tokenizer, tmp_path, capsys):
+    """python -m dsmoe.evaluate: PPL per file equal to perplexity() on the same sequences of the saved model, in both
+    protocols; JSON printed; --tau re-thresholds; bad values and a dense model's --tau are named."""
+    import json
+
+    from dsmoe.data.tokens import document_eval_sequences, packed_eval_windows
+    from dsmoe.evaluate import main
+
+    model = dsmoe.convert(tiny_model("llama", vocab_size=len(tokenizer)), dsmoe.DSMoEConfig(num_experts=4))
+    dsmoe.save(model, tmp_path / "m", tokenizer=tokenizer)
+    words = TEXT.split()
+    docs = [" ".join(words[i : i + 9 + 3 * i]) for i in range(6)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in ["", *docs]))
+    saved = dsmoe.load(tmp_path / "m").eval()
+    for protocol, score in (("documents", document_eval_sequences), ("windows", packed_eval_windows)):
+        argv = ["--model", str(tmp_path / "m"), "--data", str(tmp_path / "a.jsonl"), "--text-field", "body"]
+        result = main([*argv, "--docs", "5", "--seq-len", "16", "--protocol", protocol, "--batch-size", "2"])
+        expected = perplexity(saved, list(score(tokenizer, docs[:5], 16)), batch_size=2).ppl
+        assert result["ppl_per_source"] == {"a.jsonl": pytest.approx(expected, rel=1e-6)}
+        assert json.loads(capsys.readouterr().out)["ppl"] == pytest.approx(expected, rel=1e-6)
+    at_05 = main([*argv, "--docs", "5", "--seq-len", "16"])
+    at_09 = main([*argv, "--docs", "5", "--seq-len", "16", "--tau", "0.9"])
+    assert at_09["activated_params"] < at_05["activated_params"] and at_09["ppl"] != at_05["ppl"]
+    with pytest.raises(ValueError, match="--docs must be a positive integer, got 0"):
+        main([*argv, "--docs", "0"])
+    with pytest.raises(ValueError, match=r"a.jsonl' has no text field 'text'; its columns are \['body'\]"):
+        main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "a.jsonl")])
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="--tau 0.5: model .* has no dynamic activation"):
+        main(["--model", str(tmp_path / "dense"), "--data", str(tmp_path / "a.jsonl"), "--tau", "0.5"])
