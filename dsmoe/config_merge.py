@@ -4,11 +4,12 @@ unknown keys named by :func:`dsmoe.config_checks.reject_unknown_sections`, a ref
 from __future__ import annotations
 
 import copy
+import re
 import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, TupleConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from dsmoe.config_checks import reject_unknown_sections
@@ -64,11 +65,17 @@ def refused_value(base: Any, configs: tuple[Any, ...]) -> str:
     return ""
 
 
+def dotted(key: str) -> str:
+    """``data.sources[0].weight`` as ``data.sources.0.weight``."""
+    return re.sub(r"\[(\d+)\]", r".\1", key)
+
+
 def through_a_list(config: DictConfig, key: str) -> bool:
     """Whether the dotted ``key`` reaches into a list of ``config`` (``data.sources.0.weight``): a merge cannot."""
-    parts = key.split(".")
+    parts = dotted(key).split(".")
     try:
-        return any(isinstance(OmegaConf.select(config, ".".join(parts[:i])), ListConfig) for i in range(1, len(parts)))
+        sequences = (ListConfig, TupleConfig)
+        return any(isinstance(OmegaConf.select(config, ".".join(parts[:i])), sequences) for i in range(1, len(parts)))
     except OmegaConfBaseException:  # a list indexed by a name (data.sources.x.weight)
         return True
 
@@ -76,8 +83,9 @@ def through_a_list(config: DictConfig, key: str) -> bool:
 def set_in_list(config: DictConfig, override: str, where: str) -> None:
     """Apply ``key=value`` where ``key`` reaches into a list (``data.sources.0.weight=0.5``), in place; an index
     out of range, or an item that is not a mapping (a shorthand such as 'embedded:math'), is a ValueError."""
-    key = override.partition("=")[0].strip()
-    value = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+    key, _, value = override.partition("=")
+    key = dotted(key.strip())
+    override = f"{key}={value}"
     parent = key.rpartition(".")[0]
     try:
         item = OmegaConf.select(config, parent)
@@ -89,14 +97,16 @@ def set_in_list(config: DictConfig, override: str, where: str) -> None:
         outer = parent.rpartition(".")[0]
         items = OmegaConf.select(config, outer)
         found = f"{parent} is {item!r}" if item is not None else f"there is no {parent}"
-        if isinstance(items, ListConfig):
+        if isinstance(items, (ListConfig, TupleConfig)):
             found += f" ({outer} has {len(items)} item(s), from index 0)"
         raise ValueError(
             f"{where}: {override}: {found}, no mapping to set {key.rpartition('.')[2]!r} in; give the whole list "
             f"instead, e.g. {outer or parent}=[...]"
         )
+    if isinstance(item, TupleConfig):
+        raise ValueError(f"{where}: {override}: {parent} is a tuple, set whole: {parent}=[...]")
     try:
-        OmegaConf.update(config, key, value, merge=True)
+        config.merge_with_dotlist([override])  # the value parsed, and ${...} resolved, as in the whole config
     except (OmegaConfBaseException, TypeError) as error:
         message = " ".join(line.strip() for line in str(error).splitlines())
         raise ValueError(f"{where}: {override}: {message}") from error

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -129,6 +131,16 @@ def file_documents(path: str, text_field: str, limit: int) -> list[str]:
     return documents
 
 
+def data_paths(pattern: str) -> list[str]:
+    """The files of a --data argument: a path, or a glob (each file its own source)."""
+    if not glob.has_magic(pattern):
+        return [pattern]
+    found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not found:
+        raise FileNotFoundError(f"--data {pattern!r} matches no file")
+    return found
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m dsmoe.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--model", required=True, help="a saved directory, an HF model directory, a hub id, or 'embedded'"
     )
-    parser.add_argument("--data", nargs="+", required=True, help="local data files (globs too), each its own source")
+    parser.add_argument("--data", nargs="+", required=True, help="local data files or globs; each file its own source")
     parser.add_argument("--text-field", default="text", help="the column holding the text (default: text)")
     parser.add_argument("--docs", type=int, default=100, help="the first N documents of each file (default: 100)")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per scored sequence (default: 1024)")
@@ -158,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     from dsmoe.experiment import eval_devices, evaluate_model, load_for_eval, replicas
     from dsmoe.methods import method_of_model
 
+    paths = [path for pattern in args.data for path in data_paths(pattern)]
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise ValueError(f"--data names {repeated} more than once")
+    documents = {path: file_documents(path, args.text_field, args.docs) for path in paths}  # before the model loads
     model, tokenizer = load_for_eval(args.model)
     dynamic = method_of_model(model).dynamic
     if args.tau is not None:
@@ -167,12 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
         dynamic.set_threshold(model, args.tau)
     score = document_eval_sequences if args.protocol == "documents" else packed_eval_windows
-    windows = {}
-    for path in args.data:
-        documents = file_documents(path, args.text_field, args.docs)
-        windows[Path(path).name] = list(score(tokenizer, documents, args.seq_len))
-        if not windows[Path(path).name]:
-            raise ValueError(f"{path}: no document of two tokens or more to score in its first {args.docs}")
+    windows = {path: list(score(tokenizer, texts, args.seq_len)) for path, texts in documents.items()}
+    for path, sequences in windows.items():
+        if not sequences:
+            raise ValueError(f"{path}: nothing to score in its first {args.docs} documents at --seq-len {args.seq_len}")
     result = evaluate_model(replicas(model, eval_devices()), windows, args.batch_size)
     print(json.dumps({"model": args.model, "protocol": args.protocol, "seq_len": args.seq_len, **result}, indent=2))
     return result

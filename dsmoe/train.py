@@ -50,9 +50,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from dsmoe.baselines.llama_moe import LlamaMoEConfig
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
 from dsmoe.cli import say
+from dsmoe.config import DSMoEConfig
 from dsmoe.config_checks import is_plain_name
 from dsmoe.config_merge import merged, set_in_list, set_leaves, through_a_list
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
@@ -124,6 +126,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not Path(path).is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         cfg = merged(cfg, read_yaml(lambda: OmegaConf.load(path), str(path)), schema=TrainConfig, where=str(path))
+    overrides = [o.strip() for o in overrides]
     if overrides:
         if any(o.partition("=")[0].strip() == "method_options" for o in overrides):
             cfg.method_options = {}  # method_options={...} replaces the YAML's options (method_options.k=v sets one)
@@ -363,7 +366,8 @@ def check_config(cfg: DictConfig) -> None:
     check_devices(t)
     check_model_location(cfg.model)
     check_seq_len(data.seq_len, cfg.model)  # before the schedule: a seq_len too long also makes the run too short
-    check_architecture(cfg.model, cfg.method_options.get("num_experts"))
+    if cfg.method in FFN_CUTTING:
+        check_architecture(cfg.model, cfg.method_options.get("num_experts", FFN_CUTTING[cfg.method].num_experts))
     check_vocabulary(cfg.model)
     max_steps, _ = schedule(cfg)
     total = max_steps * t.global_batch_size * data.seq_len
@@ -393,6 +397,9 @@ def check_seq_len(seq_len: int, model: str) -> None:
         )
 
 
+FFN_CUTTING = {"dsmoe": DSMoEConfig, "llama_moe": LlamaMoEConfig}  # experts are n slices of the dense FFN (eq. 6)
+
+
 def check_architecture(model: str, num_experts: Any) -> None:
     """For a method that cuts the FFN into ``num_experts`` (DSMoE, LLaMA-MoE): the model, from its config where it
     can be read offline, is a dense Llama-family model (an intermediate_size; not a mixture of experts already)
@@ -400,8 +407,6 @@ def check_architecture(model: str, num_experts: Any) -> None:
     from dsmoe.hf_remote.partitioned_swiglu import already_moe, expert_size
     from dsmoe.models import model_config
 
-    if num_experts is None:
-        return
     try:
         config = model_config(model)
     except (OSError, ValueError):  # e.g. a hub model not in the local cache: found when it is loaded
@@ -435,12 +440,17 @@ def check_vocabulary(model: str) -> None:
         vocab = getattr(model_config(model), "vocab_size", None)
     except (OSError, ValueError):
         return
-    tokens = len(load_tokenizer(model))
-    if isinstance(vocab, int) and tokens > vocab:
+    tokenizer = load_tokenizer(model)
+    # the ids text can become: the base vocabulary, added tokens that are not special, BOS/EOS (a special token
+    # added but never produced, e.g. a pad token the suite does not use, is no fault)
+    produced = [tokenizer.vocab_size - 1, tokenizer.bos_token_id, tokenizer.eos_token_id]
+    produced += [i for i, token in tokenizer.added_tokens_decoder.items() if not token.special]
+    largest = max(i for i in produced if i is not None)
+    if isinstance(vocab, int) and largest >= vocab:
         raise ValueError(
-            f"model {model!r}: its tokenizer has {tokens} tokens but config.vocab_size={vocab}: ids >= {vocab} would "
+            f"model {model!r}: its tokenizer gives ids up to {largest} but config.vocab_size={vocab}: they would "
             f"index past the embedding; give the model its own tokenizer, or grow its embedding first "
-            f"(model.resize_token_embeddings({tokens}), then save_pretrained)"
+            f"(model.resize_token_embeddings({len(tokenizer)}), then save_pretrained)"
         )
 
 

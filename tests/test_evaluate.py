@@ -201,11 +201,20 @@ def test_the_command_line_scores_local_files_as_perplexity_does(tokenizer, tmp_p
         argv = ["--model", str(tmp_path / "m"), "--data", str(tmp_path / "a.jsonl"), "--text-field", "body"]
         result = main([*argv, "--docs", "5", "--seq-len", "16", "--protocol", protocol, "--batch-size", "2"])
         expected = perplexity(saved, list(score(tokenizer, docs[:5], 16)), batch_size=2).ppl
-        assert result["ppl_per_source"] == {"a.jsonl": pytest.approx(expected, rel=1e-6)}
+        assert result["ppl_per_source"] == {str(tmp_path / "a.jsonl"): pytest.approx(expected, rel=1e-6)}
         assert json.loads(capsys.readouterr().out)["ppl"] == pytest.approx(expected, rel=1e-6)
     at_05 = main([*argv, "--docs", "5", "--seq-len", "16"])
     at_09 = main([*argv, "--docs", "5", "--seq-len", "16", "--tau", "0.9"])
     assert at_09["activated_params"] < at_05["activated_params"] and at_09["ppl"] != at_05["ppl"]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "a.jsonl").write_text((tmp_path / "a.jsonl").read_text())  # same name, another folder
+    both = main([*argv[:3], str(tmp_path / "*" / "a.jsonl"), str(tmp_path / "a.jsonl"), *argv[4:], "--docs", "5"])
+    assert sorted(both["tokens_per_source"]) == sorted([str(tmp_path / "a.jsonl"), str(tmp_path / "b" / "a.jsonl")])
+    assert both["eval_tokens"] == 2 * both["tokens_per_source"][str(tmp_path / "a.jsonl")]
+    with pytest.raises(ValueError, match=r"--data names \['.*a.jsonl'\] more than once"):
+        main([*argv[:4], str(tmp_path / "a.jsonl"), *argv[4:]])
+    with pytest.raises(FileNotFoundError, match=r"--data '.*nothing\*.jsonl' matches no file"):
+        main([*argv[:3], str(tmp_path / "nothing*.jsonl")])
     with pytest.raises(ValueError, match="--docs must be a positive integer, got 0"):
         main([*argv, "--docs", "0"])
     with pytest.raises(ValueError, match=r"a.jsonl' has no text field 'text'; its columns are \['body'\]"):
@@ -213,4 +222,4 @@ def test_the_command_line_scores_local_files_as_perplexity_does(tokenizer, tmp_p
     tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="--tau 0.5: model .* has no dynamic activation"):
-        main(["--model", str(tmp_path / "dense"), "--data", str(tmp_path / "a.jsonl"), "--tau", "0.5"])
+        main(["--model", str(tmp_path / "dense"), *argv[2:], "--tau", "0.5"])

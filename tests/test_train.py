@@ -18,7 +18,18 @@ from omegaconf import OmegaConf
 from tiny_models import tiny_model
 
 import dsmoe
-from dsmoe.train import check_same_run, check_seq_len, check_values, export, load_config, schedule, train, world_size
+from dsmoe.train import (
+    check_config,
+    check_same_run,
+    check_seq_len,
+    check_values,
+    check_vocabulary,
+    export,
+    load_config,
+    schedule,
+    train,
+    world_size,
+)
 
 
 def make_cfg(assets, out_dir, **overrides):
@@ -884,7 +895,7 @@ def test_a_model_the_method_cannot_cut_or_whose_tokenizer_outgrows_it_is_named_b
         "gpt2": (GPT2Config(), r"\(gpt2\) has no intermediate_size in its config: not a Llama-family model"),
         "small": (
             LlamaConfig(vocab_size=100, intermediate_size=128),
-            rf"its tokenizer has {len(tokenizer)} tokens but config.vocab_size=100: .*resize_token_embeddings",
+            rf"its tokenizer gives ids up to {tokenizer.vocab_size - 1} but config.vocab_size=100: .*resize_token_emb",
         ),
     }
     for name, (config, message) in cases.items():
@@ -893,10 +904,18 @@ def test_a_model_the_method_cannot_cut_or_whose_tokenizer_outgrows_it_is_named_b
         with pytest.raises(ValueError, match=message):
             train(make_cfg(assets, tmp_path / "out", model=str(tmp_path / name)))
         assert not (tmp_path / "out").exists()
-    llama_moe = make_cfg(assets, tmp_path / "out", model=str(tmp_path / "moe"), method="llama_moe")
-    llama_moe.method_options = {"num_experts": 4, "top_k": 2}
-    with pytest.raises(ValueError, match=r"\(qwen2_moe\) is a mixture of experts already"):  # LLaMA-MoE too
-        train(llama_moe)
+    for method, options in (("llama_moe", {"num_experts": 4, "top_k": 2}), ("dsmoe", {})):  # n by default too
+        other = make_cfg(assets, tmp_path / "out", model=str(tmp_path / "moe"), method=method)
+        other.method_options = options
+        with pytest.raises(ValueError, match=r"\(qwen2_moe\) is a mixture of experts already"):
+            check_config(other)
+    # a special token added beyond the embedding but never produced from text (a pad token) is no fault
+    padded = AutoTokenizer.from_pretrained(assets / "model")
+    padded.add_special_tokens({"pad_token": "<newpad>"})
+    LlamaConfig(vocab_size=tokenizer.vocab_size, intermediate_size=128).save_pretrained(tmp_path / "pad")
+    padded.save_pretrained(tmp_path / "pad")
+    assert len(padded) > tokenizer.vocab_size
+    check_vocabulary(str(tmp_path / "pad"))
 
 
 def test_seq_len_is_checked_against_the_models_positions_where_its_config_is_read_offline(assets):
@@ -939,6 +958,10 @@ def test_an_override_through_a_list_sets_that_items_field(tmp_path):
         load_config(tmp_path / "s.yaml", ["data.sources.5.weight=0.5"])
     with pytest.raises(ValueError, match=r"data.sources.x.weight=0.5: Index 'x'.*numbered from 0"):
         load_config(tmp_path / "s.yaml", ["data.sources.x.weight=0.5"])
+    bracket = load_config(tmp_path / "s.yaml", ["data.sources[0].weight=${optim.lr}", " trainer.max_steps=4"])
+    assert bracket.data.sources[0].weight == bracket.optim.lr and bracket.trainer.max_steps == 4  # as the merge does
+    with pytest.raises(ValueError, match=r"optim.betas.0=0.8: optim.betas is a tuple, set whole: optim.betas=\[...\]"):
+        load_config(tmp_path / "s.yaml", ["optim.betas[0]=0.8"])
     with pytest.raises(ValueError, match=r"'badsyntax' is not an override of the form key=value"):
         load_config(None, ["badsyntax"])
 
