@@ -130,4 +130,5 @@ DSMOE = Method(
     describe=describe,
     dynamic=DYNAMIC_ACTIVATION,
     check_options=options_check(DSMoEConfig, "dsmoe"),
+    experts=lambda options: options.get("num_experts", DSMoEConfig.num_experts),
 )

@@ -60,7 +60,9 @@ class Method:
     once the gradients are accumulated, before they are clipped; after_optimizer_step(model);
     dynamic: how activation is measured when it depends on the input (None: fixed once applied);
     check_options(options, matched) -> None: a ValueError naming an unknown or invalid option, before any model is
-    loaded (``matched``: match will set some options from match_activated, so they may still be missing)."""
+    loaded (``matched``: match will set some options from match_activated, so they may still be missing);
+    experts(options) -> n, the slices of the dense SwiGLU FFN its experts are (eq. 6; None: it does not cut the FFN),
+    for the checks of the model's config before a run starts."""
 
     name: str
     apply: Callable[[PreTrainedModel, dict[str, Any], Batches | None], PreTrainedModel]
@@ -78,6 +80,7 @@ class Method:
     on_train_start: Callable[[nn.Module], None] | None = None
     dynamic: DynamicActivation | None = None
     check_options: Callable[[dict[str, Any], bool], None] = lambda options, matched: None
+    experts: Callable[[dict[str, Any]], int] | None = None
 
     def planned_structure(self, dense: PreTrainedModel, options: dict[str, Any]) -> tuple[int, str]:
         """Parameters and setting of the model ``apply`` would build from ``dense`` (a model on the meta device)."""

@@ -50,11 +50,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from dsmoe.baselines.llama_moe import LlamaMoEConfig
 from dsmoe.checkpoints import AtomicCheckpointIO, AtomicFSDPStrategy, ResumeCheckpoints, resume_checkpoint
 from dsmoe.cli import run as run_cli
 from dsmoe.cli import say
-from dsmoe.config import DSMoEConfig
 from dsmoe.config_checks import is_plain_name
 from dsmoe.config_merge import merged, set_in_list, set_leaves, through_a_list
 from dsmoe.distributed import barrier, full_state_dict, is_fsdp, launch_rank, mixed_precision_policy, run_once
@@ -366,8 +364,9 @@ def check_config(cfg: DictConfig) -> None:
     check_devices(t)
     check_model_location(cfg.model)
     check_seq_len(data.seq_len, cfg.model)  # before the schedule: a seq_len too long also makes the run too short
-    if cfg.method in FFN_CUTTING:
-        check_architecture(cfg.model, cfg.method_options.get("num_experts", FFN_CUTTING[cfg.method].num_experts))
+    experts = get_method(cfg.method).experts
+    if experts is not None:
+        check_architecture(cfg.model, experts(OmegaConf.to_container(cfg.method_options)))
     check_vocabulary(cfg.model)
     max_steps, _ = schedule(cfg)
     total = max_steps * t.global_batch_size * data.seq_len
@@ -395,9 +394,6 @@ def check_seq_len(seq_len: int, model: str) -> None:
             f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={limit}: the model reads windows of "
             f"seq_len + 1 = {seq_len + 1} tokens; give data.seq_len <= {limit - 1}"
         )
-
-
-FFN_CUTTING = {"dsmoe": DSMoEConfig, "llama_moe": LlamaMoEConfig}  # experts are n slices of the dense FFN (eq. 6)
 
 
 def check_architecture(model: str, num_experts: Any) -> None:

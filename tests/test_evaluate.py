@@ -184,12 +184,12 @@ def test_overflowing_logits_are_an_error_not_a_nan_ppl():
 
 
 def test_the_command_line_scores_local_files_as_perplexity_does(tokenizer, tmp_path, capsys):
-    """python -m dsmoe.evaluate: PPL per file equal to perplexity() on the same sequences of the saved model, in both
+    """python -m dsmoe.ppl: PPL per file equal to perplexity() on the same sequences of the saved model, in both
     protocols; JSON printed; --tau re-thresholds; bad values and a dense model's --tau are named."""
     import json
 
     from dsmoe.data.tokens import document_eval_sequences, packed_eval_windows
-    from dsmoe.evaluate import main
+    from dsmoe.ppl import main
 
     model = dsmoe.convert(tiny_model("llama", vocab_size=len(tokenizer)), dsmoe.DSMoEConfig(num_experts=4))
     dsmoe.save(model, tmp_path / "m", tokenizer=tokenizer)

@@ -267,7 +267,8 @@ LLAMA_MOE = Method(
     recognises=lambda config: "llama_moe" in config,
     describe=describe,
     match=lambda model, target, options: match_llama_moe(
-        model, target, options.get("num_experts", 8), options.get("gate_network", "linear")
+        model, target, options.get("num_experts", LlamaMoEConfig.num_experts), options.get("gate_network", "linear")
     ),
     check_options=options_check(LlamaMoEConfig, "llama_moe"),
+    experts=lambda options: options.get("num_experts", LlamaMoEConfig.num_experts),
 )
