@@ -72,7 +72,7 @@ def dotted(key: str) -> str:
 
 def through_a_list(config: DictConfig, key: str) -> bool:
     """Whether the dotted ``key`` reaches into a list of ``config`` (``data.sources.0.weight``): a merge cannot."""
-    parts = dotted(key).split(".")
+    parts = dotted(key.strip()).split(".")
     try:
         sequences = (ListConfig, TupleConfig)
         return any(isinstance(OmegaConf.select(config, ".".join(parts[:i])), sequences) for i in range(1, len(parts)))

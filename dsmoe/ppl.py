@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 
 from dsmoe.cli import run as run_cli
-from dsmoe.data.files import read_batches, text_values
+from dsmoe.data.holdout import first_usable
+from dsmoe.data.reader import UnusableRows
 from dsmoe.data.sources import SourceConfig, resolve_files
 from dsmoe.data.tokens import document_eval_sequences, packed_eval_windows
 from dsmoe.experiment import eval_devices, evaluate_model, load_for_eval, replicas
@@ -24,15 +25,9 @@ from dsmoe.methods import method_of_model
 
 
 def file_documents(path: str, text_field: str, limit: int) -> list[str]:
-    """The first ``limit`` non-empty documents of a local data file (jsonl, parquet, ...: the training readers)."""
+    """The first ``limit`` usable documents of a local data file (jsonl, parquet, ...: the training readers)."""
     files = resolve_files(SourceConfig(name=Path(path).name, data_files=path, text_field=text_field))
-    documents: list[str] = []
-    for index in range(len(files.files)):
-        for table in read_batches(files, index):
-            documents += [t for t in text_values(table, files, index) if t and t.strip()][: limit - len(documents)]
-            if len(documents) == limit:
-                return documents
-    return documents
+    return [text for _, text in first_usable(files, limit, UnusableRows())]
 
 
 def data_paths(pattern: str) -> list[str]:

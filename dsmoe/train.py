@@ -131,7 +131,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         for override in overrides:
             if "=" not in override:
                 raise ValueError(f"the command line: {override!r} is not an override of the form key=value")
-        into_lists = [o for o in overrides if through_a_list(cfg, o.partition("=")[0].strip())]
+        into_lists = [o for o in overrides if through_a_list(cfg, o.partition("=")[0])]
         rest = [o for o in overrides if o not in into_lists]
         given = read_yaml(lambda: OmegaConf.from_dotlist(rest), "the command line")
         cfg = merged(cfg, given, schema=TrainConfig, where="the command line")
@@ -380,15 +380,21 @@ def check_config(cfg: DictConfig) -> None:
         check_files()
 
 
-def check_seq_len(seq_len: int, model: str) -> None:
-    """The model reads windows of seq_len + 1 tokens: they must fit its max_position_embeddings (RoPE models would
-    train past it silently). Checked where the model's config can be read offline (dsmoe.models.model_config)."""
+def offline_config(model: str) -> Any:
+    """The model's config where it can be read offline (:func:`dsmoe.models.model_config`), else None (e.g. a hub
+    model not in the local cache): the checks below then leave it to loading the model."""
     from dsmoe.models import model_config
 
     try:
-        limit = getattr(model_config(model), "max_position_embeddings", None)
-    except (OSError, ValueError):  # e.g. a hub model not in the local cache: not checked
-        return
+        return model_config(model)
+    except (OSError, ValueError):
+        return None
+
+
+def check_seq_len(seq_len: int, model: str) -> None:
+    """The model reads windows of seq_len + 1 tokens: they must fit its max_position_embeddings (RoPE models would
+    train past it silently). Checked where the model's config can be read offline."""
+    limit = getattr(offline_config(model), "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len + 1 > limit:
         raise ValueError(
             f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={limit}: the model reads windows of "
@@ -401,11 +407,9 @@ def check_architecture(model: str, num_experts: Any) -> None:
     can be read offline, is a dense Llama-family model (an intermediate_size; not a mixture of experts already)
     whose intermediate size n divides (eq. 6). Otherwise found only once the model is loaded and the run written."""
     from dsmoe.hf_remote.partitioned_swiglu import already_moe, expert_size
-    from dsmoe.models import model_config
 
-    try:
-        config = model_config(model)
-    except (OSError, ValueError):  # e.g. a hub model not in the local cache: found when it is loaded
+    config = offline_config(model)
+    if config is None:
         return
     kind = getattr(config, "model_type", "?")
     moe = already_moe(config)
@@ -425,16 +429,13 @@ def check_architecture(model: str, num_experts: Any) -> None:
 
 
 def check_vocabulary(model: str) -> None:
-    """Every id the tokenizer gives must index the embedding: len(tokenizer) <= config.vocab_size (a smaller
-    embedding fails deep in the first forward: an IndexError on the CPU, a device-side assert on a GPU). Checked
-    for a local directory (one put together by hand); hub models and the embedded one ship their own tokenizer."""
-    from dsmoe.models import model_config
-
+    """Every id text can become must index the embedding: below config.vocab_size (a smaller embedding fails deep
+    in the first forward: an IndexError on the CPU, a device-side assert on a GPU). Checked for a local directory
+    (one put together by hand); hub models and the embedded one ship their own tokenizer."""
     if not Path(model).expanduser().is_dir():
         return
-    try:
-        vocab = getattr(model_config(model), "vocab_size", None)
-    except (OSError, ValueError):
+    vocab = getattr(offline_config(model), "vocab_size", None)
+    if not isinstance(vocab, int):
         return
     tokenizer = load_tokenizer(model)
     # the ids text can become: the base vocabulary, added tokens that are not special, BOS/EOS (a special token
@@ -442,7 +443,7 @@ def check_vocabulary(model: str) -> None:
     produced = [tokenizer.vocab_size - 1, tokenizer.bos_token_id, tokenizer.eos_token_id]
     produced += [i for i, token in tokenizer.added_tokens_decoder.items() if not token.special]
     largest = max(i for i in produced if i is not None)
-    if isinstance(vocab, int) and largest >= vocab:
+    if largest >= vocab:
         raise ValueError(
             f"model {model!r}: its tokenizer gives ids up to {largest} but config.vocab_size={vocab}: they would "
             f"index past the embedding; give the model its own tokenizer, or grow its embedding first "

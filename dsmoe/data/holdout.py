@@ -24,7 +24,7 @@ class HeldOut:
     pool_docs: int  # usable documents in the pool (fewer than asked when the source is that small)
 
 
-def _pool(files: SourceFiles, limit: int, unusable: UnusableRows) -> Iterator[tuple[tuple[int, int], str]]:
+def first_usable(files: SourceFiles, limit: int, unusable: UnusableRows) -> Iterator[tuple[tuple[int, int], str]]:
     """The first ``limit`` usable documents of the source in stored order, with their (file, row)."""
     found = 0
     for index in range(len(files.files)):
@@ -53,7 +53,7 @@ def validation_sample(
     unusable = UnusableRows()
     chosen = _draw(files.name, seed, pool_docs, n_docs)
     found, picked = 0, []  # only the drawn texts are kept: the pool of a hub source is ~50k documents
-    for k, (pos, text) in enumerate(_pool(files, pool_docs + 1, unusable)):  # one past the pool: any left?
+    for k, (pos, text) in enumerate(first_usable(files, pool_docs + 1, unusable)):  # one past the pool: any left?
         found = k + 1
         if k in chosen:
             picked.append((pos, text))
@@ -66,5 +66,5 @@ def validation_sample(
     size = min(found, pool_docs)
     if size < pool_docs:  # a source smaller than the pool: draw from what it holds (and read it again: it is small)
         chosen = _draw(files.name, seed, size, n_docs)
-        picked = [(pos, text) for k, (pos, text) in enumerate(_pool(files, size, UnusableRows())) if k in chosen]
+        picked = [(pos, text) for k, (pos, text) in enumerate(first_usable(files, size, UnusableRows())) if k in chosen]
     return HeldOut([text for _, text in picked], frozenset(pos for pos, _ in picked), size)
